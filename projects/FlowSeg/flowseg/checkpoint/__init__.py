@@ -1,0 +1,1 @@
+# Checkpoint converters (SAM, Mask2Former, Hugging Face) and FlowSeg's checkpointer.

@@ -1,0 +1,148 @@
+"""Config keys of FlowSeg.
+
+Mask2Former's key names are kept where the concept is the same (``MODEL.MASK_FORMER``,
+``MODEL.SEM_SEG_HEAD``, ``INPUT.IMAGE_SIZE`` ...) so that Mask2Former users find them where
+they expect. Everything FlowSeg adds lives under ``MODEL.FLOWSEG``, ``MODEL.SAM_VIT``,
+``MODEL.LLM``, ``MODEL.VANILLA_ENCODER``. Defaults are the paper's values (FlowSeg §4.1,
+A.1–A.3) where the paper gives them.
+"""
+
+from detectron2.config import CfgNode as CN
+
+
+def add_flowseg_config(cfg: CN) -> CN:
+    """Add every config key FlowSeg uses to ``cfg`` (in place) and return it."""
+    # ---------------------------------------------------------------- data / input
+    cfg.INPUT.DATASET_MAPPER_NAME = "coco_panoptic_lsj"
+    cfg.INPUT.IMAGE_SIZE = 1024  # large-scale jitter output size (square, padded)
+    cfg.INPUT.MIN_SCALE = 0.1
+    cfg.INPUT.MAX_SCALE = 2.0
+    cfg.INPUT.COLOR_AUG_SSD = False
+    cfg.INPUT.SIZE_DIVISIBILITY = -1
+    # Referring / reasoning: resize the long side to IMAGE_SIZE (SAM's protocol), pad in the model.
+    cfg.INPUT.REFER_RANDOM_FLIP = False  # left/right words make flipping unsafe by default
+
+    cfg.DATALOADER.TASK_RATIOS = []  # stage-3 mixed data: one ratio per entry of DATASETS.TRAIN
+
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
+    cfg.SOLVER.LLM_MULTIPLIER = 1.0
+
+    cfg.TEST.SAVE_METRICS_JSON = True
+
+    # ---------------------------------------------------------------- segmentation encoder
+    cfg.MODEL.SAM_VIT = CN()
+    cfg.MODEL.SAM_VIT.PRESET = "L"  # "B", "L", "H" (official SAM sizes) or "tiny" (tests)
+    cfg.MODEL.SAM_VIT.IMG_SIZE = 1024
+    cfg.MODEL.SAM_VIT.PATCH_SIZE = 16
+    # 0 / empty = take the value from the preset
+    cfg.MODEL.SAM_VIT.EMBED_DIM = 0
+    cfg.MODEL.SAM_VIT.DEPTH = 0
+    cfg.MODEL.SAM_VIT.NUM_HEADS = 0
+    cfg.MODEL.SAM_VIT.GLOBAL_ATTN_INDEXES = []
+    cfg.MODEL.SAM_VIT.WINDOW_SIZE = 14
+    cfg.MODEL.SAM_VIT.DROP_PATH_RATE = 0.0
+    cfg.MODEL.SAM_VIT.OUT_CHANNELS = 256  # SAM's neck width = SimpleFeaturePyramid channels
+    cfg.MODEL.SAM_VIT.SCALE_FACTORS = [4.0, 2.0, 1.0, 0.5]  # -> p2..p5 (1/4 .. 1/32)
+    cfg.MODEL.SAM_VIT.USE_ACT_CHECKPOINT = False
+    cfg.MODEL.SAM_VIT.FREEZE = False
+    cfg.MODEL.SAM_VIT.CHECKPOINT = ""  # official SAM .pth (image_encoder.*) loaded at build time
+
+    # ---------------------------------------------------------------- pixel decoder / head
+    cfg.MODEL.SEM_SEG_HEAD.NAME = "FlowSegHead"
+    cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME = "MSDeformAttnPixelDecoder"
+    cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["p2", "p3", "p4", "p5"]  # SimpleFeaturePyramid outputs (1/4 .. 1/32)
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["p3", "p4", "p5"]
+    cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 256
+    cfg.MODEL.SEM_SEG_HEAD.MASK_DIM = 256
+    cfg.MODEL.SEM_SEG_HEAD.NORM = "GN"
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 133
+    cfg.MODEL.SEM_SEG_HEAD.COMMON_STRIDE = 4
+    cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS = 6
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_DIM_FEEDFORWARD = 1024
+    cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE = 255
+    cfg.MODEL.SEM_SEG_HEAD.LOSS_WEIGHT = 1.0
+
+    # ---------------------------------------------------------------- transformer decoder
+    cfg.MODEL.MASK_FORMER = CN()
+    cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME = "BSFTransformerDecoder"
+    cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE = "multi_scale_pixel_decoder"
+    cfg.MODEL.MASK_FORMER.DEEP_SUPERVISION = True
+    cfg.MODEL.MASK_FORMER.NO_OBJECT_WEIGHT = 0.1
+    cfg.MODEL.MASK_FORMER.CLASS_WEIGHT = 2.0
+    cfg.MODEL.MASK_FORMER.DICE_WEIGHT = 5.0
+    cfg.MODEL.MASK_FORMER.MASK_WEIGHT = 5.0
+    cfg.MODEL.MASK_FORMER.NHEADS = 8
+    cfg.MODEL.MASK_FORMER.DROPOUT = 0.0
+    cfg.MODEL.MASK_FORMER.DIM_FEEDFORWARD = 2048
+    cfg.MODEL.MASK_FORMER.DEC_LAYERS = 9  # number of decoder layers L (Mask2Former yamls say 10 for the same 9)
+    cfg.MODEL.MASK_FORMER.PRE_NORM = False
+    cfg.MODEL.MASK_FORMER.HIDDEN_DIM = 256
+    cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES = 200
+    cfg.MODEL.MASK_FORMER.ENFORCE_INPUT_PROJ = False
+    cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY = 32
+    # point-sampled losses (Mask2Former / PointRend)
+    cfg.MODEL.MASK_FORMER.TRAIN_NUM_POINTS = 112 * 112  # 12544
+    cfg.MODEL.MASK_FORMER.OVERSAMPLE_RATIO = 3.0
+    cfg.MODEL.MASK_FORMER.IMPORTANCE_SAMPLE_RATIO = 0.75
+
+    cfg.MODEL.MASK_FORMER.TEST = CN()
+    cfg.MODEL.MASK_FORMER.TEST.SEMANTIC_ON = True
+    cfg.MODEL.MASK_FORMER.TEST.INSTANCE_ON = True
+    cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_ON = True
+    cfg.MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD = 0.8
+    cfg.MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD = 0.8
+    cfg.MODEL.MASK_FORMER.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE = False
+
+    # ---------------------------------------------------------------- FlowSeg (paper §3.3–3.5)
+    cfg.MODEL.FLOWSEG = CN()
+    # "generic": learnable class head (paper stage 1, no LLM);
+    # "referring": LLM conditions, propose-then-select (RefCOCO/+/g, ReasonSeg).
+    cfg.MODEL.FLOWSEG.MODE = "generic"
+    cfg.MODEL.FLOWSEG.SEMANTIC_REFINEMENT = True  # SR: eq. 1-4 (semantic cross-attn + fusion gate)
+    cfg.MODEL.FLOWSEG.CONDITION_REFINEMENT = True  # CR: eq. 5 (conditions attend to queries)
+    # Table 11 control: the semantic cross-attention reads pixel-decoder features instead of C.
+    cfg.MODEL.FLOWSEG.VISUAL_CROSS_ATTN_CONTROL = False
+    cfg.MODEL.FLOWSEG.ADD_SEG_EMBED_TO_QUERIES = True  # Q(0) <- Q(0) + S
+    cfg.MODEL.FLOWSEG.LOGIT_SCALE_INIT = 2.659260036932778  # ln(1/0.07), learnable
+    cfg.MODEL.FLOWSEG.LLM_LOSS_WEIGHT = 1.0  # L = L_llm + L_seg (eq. 8)
+    cfg.MODEL.FLOWSEG.SEG_LOSS_WEIGHT = 1.0
+
+    cfg.MODEL.FLOWSEG.BAR = CN()
+    cfg.MODEL.FLOWSEG.BAR.NAME = "BoundaryAwareRefiner"
+    cfg.MODEL.FLOWSEG.BAR.ENABLED = True
+    cfg.MODEL.FLOWSEG.BAR.EPSILON = 0.1  # eq. 6 boundary threshold
+    cfg.MODEL.FLOWSEG.BAR.COMPRESS_DIM = 16  # f_comp: 1x1 conv 256 -> 16
+    cfg.MODEL.FLOWSEG.BAR.HIDDEN_DIM = 32  # f_refine's intermediate width
+    cfg.MODEL.FLOWSEG.BAR.ALPHA_INIT = 0.1
+
+    # ---------------------------------------------------------------- condition head (LLM)
+    cfg.MODEL.LLM = CN()
+    cfg.MODEL.LLM.NAME = "LLMConditionHead"
+    cfg.MODEL.LLM.PATH = ""  # local folder of a Hugging Face causal LM (Qwen3-4B in the paper)
+    cfg.MODEL.LLM.TOKENIZER_PATH = ""  # defaults to PATH
+    cfg.MODEL.LLM.CONFIG = ""  # json of a transformers config: build randomly initialised (tests)
+    cfg.MODEL.LLM.TORCH_DTYPE = "float32"  # "bfloat16" for paper-scale runs
+    cfg.MODEL.LLM.GRADIENT_CHECKPOINTING = False
+    cfg.MODEL.LLM.FREEZE = True  # freeze the base weights (LoRA and new token rows still train)
+    cfg.MODEL.LLM.PROJ_HIDDEN_DIM = 0  # phi_llm hidden width (eq. 11); 0 = D_llm
+    cfg.MODEL.LLM.MAX_LENGTH = 512
+    cfg.MODEL.LLM.LORA = CN()
+    cfg.MODEL.LLM.LORA.ENABLED = True
+    cfg.MODEL.LLM.LORA.RANK = 8
+    cfg.MODEL.LLM.LORA.ALPHA = 16
+    cfg.MODEL.LLM.LORA.DROPOUT = 0.05
+    cfg.MODEL.LLM.LORA.TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+    cfg.MODEL.VANILLA_ENCODER = CN()
+    cfg.MODEL.VANILLA_ENCODER.ENABLED = True
+    cfg.MODEL.VANILLA_ENCODER.PATH = ""  # local folder of a vision tower (SigLIP2-so400m)
+    cfg.MODEL.VANILLA_ENCODER.CONFIG = ""  # json of a transformers vision config (tests)
+    cfg.MODEL.VANILLA_ENCODER.IMAGE_SIZE = 384
+    cfg.MODEL.VANILLA_ENCODER.PIXEL_MEAN = [127.5, 127.5, 127.5]
+    cfg.MODEL.VANILLA_ENCODER.PIXEL_STD = [127.5, 127.5, 127.5]
+    cfg.MODEL.VANILLA_ENCODER.FREEZE = True
+    return cfg

@@ -1,0 +1,1 @@
+# Referring / reasoning evaluators.
