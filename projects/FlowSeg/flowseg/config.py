@@ -52,7 +52,12 @@ def add_flowseg_config(cfg: CN) -> CN:
     # ---------------------------------------------------------------- pixel decoder / head
     cfg.MODEL.SEM_SEG_HEAD.NAME = "FlowSegHead"
     cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME = "MSDeformAttnPixelDecoder"
-    cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["p2", "p3", "p4", "p5"]  # SimpleFeaturePyramid outputs (1/4 .. 1/32)
+    cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = [
+        "p2",
+        "p3",
+        "p4",
+        "p5",
+    ]  # SimpleFeaturePyramid outputs (1/4 .. 1/32)
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["p3", "p4", "p5"]
     cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 256
     cfg.MODEL.SEM_SEG_HEAD.MASK_DIM = 256
@@ -78,7 +83,9 @@ def add_flowseg_config(cfg: CN) -> CN:
     cfg.MODEL.MASK_FORMER.NHEADS = 8
     cfg.MODEL.MASK_FORMER.DROPOUT = 0.0
     cfg.MODEL.MASK_FORMER.DIM_FEEDFORWARD = 2048
-    cfg.MODEL.MASK_FORMER.DEC_LAYERS = 9  # number of decoder layers L (Mask2Former yamls say 10 for the same 9)
+    cfg.MODEL.MASK_FORMER.DEC_LAYERS = (
+        9  # number of decoder layers L (Mask2Former yamls say 10 for the same 9)
+    )
     cfg.MODEL.MASK_FORMER.PRE_NORM = False
     cfg.MODEL.MASK_FORMER.HIDDEN_DIM = 256
     cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES = 200

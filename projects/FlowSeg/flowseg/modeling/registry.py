@@ -11,10 +11,14 @@ PIXEL_DECODER_REGISTRY = Registry("FLOWSEG_PIXEL_DECODER")
 PIXEL_DECODER_REGISTRY.__doc__ = "Pixel decoders: backbone features -> mask features + multi-scale features."
 
 TRANSFORMER_DECODER_REGISTRY = Registry("FLOWSEG_TRANSFORMER_DECODER")
-TRANSFORMER_DECODER_REGISTRY.__doc__ = "Query decoders (Mask2Former masked attention + Bidirectional Semantic Flow)."
+TRANSFORMER_DECODER_REGISTRY.__doc__ = (
+    "Query decoders (Mask2Former masked attention + Bidirectional Semantic Flow)."
+)
 
 REFINER_REGISTRY = Registry("FLOWSEG_REFINER")
 REFINER_REGISTRY.__doc__ = "Mask refiners applied to 1/4-scale mask logits (Boundary-Aware Refinement)."
 
 CONDITION_HEAD_REGISTRY = Registry("FLOWSEG_CONDITION_HEAD")
-CONDITION_HEAD_REGISTRY.__doc__ = "Condition heads: image + instruction -> condition embeddings C and SEG embedding S."
+CONDITION_HEAD_REGISTRY.__doc__ = (
+    "Condition heads: image + instruction -> condition embeddings C and SEG embedding S."
+)

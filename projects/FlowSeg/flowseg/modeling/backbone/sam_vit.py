@@ -1,0 +1,199 @@
+"""SAM's image encoder as a Detectron2 backbone (FlowSeg's segmentation encoder).
+
+Detectron2's ViTDet ``ViT`` already has SAM's encoder architecture (windowed / global attention
+with decomposed relative positions, absolute position embedding, pre-norm blocks); only the
+hyper-parameters and parameter names differ. ``SimpleFeaturePyramid`` turns the single stride-16
+map into ``p2``..``p5`` (strides 4..32); its stride-16 stage (1x1 conv -> LN -> 3x3 conv -> LN,
+no biases) has exactly the shape of SAM's neck, so official SAM neck weights load there
+(see :mod:`flowseg.checkpoint.sam`).
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.backbone import BACKBONE_REGISTRY
+from detectron2.modeling.backbone.vit import Block, SimpleFeaturePyramid, ViT
+
+__all__ = [
+    "SAM_VIT_PRESETS",
+    "SAM_VIT_OUT_FEATURES",
+    "build_sam_vit",
+    "build_sam_vit_backbone",
+    "freeze_sam_vit",
+]
+
+logger = logging.getLogger(__name__)
+
+# Official SAM sizes (segment_anything/build_sam.py). "tiny" is for tests and CPU smoke runs.
+SAM_VIT_PRESETS: Dict[str, Dict[str, Any]] = {
+    "B": dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11), window_size=14),
+    "L": dict(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23), window_size=14),
+    "H": dict(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31), window_size=14),
+    "tiny": dict(embed_dim=64, depth=4, num_heads=2, global_attn_indexes=(1, 3), window_size=4),
+}
+# Accept the usual spellings ("vit_l", "ViT-L", "l") as well.
+_PRESET_ALIASES = {"vit_b": "B", "vit_l": "L", "vit_h": "H", "vit-b": "B", "vit-l": "L", "vit-h": "H"}
+
+SAM_VIT_OUT_FEATURES = ("p2", "p3", "p4", "p5")
+_VIT_OUT_FEATURE = "last_feat"  # name of the ViT's single output inside the pyramid
+
+
+def _resolve_preset(preset: str) -> Dict[str, Any]:
+    key = preset.strip()
+    key = _PRESET_ALIASES.get(key.lower(), key)
+    if key not in SAM_VIT_PRESETS and key.upper() in SAM_VIT_PRESETS:
+        key = key.upper()
+    if key not in SAM_VIT_PRESETS:
+        raise ValueError(f"Unknown SAM-ViT preset {preset!r}; choose one of {sorted(SAM_VIT_PRESETS)}")
+    return dict(SAM_VIT_PRESETS[key])
+
+
+class _CheckpointedBlock(Block):
+    """``Block`` whose forward recomputes activations in backward (torch.utils.checkpoint).
+
+    Detectron2's ViT implements ``use_act_checkpoint`` with fairscale, which is not a dependency
+    here; swapping the class of the built blocks keeps parameter names (and checkpoints) unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(super().forward, x, use_reentrant=False)
+        return super().forward(x)
+
+
+def freeze_sam_vit(backbone: SimpleFeaturePyramid) -> None:
+    """Stop gradients into the ViT (``backbone.net``); the pyramid stages stay trainable."""
+    for p in backbone.net.parameters():
+        p.requires_grad_(False)
+
+
+def build_sam_vit(
+    preset: str = "L",
+    img_size: int = 1024,
+    *,
+    in_chans: int = 3,
+    patch_size: int = 16,
+    embed_dim: Optional[int] = None,
+    depth: Optional[int] = None,
+    num_heads: Optional[int] = None,
+    global_attn_indexes: Optional[Sequence[int]] = None,
+    window_size: Optional[int] = None,
+    drop_path_rate: float = 0.0,
+    out_channels: int = 256,
+    scale_factors: Sequence[float] = (4.0, 2.0, 1.0, 0.5),
+    use_act_checkpoint: bool = False,
+    freeze: bool = False,
+    square_pad: int = 0,
+    checkpoint: Optional[str] = None,
+) -> SimpleFeaturePyramid:
+    """Build SAM's image encoder + ViTDet simple feature pyramid without a Detectron2 config.
+
+    Args:
+        preset: "B", "L", "H" (official SAM sizes) or "tiny".
+        img_size: pre-training input size (1024 for SAM); sets the absolute position embedding
+            grid and the relative-position tables of the global blocks. Other input sizes work
+            (Detectron2 interpolates both at run time), but SAM itself sees 1024x1024 padded images.
+        embed_dim, depth, num_heads, global_attn_indexes, window_size: override the preset
+            (``None`` = take the preset's value).
+        out_channels, scale_factors: pyramid width and scales; the default gives
+            "p2".."p5" at strides 4, 8, 16, 32 with 256 channels (SAM's neck width).
+        use_act_checkpoint: recompute block activations in backward to save memory.
+        freeze: freeze the ViT parameters (the pyramid stays trainable).
+        square_pad: forwarded to ``SimpleFeaturePyramid`` (``padding_constraints``); set it to
+            ``img_size`` to make Detectron2 pad batches to SAM's square input.
+        checkpoint: optional SAM checkpoint (official, Hugging Face or this module's own names),
+            loaded through :func:`flowseg.checkpoint.sam.load_sam_checkpoint`.
+
+    Returns:
+        A ``SimpleFeaturePyramid`` whose ``net`` is the ViT; outputs ``{"p2", ..., "p5"}``.
+    """
+    p = _resolve_preset(preset)
+    embed_dim = embed_dim or p["embed_dim"]
+    depth = depth or p["depth"]
+    num_heads = num_heads or p["num_heads"]
+    global_idx = tuple(global_attn_indexes) if global_attn_indexes else tuple(p["global_attn_indexes"])
+    window_size = window_size if window_size is not None and window_size > 0 else p["window_size"]
+    if any(i < 0 or i >= depth for i in global_idx):
+        raise ValueError(f"global_attn_indexes {global_idx} out of range for depth {depth}")
+
+    net = ViT(
+        img_size=img_size,
+        patch_size=patch_size,
+        in_chans=in_chans,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        drop_path_rate=drop_path_rate,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),  # SAM's eps (Detectron2's default is 1e-5)
+        act_layer=nn.GELU,
+        use_abs_pos=True,
+        use_rel_pos=True,
+        rel_pos_zero_init=True,
+        window_size=window_size,
+        # Detectron2 lists the windowed blocks; SAM lists the global ones.
+        window_block_indexes=tuple(i for i in range(depth) if i not in global_idx),
+        residual_block_indexes=(),
+        use_act_checkpoint=False,  # done below without fairscale
+        # SAM's position embedding is a (H/16)x(W/16) grid without a class token.
+        pretrain_img_size=img_size,
+        pretrain_use_cls_token=False,
+        out_feature=_VIT_OUT_FEATURE,
+    )
+    if use_act_checkpoint:
+        for blk in net.blocks:
+            blk.__class__ = _CheckpointedBlock
+
+    backbone = SimpleFeaturePyramid(
+        net=net,
+        in_feature=_VIT_OUT_FEATURE,
+        out_channels=out_channels,
+        scale_factors=tuple(float(s) for s in scale_factors),
+        top_block=None,
+        norm="LN",  # Detectron2's channel LayerNorm, eps 1e-6 like SAM's LayerNorm2d
+        square_pad=square_pad,
+    )
+
+    if checkpoint:
+        # Imported here so that flowseg.checkpoint may import modeling without a cycle.
+        from ...checkpoint.sam import load_sam_checkpoint
+
+        load_sam_checkpoint(backbone, checkpoint)
+    if freeze:
+        freeze_sam_vit(backbone)
+    return backbone
+
+
+@BACKBONE_REGISTRY.register()
+def build_sam_vit_backbone(cfg, input_shape: ShapeSpec) -> SimpleFeaturePyramid:
+    """Detectron2 entry point: ``MODEL.BACKBONE.NAME = "build_sam_vit_backbone"``.
+
+    Reads ``cfg.MODEL.SAM_VIT.*``; EMBED_DIM / DEPTH / NUM_HEADS = 0, GLOBAL_ATTN_INDEXES = []
+    and WINDOW_SIZE <= 0 mean "take the preset's value".
+    """
+    c = cfg.MODEL.SAM_VIT
+    return build_sam_vit(
+        preset=c.PRESET,
+        img_size=c.IMG_SIZE,
+        in_chans=input_shape.channels if input_shape.channels else 3,
+        patch_size=c.PATCH_SIZE,
+        embed_dim=c.EMBED_DIM or None,
+        depth=c.DEPTH or None,
+        num_heads=c.NUM_HEADS or None,
+        global_attn_indexes=list(c.GLOBAL_ATTN_INDEXES) or None,
+        window_size=c.WINDOW_SIZE if c.WINDOW_SIZE > 0 else None,
+        drop_path_rate=c.DROP_PATH_RATE,
+        out_channels=c.OUT_CHANNELS,
+        scale_factors=list(c.SCALE_FACTORS),
+        use_act_checkpoint=c.USE_ACT_CHECKPOINT,
+        freeze=c.FREEZE,
+        checkpoint=c.CHECKPOINT or None,
+    )

@@ -1,0 +1,391 @@
+"""The FlowSeg meta-architecture (paper Fig. 3).
+
+Two modes (``MODEL.FLOWSEG.MODE``):
+
+* ``"generic"``: the segmentor of paper stage 1 — SAM-ViT encoder, deformable pixel decoder,
+  masked-attention decoder — with Mask2Former's semantic / instance / panoptic inference.
+  Without an LLM the classes come from a learnable class head; with one
+  (``MODEL.LLM.PATH`` or ``MODEL.LLM.CONFIG``) the category names become ``<p>name</p>``
+  condition embeddings and the class logits are query–condition similarities.
+* ``"referring"``: referring / reasoning segmentation. The condition head (LLM) turns
+  image + instruction into condition embeddings ``C`` and the ``<SEG>`` embedding ``S``; the
+  decoder runs Bidirectional Semantic Flow with them; the query whose similarity to the
+  refined condition ``C^L`` is highest is selected (propose-then-select), and BAR refines its
+  boundary. Loss: ``L = L_llm + L_seg`` (eq. 8).
+"""
+
+import logging
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import BitMasks, Boxes, ImageList, Instances
+from torch import nn
+
+from ..criterion import build_criterion
+from ..language import build_condition_head
+from ..refiner import build_refiner
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FlowSeg", "llm_configured"]
+
+
+def llm_configured(cfg) -> bool:
+    """True when the config names an LLM (a local checkpoint or a config to build one)."""
+    return bool(cfg.MODEL.LLM.PATH or cfg.MODEL.LLM.CONFIG)
+
+
+@META_ARCH_REGISTRY.register()
+class FlowSeg(nn.Module):
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        sem_seg_head: nn.Module,
+        criterion: nn.Module,
+        condition_head: Optional[nn.Module],
+        refiner: Optional[nn.Module],
+        mode: str,
+        num_queries: int,
+        object_mask_threshold: float,
+        overlap_threshold: float,
+        metadata,
+        size_divisibility: int,
+        sem_seg_postprocess_before_inference: bool,
+        pixel_mean: Tuple[float, ...],
+        pixel_std: Tuple[float, ...],
+        semantic_on: bool,
+        panoptic_on: bool,
+        instance_on: bool,
+        test_topk_per_image: int,
+        llm_loss_weight: float = 1.0,
+        seg_loss_weight: float = 1.0,
+        return_candidates: bool = True,
+    ):
+        super().__init__()
+        if mode not in ("generic", "referring"):
+            raise ValueError(f"MODEL.FLOWSEG.MODE must be 'generic' or 'referring', got {mode!r}")
+        if mode == "referring" and condition_head is None:
+            raise ValueError(
+                "MODEL.FLOWSEG.MODE 'referring' needs a language model: set MODEL.LLM.PATH "
+                "(a local Hugging Face checkpoint) or MODEL.LLM.CONFIG (a config json)."
+            )
+        self.backbone = backbone
+        self.sem_seg_head = sem_seg_head
+        self.criterion = criterion
+        self.condition_head = condition_head
+        self.refiner = refiner
+        self.mode = mode
+        self.num_queries = num_queries
+        self.object_mask_threshold = object_mask_threshold
+        self.overlap_threshold = overlap_threshold
+        self.metadata = metadata
+        if size_divisibility < 0:
+            size_divisibility = self.backbone.size_divisibility
+        self.size_divisibility = size_divisibility
+        self.sem_seg_postprocess_before_inference = sem_seg_postprocess_before_inference
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.semantic_on = semantic_on
+        self.instance_on = instance_on
+        self.panoptic_on = panoptic_on
+        self.test_topk_per_image = test_topk_per_image
+        self.llm_loss_weight = llm_loss_weight
+        self.seg_loss_weight = seg_loss_weight
+        self.return_candidates = return_candidates
+
+    @classmethod
+    def from_config(cls, cfg):
+        backbone = build_backbone(cfg)
+        sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
+        has_llm = llm_configured(cfg)
+        test = cfg.MODEL.MASK_FORMER.TEST
+        meta_name = cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused__"
+        return {
+            "backbone": backbone,
+            "sem_seg_head": sem_seg_head,
+            "criterion": build_criterion(cfg),
+            "condition_head": build_condition_head(cfg) if has_llm else None,
+            "refiner": build_refiner(cfg),
+            "mode": cfg.MODEL.FLOWSEG.MODE,
+            "num_queries": cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES,
+            "object_mask_threshold": test.OBJECT_MASK_THRESHOLD,
+            "overlap_threshold": test.OVERLAP_THRESHOLD,
+            "metadata": MetadataCatalog.get(meta_name),
+            "size_divisibility": cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY,
+            "sem_seg_postprocess_before_inference": (
+                test.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE or test.PANOPTIC_ON or test.INSTANCE_ON
+            ),
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "semantic_on": test.SEMANTIC_ON,
+            "instance_on": test.INSTANCE_ON,
+            "panoptic_on": test.PANOPTIC_ON,
+            "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "llm_loss_weight": cfg.MODEL.FLOWSEG.LLM_LOSS_WEIGHT,
+            "seg_loss_weight": cfg.MODEL.FLOWSEG.SEG_LOSS_WEIGHT,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    # ------------------------------------------------------------------ shared steps
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        images = [x["image"].to(self.device) for x in batched_inputs]
+        images = [(x - self.pixel_mean) / self.pixel_std for x in images]
+        return ImageList.from_tensors(
+            images,
+            self.size_divisibility,
+            padding_constraints=getattr(self.backbone, "padding_constraints", None),
+        )
+
+    def _class_names(self) -> List[str]:
+        names = getattr(self.metadata, "stuff_classes", None) or getattr(self.metadata, "thing_classes", None)
+        if not names:
+            raise ValueError(
+                "generic segmentation with an LLM needs the category names of the data set "
+                f"(metadata '{self.metadata.name}' has no stuff_classes/thing_classes)"
+            )
+        return list(names)
+
+    def encode_conditions(self, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
+        """Run the condition head; in generic mode every category name is one ``<p>`` span."""
+        if self.condition_head is None:
+            return {}
+        if self.mode == "generic":
+            names = self._class_names()
+            batched_inputs = [
+                {**x, "task": "generic", "class_names": x.get("class_names", names)} for x in batched_inputs
+            ]
+        cond = self.condition_head(batched_inputs)
+        if self.mode == "referring" and not bool(cond["condition_mask"].any(dim=1).all()):
+            raise ValueError("a referring/reasoning sample produced no condition embedding (empty <p> span?)")
+        return cond
+
+    def run_head(
+        self, batched_inputs: List[Dict], images: ImageList, return_intermediates: bool = False
+    ) -> Tuple[Dict, Dict]:
+        features = self.backbone(images.tensor)
+        cond = self.encode_conditions(batched_inputs)
+        seg_embed = None
+        if "seg_embed" in cond:
+            seg_embed = cond["seg_embed"] * cond["seg_mask"].unsqueeze(-1).to(cond["seg_embed"].dtype)
+        outputs = self.sem_seg_head(
+            features,
+            conditions=cond.get("conditions"),
+            condition_mask=cond.get("condition_mask"),
+            seg_embed=seg_embed,
+            return_intermediates=return_intermediates,
+        )
+        return outputs, cond
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batched_inputs: List[Dict]) -> object:
+        images = self.preprocess_image(batched_inputs)
+        outputs, cond = self.run_head(batched_inputs, images)
+        if self.training:
+            return self.losses(outputs, cond, batched_inputs, images)
+        if self.mode == "referring":
+            return self.referring_inference(outputs, cond, batched_inputs, images)
+        return self.generic_inference(outputs, batched_inputs, images)
+
+    def losses(
+        self, outputs: Dict, cond: Dict, batched_inputs: List[Dict], images: ImageList
+    ) -> Dict[str, torch.Tensor]:
+        if "instances" not in batched_inputs[0]:
+            raise ValueError(
+                "training inputs need 'instances' (gt_masks, gt_classes) from the dataset mapper"
+            )
+        targets = self.prepare_targets([x["instances"].to(self.device) for x in batched_inputs], images)
+        mask_features = outputs.pop("mask_features")
+        if self.refiner is not None:
+            pred_masks = outputs["pred_masks"]
+
+            def refine_fn(batch_idx: torch.Tensor, query_idx: torch.Tensor) -> torch.Tensor:
+                return self.refiner.refine_selected(
+                    pred_masks[batch_idx, query_idx], mask_features, batch_idx
+                )
+
+            outputs["refine_fn"] = refine_fn
+        losses = self.criterion(outputs, targets)
+        weights = self.criterion.weight_dict
+        out = {k: v * weights[k] * self.seg_loss_weight for k, v in losses.items() if k in weights}
+        if "loss_llm" in cond:
+            out["loss_llm"] = cond["loss_llm"] * self.llm_loss_weight
+        return out
+
+    def prepare_targets(self, targets: List[Instances], images: ImageList) -> List[Dict[str, torch.Tensor]]:
+        h_pad, w_pad = images.tensor.shape[-2:]
+        new_targets = []
+        for t in targets:
+            gt_masks = t.gt_masks.tensor if isinstance(t.gt_masks, BitMasks) else t.gt_masks
+            padded = torch.zeros(
+                (gt_masks.shape[0], h_pad, w_pad), dtype=gt_masks.dtype, device=gt_masks.device
+            )
+            padded[:, : gt_masks.shape[1], : gt_masks.shape[2]] = gt_masks
+            new_targets.append({"labels": t.gt_classes, "masks": padded})
+        return new_targets
+
+    def _upsample(self, mask_logits: torch.Tensor, images: ImageList) -> torch.Tensor:
+        """1/4-scale logits [B,Q,h,w] -> padded input resolution."""
+        return F.interpolate(mask_logits, size=images.tensor.shape[-2:], mode="bilinear", align_corners=False)
+
+    # ------------------------------------------------------------------ referring / reasoning
+    @torch.no_grad()
+    def select_queries(self, pred_logits: torch.Tensor, condition_mask: Optional[torch.Tensor]) -> Tuple:
+        """Propose-then-select: for each condition k, the query maximising p(k | q).
+
+        Returns (scores [B,K], query index [B,K]). Probabilities are the softmax over the
+        K conditions + no-object, so a query confident in "no object" is not chosen.
+        """
+        prob = pred_logits.softmax(-1)[..., :-1]  # [B,Q,K]
+        scores, idx = prob.max(dim=1)  # over queries
+        if condition_mask is not None:
+            scores = scores.masked_fill(~condition_mask, 0.0)
+        return scores, idx
+
+    def referring_inference(
+        self, outputs: Dict, cond: Dict, batched_inputs: List[Dict], images: ImageList
+    ) -> List[Dict]:
+        """Per input: ``ref_seg`` = the selected mask of the first condition at input resolution,
+        its score, and (``return_candidates``) every query's mask for oracle analysis;
+        ``ref_segs`` = the same for each ``<p>`` span of a multi-span prompt."""
+        pred_logits = outputs["pred_logits"]
+        pred_masks = outputs["pred_masks"]
+        mask_features = outputs["mask_features"]
+        scores, idx = self.select_queries(pred_logits, cond.get("condition_mask"))
+        results = []
+        for b, x in enumerate(batched_inputs):
+            selected = pred_masks[b, idx[b]]  # [K,h,w]
+            if self.refiner is not None:
+                batch_idx = torch.full((selected.shape[0],), b, dtype=torch.long, device=selected.device)
+                selected = self.refiner.refine_selected(selected, mask_features, batch_idx)
+            image_size = images.image_sizes[b]
+            height = x.get("height", image_size[0])
+            width = x.get("width", image_size[1])
+            selected = self._upsample(selected[None], images)[0]
+            selected = sem_seg_postprocess(selected, image_size, height, width)
+            n_valid = int(cond["condition_mask"][b].sum())
+            per_cond = [
+                {"mask": selected[k] > 0, "score": float(scores[b, k]), "query": int(idx[b, k])}
+                for k in range(n_valid)
+            ]
+            ref = dict(per_cond[0])
+            if self.return_candidates:
+                cand = self._upsample(pred_masks[b][None], images)[0]
+                ref["candidates"] = sem_seg_postprocess(cand, image_size, height, width) > 0
+            results.append({"ref_seg": ref, "ref_segs": per_cond})
+        return results
+
+    # ------------------------------------------------------------------ generic segmentation
+    def generic_inference(self, outputs: Dict, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
+        mask_cls_results = outputs["pred_logits"]
+        mask_pred_results = outputs["pred_masks"]
+        if self.refiner is not None:
+            mask_pred_results = self.refiner(mask_pred_results, outputs["mask_features"])
+        mask_pred_results = self._upsample(mask_pred_results, images)
+        processed_results = []
+        for mask_cls, mask_pred, x, image_size in zip(
+            mask_cls_results, mask_pred_results, batched_inputs, images.image_sizes
+        ):
+            height = x.get("height", image_size[0])
+            width = x.get("width", image_size[1])
+            res: Dict[str, object] = {}
+            if self.sem_seg_postprocess_before_inference:
+                mask_pred = sem_seg_postprocess(mask_pred, image_size, height, width)
+            if self.semantic_on:
+                r = self.semantic_inference(mask_cls, mask_pred)
+                if not self.sem_seg_postprocess_before_inference:
+                    r = sem_seg_postprocess(r, image_size, height, width)
+                res["sem_seg"] = r
+            if self.panoptic_on:
+                res["panoptic_seg"] = self.panoptic_inference(mask_cls, mask_pred)
+            if self.instance_on:
+                res["instances"] = self.instance_inference(mask_cls, mask_pred)
+            processed_results.append(res)
+        return processed_results
+
+    def semantic_inference(self, mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> torch.Tensor:
+        # per-pixel class scores = sum over queries of p(class | q) * sigmoid(mask_q)
+        return torch.einsum("qc,qhw->chw", mask_cls.softmax(-1)[..., :-1], mask_pred.sigmoid())
+
+    def _is_thing(self, contiguous_id: int) -> bool:
+        ids = getattr(self.metadata, "thing_dataset_id_to_contiguous_id", None)
+        return ids is not None and contiguous_id in set(ids.values())
+
+    def panoptic_inference(self, mask_cls: torch.Tensor, mask_pred: torch.Tensor):
+        """Mask2Former's panoptic merge: keep confident non-void queries, give every pixel to
+        the query with the highest score x mask probability, drop segments that lost most
+        of their own mask to others, merge stuff segments of the same class."""
+        num_classes = mask_cls.shape[-1] - 1
+        scores, labels = mask_cls.softmax(-1).max(-1)
+        keep = labels.ne(num_classes) & (scores > self.object_mask_threshold)
+        cur_scores, cur_classes = scores[keep], labels[keep]
+        cur_masks = mask_pred.sigmoid()[keep]
+        h, w = mask_pred.shape[-2:]
+        panoptic_seg = torch.zeros((h, w), dtype=torch.int32, device=mask_pred.device)
+        segments_info: List[Dict] = []
+        if cur_masks.shape[0] == 0:
+            return panoptic_seg, segments_info
+        owner = (cur_scores.view(-1, 1, 1) * cur_masks).argmax(0)
+        stuff_segment: Dict[int, int] = {}
+        for k in range(cur_classes.shape[0]):
+            pred_class = int(cur_classes[k])
+            own = cur_masks[k] >= 0.5
+            mask = (owner == k) & own
+            owned_area, own_area = int((owner == k).sum()), int(own.sum())
+            if owned_area == 0 or own_area == 0 or int(mask.sum()) == 0:
+                continue
+            if owned_area / own_area < self.overlap_threshold:
+                continue
+            isthing = self._is_thing(pred_class)
+            if not isthing and pred_class in stuff_segment:
+                panoptic_seg[mask] = stuff_segment[pred_class]
+                continue
+            segment_id = len(segments_info) + 1
+            panoptic_seg[mask] = segment_id
+            if not isthing:
+                stuff_segment[pred_class] = segment_id
+            segments_info.append({"id": segment_id, "isthing": isthing, "category_id": pred_class})
+        return panoptic_seg, segments_info
+
+    def instance_inference(self, mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> Instances:
+        image_size = mask_pred.shape[-2:]
+        num_classes = mask_cls.shape[-1] - 1
+        scores = mask_cls.softmax(-1)[:, :-1]
+        labels = torch.arange(num_classes, device=mask_cls.device).unsqueeze(0).repeat(mask_cls.shape[0], 1)
+        topk = min(self.test_topk_per_image, scores.numel())
+        scores_per_image, topk_indices = scores.flatten(0, 1).topk(topk, sorted=False)
+        labels_per_image = labels.flatten(0, 1)[topk_indices]
+        mask_pred = mask_pred[topk_indices // num_classes]
+        if self.panoptic_on:
+            # COCO-panoptic instance results: things only
+            keep = torch.tensor(
+                [self._is_thing(int(lab)) for lab in labels_per_image],
+                dtype=torch.bool,
+                device=mask_pred.device,
+            )
+            scores_per_image, labels_per_image, mask_pred = (
+                scores_per_image[keep],
+                labels_per_image[keep],
+                mask_pred[keep],
+            )
+        result = Instances(image_size)
+        result.pred_masks = (mask_pred > 0).float()
+        result.pred_boxes = BitMasks(result.pred_masks > 0).get_bounding_boxes()
+        # mask score = mean foreground probability inside the predicted mask
+        mask_scores = (mask_pred.sigmoid().flatten(1) * result.pred_masks.flatten(1)).sum(1) / (
+            result.pred_masks.flatten(1).sum(1) + 1e-6
+        )
+        result.scores = scores_per_image * mask_scores
+        result.pred_classes = labels_per_image
+        if not isinstance(result.pred_boxes, Boxes):
+            result.pred_boxes = Boxes(result.pred_boxes)
+        return result

@@ -1,0 +1,74 @@
+"""The segmentation head: pixel decoder + query decoder, under Mask2Former's names.
+
+``sem_seg_head.pixel_decoder.*`` and ``sem_seg_head.predictor.*`` are the key prefixes of an
+original Mask2Former Detectron2 checkpoint, so stage 1 can start from one
+(``flowseg.checkpoint.mask2former``).
+"""
+
+from typing import Dict, Optional
+
+import torch
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+from torch import nn
+
+from ..pixel_decoder import build_pixel_decoder
+from ..transformer_decoder import build_transformer_decoder
+
+
+@SEM_SEG_HEADS_REGISTRY.register()
+class FlowSegHead(nn.Module):
+    @configurable
+    def __init__(
+        self,
+        input_shape: Dict[str, ShapeSpec],
+        *,
+        num_classes: int,
+        pixel_decoder: nn.Module,
+        transformer_predictor: nn.Module,
+        ignore_value: int = 255,
+    ):
+        super().__init__()
+        self.in_features = [k for k, _ in sorted(input_shape.items(), key=lambda x: x[1].stride)]
+        self.num_classes = num_classes
+        self.ignore_value = ignore_value
+        self.pixel_decoder = pixel_decoder
+        self.predictor = transformer_predictor
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        input_shape = {k: v for k, v in input_shape.items() if k in cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES}
+        return {
+            "input_shape": input_shape,
+            "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+            "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+            "pixel_decoder": build_pixel_decoder(cfg, input_shape),
+            # the multi-scale deformable pixel decoder emits CONVS_DIM-channel maps
+            "transformer_predictor": build_transformer_decoder(
+                cfg, cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM, mask_classification=True
+            ),
+        }
+
+    def forward(
+        self,
+        features: Dict[str, torch.Tensor],
+        conditions: Optional[torch.Tensor] = None,
+        condition_mask: Optional[torch.Tensor] = None,
+        seg_embed: Optional[torch.Tensor] = None,
+        return_intermediates: bool = False,
+    ) -> Dict[str, object]:
+        """Returns the decoder's output dict plus ``mask_features`` (F_pix, the 1/4-scale
+        pixel features that BAR reads)."""
+        mask_features, _, multi_scale_features = self.pixel_decoder.forward_features(features)
+        outputs = self.predictor(
+            multi_scale_features,
+            mask_features,
+            None,
+            conditions=conditions,
+            condition_mask=condition_mask,
+            seg_embed=seg_embed,
+            return_intermediates=return_intermediates,
+        )
+        outputs["mask_features"] = mask_features
+        return outputs
