@@ -160,6 +160,8 @@ def test_subset_and_selected_match_full_forward():
         empty = refiner(logits[:, :0], feats)
         assert empty.shape == (2, 0, 8, 8)
         assert refiner.refine_selected(logits[0, :0], feats, b_idx[:0]).shape == (0, 8, 8)
+        # batch_idx=None: all masks from image 0
+        torch.testing.assert_close(refiner.refine_selected(logits[0], feats), full[0], rtol=1e-6, atol=1e-6)
 
 
 def test_f_comp_runs_once_per_image_not_per_query():
@@ -183,6 +185,12 @@ def test_gradients_reach_all_parameters():
     b_idx = torch.zeros(2, dtype=torch.long)
     refiner.refine_selected(logits[0].detach(), feats.detach(), b_idx).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in refiner.parameters())
+    # no matched queries: the empty result is still connected to every parameter (DDP)
+    refiner.zero_grad(set_to_none=True)
+    empty = refiner.refine_selected(logits[0, :0].detach(), feats.detach(), b_idx[:0])
+    assert empty.shape == (0, 12, 12)
+    (empty.sum() * 0.0).backward()
+    assert all(p.grad is not None for p in refiner.parameters())
 
 
 def test_module_conversion_and_state_dict_layout():

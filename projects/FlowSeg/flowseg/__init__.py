@@ -8,3 +8,4 @@ from . import checkpoint, data, evaluation, modeling  # noqa: F401
 from .config import add_flowseg_config  # noqa: F401
 
 __all__ = ["add_flowseg_config"]
+from . import engine  # noqa: F401,E402

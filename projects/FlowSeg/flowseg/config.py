@@ -41,7 +41,10 @@ def add_flowseg_config(cfg: CN) -> CN:
     cfg.MODEL.SAM_VIT.DEPTH = 0
     cfg.MODEL.SAM_VIT.NUM_HEADS = 0
     cfg.MODEL.SAM_VIT.GLOBAL_ATTN_INDEXES = []
-    cfg.MODEL.SAM_VIT.WINDOW_SIZE = 14
+    cfg.MODEL.SAM_VIT.WINDOW_SIZE = 0  # 0 = preset's (14 for B/L/H)
+    # >0: pad every input to this square, as SAM does (1024); 0: pad to a multiple of 32 only and
+    # let the ViT resample its position table to the actual token grid
+    cfg.MODEL.SAM_VIT.SQUARE_PAD = 0
     cfg.MODEL.SAM_VIT.DROP_PATH_RATE = 0.0
     cfg.MODEL.SAM_VIT.OUT_CHANNELS = 256  # SAM's neck width = SimpleFeaturePyramid channels
     cfg.MODEL.SAM_VIT.SCALE_FACTORS = [4.0, 2.0, 1.0, 0.5]  # -> p2..p5 (1/4 .. 1/32)

@@ -1,1 +1,4 @@
 # Referring / reasoning evaluators.
+from . import metrics  # noqa: F401
+from .reasoning_evaluation import ReasoningEvaluator  # noqa: F401
+from .referring_evaluation import MaskRecordEvaluator, ReferringEvaluator  # noqa: F401

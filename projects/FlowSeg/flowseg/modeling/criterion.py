@@ -174,16 +174,19 @@ class SetCriterion(nn.Module):
         src_idx = torch.cat([src for src, _ in indices])
         return batch_idx, src_idx
 
-    def _check_labels(self, targets: Sequence[Dict[str, Tensor]], num_columns: int) -> None:
+    @staticmethod
+    def _check_labels(targets: Sequence[Dict[str, Tensor]], num_columns: int) -> None:
         """Labels must index a real class column (< K); K itself is the no-object column."""
-        k = num_columns - 1
-        for b, t in enumerate(targets):
-            labels = t["labels"]
-            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
-                raise ValueError(
-                    f"SetCriterion: image {b} has labels in [{int(labels.min())}, {int(labels.max())}] "
-                    f"but the logits have K={k} classes (+1 no-object)"
-                )
+        labels = [t["labels"].reshape(-1) for t in targets if t["labels"].numel()]
+        if not labels:
+            return
+        all_labels = torch.cat([lab.to(labels[0].device) for lab in labels])
+        lo, hi = torch.stack([all_labels.min(), all_labels.max()]).tolist()  # one host sync
+        if lo < 0 or hi >= num_columns - 1:
+            raise ValueError(
+                f"SetCriterion: target labels span [{lo}, {hi}] but the logits have "
+                f"K={num_columns - 1} classes (+1 no-object column)"
+            )
 
     def _num_masks(self, targets: Sequence[Dict[str, Tensor]], device: torch.device) -> float:
         """Number of target masks, averaged over processes (so every rank normalises alike), ≥ 1."""
@@ -257,14 +260,20 @@ class SetCriterion(nn.Module):
         return {"loss_mask": loss_mask, "loss_dice": loss_dice}
 
     def loss_refined_masks(
-        self, refine_fn: RefineFn, targets: Sequence[Dict[str, Tensor]], indices: Indices, num_masks: float
+        self,
+        refine_fn: RefineFn,
+        targets: Sequence[Dict[str, Tensor]],
+        indices: Indices,
+        num_masks: float,
+        device: torch.device,
     ) -> Dict[str, Tensor]:
         """``loss_mask_refined`` / ``loss_dice_refined`` on ``refine_fn(batch_idx, query_idx)`` [N, H, W].
 
-        ``refine_fn`` is called even with empty indices (it must return [0, H, W] then) so that the
-        refiner's parameters stay in the graph on batches without targets.
+        The indices are int64 tensors on ``device`` (the predictions' device). ``refine_fn`` is called
+        even with empty indices (it must return [0, H, W] then) so that the refiner's parameters
+        stay in the graph on batches without targets.
         """
-        batch_idx, src_idx = self._src_permutation_idx(indices)
+        batch_idx, src_idx = (idx.to(device) for idx in self._src_permutation_idx(indices))
         refined = refine_fn(batch_idx, src_idx)
         if refined.dim() != 3 or refined.shape[0] != src_idx.numel():
             raise ValueError(
@@ -322,7 +331,8 @@ class SetCriterion(nn.Module):
 
         refine_fn: Optional[RefineFn] = outputs.get("refine_fn")
         if refine_fn is not None and "masks" in self.losses:
-            losses.update(self.loss_refined_masks(refine_fn, targets, indices, num_masks))
+            device = outputs["pred_masks"].device
+            losses.update(self.loss_refined_masks(refine_fn, targets, indices, num_masks, device))
 
         if self.deep_supervision:
             for i, aux in enumerate(outputs.get("aux_outputs") or []):
@@ -375,15 +385,18 @@ def build_criterion(cfg, num_classes: Optional[int] = -1) -> SetCriterion:
     """SetCriterion wired from ``cfg``.
 
     Args:
-        num_classes: ``-1`` (default) = ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` in ``MODEL.FLOWSEG.MODE
-            == "generic"`` (learnable class head) and ``None`` (dynamic K, one column per condition)
-            otherwise; pass an int or ``None`` to override.
+        num_classes: ``-1`` (default) = decide like the decoder does: a learnable class head with
+            ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` columns only for ``MODEL.FLOWSEG.MODE == "generic"``
+            without an LLM (``MODEL.LLM.PATH`` and ``CONFIG`` empty); otherwise the logits are
+            condition similarities and K is dynamic (``None``). Pass an int or ``None`` to override.
     """
     mf = cfg.MODEL.MASK_FORMER
     if num_classes == -1:
         flowseg = getattr(cfg.MODEL, "FLOWSEG", None)
-        generic = flowseg is None or flowseg.MODE == "generic"
-        num_classes = int(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES) if generic else None
+        llm = getattr(cfg.MODEL, "LLM", None)
+        has_llm = llm is not None and bool(llm.PATH or llm.CONFIG)
+        class_head = (flowseg is None or flowseg.MODE == "generic") and not has_llm
+        num_classes = int(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES) if class_head else None
     return SetCriterion(
         num_classes=num_classes,
         matcher=build_matcher(cfg),

@@ -24,6 +24,7 @@ from detectron2.modeling.backbone.vit import Block, SimpleFeaturePyramid, ViT
 __all__ = [
     "SAM_VIT_PRESETS",
     "SAM_VIT_OUT_FEATURES",
+    "SAMViTFeaturePyramid",
     "build_sam_vit",
     "build_sam_vit_backbone",
     "freeze_sam_vit",
@@ -68,6 +69,18 @@ class _CheckpointedBlock(Block):
         return super().forward(x)
 
 
+class SAMViTFeaturePyramid(SimpleFeaturePyramid):
+    """``SimpleFeaturePyramid`` that also reports its divisibility through ``size_divisibility``.
+
+    Detectron2's pyramid only exposes it via ``padding_constraints`` (``Backbone.size_divisibility``
+    stays 0), while Mask2Former-style meta-architectures read ``backbone.size_divisibility``.
+    """
+
+    @property
+    def size_divisibility(self) -> int:
+        return self._size_divisibility
+
+
 def freeze_sam_vit(backbone: SimpleFeaturePyramid) -> None:
     """Stop gradients into the ViT (``backbone.net``); the pyramid stages stay trainable."""
     for p in backbone.net.parameters():
@@ -92,7 +105,7 @@ def build_sam_vit(
     freeze: bool = False,
     square_pad: int = 0,
     checkpoint: Optional[str] = None,
-) -> SimpleFeaturePyramid:
+) -> SAMViTFeaturePyramid:
     """Build SAM's image encoder + ViTDet simple feature pyramid without a Detectron2 config.
 
     Args:
@@ -112,7 +125,8 @@ def build_sam_vit(
             loaded through :func:`flowseg.checkpoint.sam.load_sam_checkpoint`.
 
     Returns:
-        A ``SimpleFeaturePyramid`` whose ``net`` is the ViT; outputs ``{"p2", ..., "p5"}``.
+        A ``SimpleFeaturePyramid`` (subclass) whose ``net`` is the ViT; outputs ``{"p2", ..., "p5"}``
+        for the default scale factors, each ``out_channels`` wide.
     """
     p = _resolve_preset(preset)
     embed_dim = embed_dim or p["embed_dim"]
@@ -152,7 +166,7 @@ def build_sam_vit(
         for blk in net.blocks:
             blk.__class__ = _CheckpointedBlock
 
-    backbone = SimpleFeaturePyramid(
+    backbone = SAMViTFeaturePyramid(
         net=net,
         in_feature=_VIT_OUT_FEATURE,
         out_channels=out_channels,
@@ -173,7 +187,7 @@ def build_sam_vit(
 
 
 @BACKBONE_REGISTRY.register()
-def build_sam_vit_backbone(cfg, input_shape: ShapeSpec) -> SimpleFeaturePyramid:
+def build_sam_vit_backbone(cfg, input_shape: ShapeSpec) -> SAMViTFeaturePyramid:
     """Detectron2 entry point: ``MODEL.BACKBONE.NAME = "build_sam_vit_backbone"``.
 
     Reads ``cfg.MODEL.SAM_VIT.*``; EMBED_DIM / DEPTH / NUM_HEADS = 0, GLOBAL_ATTN_INDEXES = []
@@ -195,5 +209,6 @@ def build_sam_vit_backbone(cfg, input_shape: ShapeSpec) -> SimpleFeaturePyramid:
         scale_factors=list(c.SCALE_FACTORS),
         use_act_checkpoint=c.USE_ACT_CHECKPOINT,
         freeze=c.FREEZE,
+        square_pad=c.SQUARE_PAD,
         checkpoint=c.CHECKPOINT or None,
     )

@@ -50,21 +50,24 @@ def ms_deform_attn_core_pytorch(
     n, _, n_heads, head_dim = value.shape
     _, n_queries, _, n_levels, n_points, _ = sampling_locations.shape
     shapes = _shapes_as_list(spatial_shapes)
+    if len(shapes) != n_levels:
+        raise ValueError(f"{len(shapes)} spatial shapes given for {n_levels} sampling levels")
     value_per_level = value.split([h * w for h, w in shapes], dim=1)
     # grid_sample expects coordinates in [-1, 1].
     grids = 2.0 * sampling_locations - 1.0
-    sampled = []
+    # (N, Lq, M, L, P) -> (N*M, 1, Lq, L, P), broadcast over channels.
+    weights = attention_weights.transpose(1, 2).reshape(n * n_heads, 1, n_queries, n_levels, n_points)
+    out = None
     for lvl, (h, w) in enumerate(shapes):
         # (N, H*W, M, D) -> (N*M, D, H, W): one "image" per (batch, head).
         v = value_per_level[lvl].permute(0, 2, 3, 1).reshape(n * n_heads, head_dim, h, w)
         # (N, Lq, M, P, 2) -> (N*M, Lq, P, 2)
         g = grids[:, :, :, lvl].transpose(1, 2).reshape(n * n_heads, n_queries, n_points, 2)
-        # -> (N*M, D, Lq, P)
-        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
-    # (N*M, D, Lq, L*P) weighted by (N*M, 1, Lq, L*P)
-    stacked = torch.stack(sampled, dim=-2).flatten(-2)
-    weights = attention_weights.transpose(1, 2).reshape(n * n_heads, 1, n_queries, n_levels * n_points)
-    out = (stacked * weights).sum(-1).view(n, n_heads * head_dim, n_queries)
+        # (N*M, D, Lq, P); accumulated level by level rather than stacked, to save memory.
+        sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)
+        term = (sampled * weights[..., lvl, :]).sum(-1)
+        out = term if out is None else out + term
+    out = out.view(n, n_heads * head_dim, n_queries)
     return out.transpose(1, 2).contiguous()
 
 

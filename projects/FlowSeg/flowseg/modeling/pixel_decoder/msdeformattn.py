@@ -179,7 +179,9 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
             level_start_index ``(L,)``.
         """
         # Inputs are never padded here (Detectron2 pads images, Mask2Former ignores that).
-        masks = [torch.zeros((x.size(0), x.size(2), x.size(3)), device=x.device, dtype=torch.bool) for x in srcs]
+        masks = [
+            torch.zeros((x.size(0), x.size(2), x.size(3)), device=x.device, dtype=torch.bool) for x in srcs
+        ]
         src_flatten = []
         mask_flatten = []
         lvl_pos_embed_flatten = []
@@ -188,7 +190,9 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
             spatial_shapes_list.append((src.shape[2], src.shape[3]))
             src_flatten.append(src.flatten(2).transpose(1, 2))
             mask_flatten.append(mask.flatten(1))
-            lvl_pos_embed_flatten.append(pos_embed.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
+            lvl_pos_embed_flatten.append(
+                pos_embed.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
+            )
         src_flat = torch.cat(src_flatten, 1)
         mask_flat = torch.cat(mask_flatten, 1)
         pos_flat = torch.cat(lvl_pos_embed_flatten, 1)
@@ -374,7 +378,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
         for idx, f in enumerate(self.in_features[: self.num_fpn_levels][::-1]):
             x = features[f].float()
             cur_fpn = self.lateral_convs[idx](x)
-            y = cur_fpn + F.interpolate(out[-1], size=cur_fpn.shape[-2:], mode="bilinear", align_corners=False)
+            y = cur_fpn + F.interpolate(
+                out[-1], size=cur_fpn.shape[-2:], mode="bilinear", align_corners=False
+            )
             out.append(self.output_convs[idx](y))
 
         multi_scale_features = out[: self.maskformer_num_feature_levels]

@@ -135,12 +135,10 @@ class BoundaryAwareRefiner(nn.Module):
         """
         self._check_sizes(mask_logits, pixel_features)
         b, q, h, w = mask_logits.shape
-        if mask_logits.numel() == 0:
-            return mask_logits
         pixel_term = self._pixel_term(pixel_features)  # [B, hidden, H, W]
         mask_term = self._mask_term(mask_logits.reshape(b * q, h, w))  # [B*Q, hidden, H, W]
         # Broadcast the per-image term over the Q queries (a view, no per-query copy of it).
-        hidden_pre = mask_term.view(b, q, -1, h, w) + pixel_term.unsqueeze(1)
+        hidden_pre = mask_term.view(b, q, pixel_term.shape[1], h, w) + pixel_term.unsqueeze(1)
         out = self._residual(mask_logits.reshape(b * q, h, w), hidden_pre.flatten(0, 1))
         return out.view(b, q, h, w)
 
@@ -154,15 +152,16 @@ class BoundaryAwareRefiner(nn.Module):
             pixel_features: ``[B, C, H, W]`` features of the whole batch.
             batch_idx: ``[N]`` long, image index of each selected mask (``None``: all from image 0).
         Returns:
-            ``[N, H, W]`` refined logits.
+            ``[N, H, W]`` refined logits. With N = 0 the (empty) result is still computed through
+            every parameter, so that DDP sees them used on batches without matched queries.
         """
         self._check_sizes(mask_logits, pixel_features)
-        if mask_logits.shape[0] == 0:
-            return mask_logits
         if batch_idx is None:
-            batch_idx = mask_logits.new_zeros(mask_logits.shape[0], dtype=torch.long)
-        pixel_term = self._pixel_term(pixel_features)  # once per image
-        hidden_pre = self._mask_term(mask_logits) + pixel_term[batch_idx.to(pixel_term.device)]
+            batch_idx = torch.zeros(mask_logits.shape[0], dtype=torch.long, device=mask_logits.device)
+        # f_comp once per referenced image (inference calls this per image with a B-image batch).
+        images, inverse = torch.unique(batch_idx.to(pixel_features.device), return_inverse=True)
+        pixel_term = self._pixel_term(pixel_features[images])
+        hidden_pre = self._mask_term(mask_logits) + pixel_term[inverse]
         return self._residual(mask_logits, hidden_pre)
 
     def extra_repr(self) -> str:

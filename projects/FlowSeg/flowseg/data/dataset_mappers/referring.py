@@ -1,0 +1,239 @@
+"""Dataset mapper for referring (RefCOCO/+/g) and reasoning (ReasonSeg) segmentation.
+
+One sample = one image + one expression + one target mask. The image's long side is resized
+to ``INPUT.IMAGE_SIZE`` (SAM's protocol; the model pads), in training and in evaluation.
+Training targets are at the resized size (``instances``); evaluation ground truth stays at the
+original resolution (``gt_mask``, ``ignore_mask``) because metrics are computed there.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from typing import Any, Dict, List, Sequence, Tuple
+
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+from detectron2.config import configurable
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+from detectron2.structures import BitMasks, Instances
+from PIL import Image
+
+from ..build import MAPPER_REGISTRY
+
+__all__ = [
+    "ReferringDatasetMapper",
+    "rasterize_segmentation",
+    "reasonseg_masks",
+    "gt_masks_from_dict",
+    "swap_left_right",
+    "long_side_shape",
+]
+
+logger = logging.getLogger(__name__)
+
+IGNORE_LABEL = 255
+# Keys whose content the mapper turns into masks; they are not passed on to the model.
+_ANNOTATION_KEYS = ("segmentation", "target_polygons", "ignore_polygons")
+
+
+def _clean_polygons(polygons: Sequence[Any]) -> List[List[float]]:
+    # Flat [x0, y0, x1, y1, ...] lists; fewer than 3 points has no area, and pycocotools would
+    # misread a first polygon of exactly 4 numbers as a box.
+    out = []
+    for p in polygons:
+        flat = np.asarray(p, dtype=np.float64).reshape(-1)
+        if flat.size >= 6 and flat.size % 2 == 0:
+            out.append(flat.tolist())
+    return out
+
+
+def rasterize_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
+    """COCO segmentation (polygon list, compressed or uncompressed RLE) -> HxW uint8 {0, 1} mask.
+
+    Several polygons (or a list of RLEs) are merged into one mask.
+    """
+    if isinstance(segm, dict):
+        rles = [segm]
+    elif isinstance(segm, (list, tuple)) and segm and all(isinstance(s, dict) for s in segm):
+        rles = list(segm)
+    elif isinstance(segm, (list, tuple)):
+        polygons = _clean_polygons(segm)
+        if not polygons:
+            return np.zeros((height, width), dtype=np.uint8)
+        return mask_util.decode(mask_util.merge(mask_util.frPyObjects(polygons, height, width)))
+    else:
+        raise ValueError(f"unsupported segmentation of type {type(segm).__name__}")
+
+    encoded = []
+    for rle in rles:
+        size = rle.get("size")
+        if size is not None and tuple(size) != (height, width):
+            raise ValueError(f"RLE size {list(size)} does not match the image size {[height, width]}")
+        counts = rle.get("counts")
+        if isinstance(counts, list):  # uncompressed RLE: pycocotools compresses it
+            encoded.append(mask_util.frPyObjects(rle, height, width))
+        else:
+            encoded.append({"size": [height, width],
+                            "counts": counts.encode("ascii") if isinstance(counts, str) else counts})
+    return mask_util.decode(mask_util.merge(encoded) if len(encoded) > 1 else encoded[0])
+
+
+def reasonseg_masks(
+    target_polygons: Sequence[Any], ignore_polygons: Sequence[Any], height: int, width: int
+) -> Tuple[np.ndarray, np.ndarray]:
+    """ReasonSeg ground truth as LISA builds it: (target uint8 {0,1}, ignore bool), both HxW.
+
+    LISA paints every shape in order of decreasing area (so a smaller shape wins where shapes
+    overlap): targets paint 1, ignore shapes paint 255. All targets end up in one mask.
+    """
+    shapes = [(p, 1) for p in _clean_polygons(target_polygons)]
+    shapes += [(p, IGNORE_LABEL) for p in _clean_polygons(ignore_polygons)]
+    label = np.zeros((height, width), dtype=np.uint8)
+    if shapes:
+        masks = mask_util.decode(mask_util.frPyObjects([p for p, _ in shapes], height, width))  # HxWxN
+        areas = masks.reshape(-1, masks.shape[-1]).sum(0)
+        # stable sort, so shapes of equal area keep a deterministic (file) order
+        for i in sorted(range(len(shapes)), key=lambda k: -int(areas[k])):
+            label[masks[:, :, i] > 0] = shapes[i][1]
+    return (label == 1).astype(np.uint8), label == IGNORE_LABEL
+
+
+def gt_masks_from_dict(dataset_dict: Dict[str, Any]) -> Tuple[np.ndarray, np.ndarray]:
+    """(target uint8 {0,1}, ignore bool) at the original resolution of a referring/reasoning dict."""
+    h, w = int(dataset_dict["height"]), int(dataset_dict["width"])
+    if "target_polygons" in dataset_dict:
+        return reasonseg_masks(dataset_dict["target_polygons"], dataset_dict.get("ignore_polygons", []), h, w)
+    if "segmentation" in dataset_dict:
+        return rasterize_segmentation(dataset_dict["segmentation"], h, w), np.zeros((h, w), dtype=bool)
+    raise KeyError(f"{dataset_dict.get('file_name')}: dataset dict has neither 'segmentation' "
+                   "nor 'target_polygons'")
+
+
+_LR_PATTERN = re.compile(r"\b(left|right)(most|ward|wards|hand|side)?\b", re.IGNORECASE)
+
+
+def swap_left_right(text: str) -> str:
+    """Swap 'left' and 'right' (also 'leftmost', 'right-hand' ...) keeping the letter case."""
+
+    def repl(m: re.Match) -> str:
+        word = m.group(1)
+        new = "right" if word.lower() == "left" else "left"
+        if word.isupper():
+            new = new.upper()
+        elif word[0].isupper():
+            new = new.capitalize()
+        return new + (m.group(2) or "")
+
+    return _LR_PATTERN.sub(repl, text)
+
+
+def long_side_shape(height: int, width: int, long_side: int) -> Tuple[int, int]:
+    """Output (h, w) when the long side is resized to ``long_side`` (SAM's ResizeLongestSide rounding)."""
+    scale = long_side / max(height, width)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+
+def _sample_id(d: Dict[str, Any]) -> str:
+    ids = [f"{k}={d[k]}" for k in ("image_id", "ref_id", "ann_id", "sent_id", "query_index") if k in d]
+    return f"{d.get('file_name')} ({', '.join(ids)})"
+
+
+class ReferringDatasetMapper:
+    """Map a referring / reasoning dataset dict to the model input.
+
+    Output keys: ``image`` (uint8 CHW tensor, long side = image_size), ``height``/``width``
+    (original), ``expression``, ``task``, ``is_sentence``, the ids of the input dict, and
+    * training: ``instances`` with ``gt_classes=[0]`` (the target is condition 0),
+      ``gt_masks`` (bool [1, h, w] at the resized size) and ``gt_boxes``;
+    * evaluation: ``gt_mask`` (HxW uint8 at the original resolution) and ``ignore_mask``
+      (HxW bool: ReasonSeg "ignore" pixels, all False for RefCOCO).
+
+    Training follows LISA for ignore regions: they count as background.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        is_train: bool = True,
+        *,
+        image_format: str,
+        image_size: int,
+        random_flip: bool = False,
+        flip_prob: float = 0.5,
+    ):
+        self.is_train = is_train
+        self.image_format = image_format
+        self.image_size = int(image_size)
+        # Flipping changes what "left"/"right" refer to; the expression is rewritten when it happens.
+        self.random_flip = bool(random_flip) and is_train
+        self.flip_prob = float(flip_prob)
+        logger.info("ReferringDatasetMapper(train=%s): long side -> %d, random flip: %s",
+                    is_train, self.image_size, self.random_flip)
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True) -> Dict[str, Any]:
+        return {
+            "is_train": is_train,
+            "image_format": cfg.INPUT.FORMAT,
+            "image_size": cfg.INPUT.IMAGE_SIZE,
+            "random_flip": cfg.INPUT.REFER_RANDOM_FLIP,
+        }
+
+    def _augmentations(self, height: int, width: int) -> List[T.Augmentation]:
+        new_h, new_w = long_side_shape(height, width, self.image_size)
+        augs: List[T.Augmentation] = [T.Resize((new_h, new_w), interp=Image.BILINEAR)]
+        if self.random_flip:
+            augs.append(T.RandomFlip(prob=self.flip_prob, horizontal=True, vertical=False))
+        return augs
+
+    def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
+        dataset_dict = copy.deepcopy(dataset_dict)  # the dataset owns its dicts; don't modify them
+        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
+        utils.check_image_size(dataset_dict, image)
+        height, width = image.shape[:2]
+        gt_mask, ignore_mask = gt_masks_from_dict(dataset_dict)
+
+        # Label map: 0 background, 1 target, 255 ignore; warped with nearest interpolation.
+        label = gt_mask.copy()
+        label[ignore_mask] = IGNORE_LABEL
+        aug_input = T.AugInput(image, sem_seg=label)
+        transforms = T.AugmentationList(self._augmentations(height, width))(aug_input)
+        image, label = aug_input.image, aug_input.sem_seg
+        flipped = any(isinstance(t, T.HFlipTransform) for t in transforms)
+
+        out: Dict[str, Any] = {k: v for k, v in dataset_dict.items() if k not in _ANNOTATION_KEYS}
+        out["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        out["height"], out["width"] = height, width
+        expression = dataset_dict["expression"]
+        out["expression"] = swap_left_right(expression) if flipped else expression
+        out["task"] = dataset_dict.get("task", "referring")
+        out["is_sentence"] = bool(dataset_dict.get("is_sentence", False))
+        out["flipped"] = flipped
+
+        if self.is_train:
+            target = torch.from_numpy(np.ascontiguousarray(label == 1))[None]  # [1, h, w] bool
+            if not gt_mask.any():
+                raise ValueError(f"empty target mask after rasterisation: {_sample_id(dataset_dict)}")
+            if not target.any():
+                raise ValueError(f"target mask vanishes when resized to long side {self.image_size}: "
+                                 f"{_sample_id(dataset_dict)}")
+            instances = Instances(image.shape[:2])
+            instances.gt_classes = torch.zeros(1, dtype=torch.int64)
+            instances.gt_masks = target
+            instances.gt_boxes = BitMasks(target).get_bounding_boxes()
+            out["instances"] = instances
+        else:
+            # An empty target is legal here: the evaluator scores it with its empty-GT rule.
+            out["gt_mask"] = gt_mask
+            out["ignore_mask"] = ignore_mask
+        return out
+
+
+# Factories are called as factory(cfg, is_train); a @configurable class is one. Both tasks share
+# the mapper: the dataset dict says which ground truth (RefCOCO RLE/polygons or ReasonSeg shapes).
+MAPPER_REGISTRY.register("referring")(ReferringDatasetMapper)
+MAPPER_REGISTRY.register("reasoning")(ReferringDatasetMapper)

@@ -1,0 +1,293 @@
+"""COCO-panoptic in Mask2Former's ``_with_sem_seg`` form, and any folder in the same format.
+
+Detectron2 already registers ``coco_2017_{train,val}_panoptic`` (and ``_separated``). Mask2Former
+trains and evaluates on ``coco_2017_{train,val}_panoptic_with_sem_seg``: the panoptic json + PNGs,
+plus semantic PNGs (``panoptic_semseg_{train,val}2017``, made by
+``datasets/prepare_coco_semantic_annos_from_panoptic_annos.py``) for mIoU and the instances json
+for AP. This module registers those two names under ``$DETECTRON2_DATASETS`` and offers
+:func:`register_coco_panoptic_dataset` for any folder in that layout.
+
+Contiguous ids: things first (in category order), then stuff. For COCO this is exactly the
+order of ``COCO_CATEGORIES`` (Mask2Former's ids). Things must come first because Detectron2's
+``COCOEvaluator`` requires the thing ids to be ``0..#things-1``. The semantic PNGs written by
+this package use the same ids (:func:`contiguous_id_map`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+
+__all__ = [
+    "coco_panoptic_metadata",
+    "contiguous_id_map",
+    "load_coco_panoptic_json",
+    "panoptic_to_semantic",
+    "read_annotation_json",
+    "register_coco_panoptic_dataset",
+    "register_all_coco_panoptic_with_sem_seg",
+]
+
+IGNORE_LABEL = 255
+LABEL_DIVISOR = 1000
+
+# name -> (image dir, panoptic PNG dir, panoptic json, semantic PNG dir, instances json), under root
+_PREDEFINED_SPLITS_COCO_PANOPTIC_WITH_SEM_SEG = {
+    "coco_2017_train_panoptic_with_sem_seg": (
+        "coco/train2017",
+        "coco/panoptic_train2017",
+        "coco/annotations/panoptic_train2017.json",
+        "coco/panoptic_semseg_train2017",
+        "coco/annotations/instances_train2017.json",
+    ),
+    "coco_2017_val_panoptic_with_sem_seg": (
+        "coco/val2017",
+        "coco/panoptic_val2017",
+        "coco/annotations/panoptic_val2017.json",
+        "coco/panoptic_semseg_val2017",
+        "coco/annotations/instances_val2017.json",
+    ),
+}
+
+
+def _ordered(categories: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    # Stable: things keep their relative order, then stuff keeps its own.
+    return [c for c in categories if c.get("isthing", 0)] + [c for c in categories if not c.get("isthing", 0)]
+
+
+def contiguous_id_map(categories: Sequence[Dict[str, Any]]) -> Dict[int, int]:
+    """Dataset category id -> contiguous id in ``[0, #categories)`` (things first)."""
+    return {int(c["id"]): i for i, c in enumerate(_ordered(categories))}
+
+
+def coco_panoptic_metadata(categories: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """Mask2Former-style metadata for panoptic categories ``[{id, name, isthing, color}]``.
+
+    ``thing_classes``/``thing_colors`` list only things; ``stuff_classes``/``stuff_colors`` list
+    every category (Mask2Former's convention, so that ``SemSegEvaluator`` sees all classes);
+    ``thing_dataset_id_to_contiguous_id`` maps things, ``stuff_dataset_id_to_contiguous_id`` maps all.
+    """
+    ordered = _ordered(categories)
+    id_map = contiguous_id_map(categories)
+    rng = np.random.RandomState(0)  # deterministic colours where a category has none
+    colors = [
+        list(c["color"]) if "color" in c else [int(v) for v in rng.randint(0, 256, size=3)] for c in ordered
+    ]
+    things = [i for i, c in enumerate(ordered) if c.get("isthing", 0)]
+    return {
+        "thing_classes": [ordered[i]["name"] for i in things],
+        "thing_colors": [colors[i] for i in things],
+        "stuff_classes": [c["name"] for c in ordered],
+        "stuff_colors": colors,
+        "thing_dataset_id_to_contiguous_id": {
+            int(ordered[i]["id"]): id_map[int(ordered[i]["id"])] for i in things
+        },
+        "stuff_dataset_id_to_contiguous_id": dict(id_map),
+    }
+
+
+def panoptic_to_semantic(
+    pan_ids: np.ndarray, segments_info: Sequence[Dict[str, Any]], id_map: Dict[int, int]
+) -> np.ndarray:
+    """Semantic label map (uint8, 255 = unlabeled) from a panoptic id map (``rgb2id`` output).
+
+    ``segments_info`` carries *dataset* category ids; crowd segments keep their class, as in
+    Mask2Former's semantic annotations.
+    """
+    sem = np.full(pan_ids.shape, IGNORE_LABEL, dtype=np.uint8)
+    for seg in segments_info:
+        sem[pan_ids == seg["id"]] = id_map[int(seg["category_id"])]
+    return sem
+
+
+class _FileIndex:
+    """Existence checks by one ``listdir`` per folder: ``isfile`` on 2 x 118k COCO files is slow."""
+
+    def __init__(self) -> None:
+        self._dirs: Dict[str, frozenset] = {}
+
+    def exists(self, path: str) -> bool:
+        folder, base = os.path.split(path)
+        if folder not in self._dirs:
+            self._dirs[folder] = frozenset(os.listdir(folder)) if os.path.isdir(folder) else frozenset()
+        return base in self._dirs[folder]
+
+
+def _require_dir(path: str, what: str) -> None:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{what} folder not found: {path}")
+
+
+def read_annotation_json(json_file: str) -> Any:
+    """``json.load`` with errors that name the file (missing -> FileNotFoundError, bad -> ValueError)."""
+    if not os.path.isfile(json_file):
+        raise FileNotFoundError(f"COCO-panoptic annotation file not found: {json_file}")
+    try:
+        with open(json_file) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{json_file}: not a valid JSON file ({e})") from e
+
+
+def load_coco_panoptic_json(
+    json_file: str,
+    image_dir: str,
+    gt_dir: str,
+    semseg_dir: Optional[str],
+    meta: Dict[str, Any],
+) -> List[Dict[str, Any]]:
+    """Read a COCO-panoptic json into Detectron2 dataset dicts, validating every file it names.
+
+    Returns dicts with ``file_name``, ``image_id``, ``pan_seg_file_name``, ``segments_info``
+    (``category_id`` contiguous, ``isthing`` added), ``sem_seg_file_name`` (when ``semseg_dir``)
+    and ``height``/``width`` (when the json lists them).
+
+    Raises:
+        FileNotFoundError: the json, a folder, an image or a PNG is missing (the path is named).
+        ValueError: the json is not valid COCO-panoptic (the file and the image id are named).
+    """
+    info = read_annotation_json(json_file)
+    _require_dir(image_dir, "Image")
+    _require_dir(gt_dir, "Panoptic PNG")
+    if semseg_dir:
+        _require_dir(semseg_dir, "Semantic PNG")
+
+    if not isinstance(info, dict) or not isinstance(info.get("annotations"), list):
+        raise ValueError(f"{json_file}: expected a COCO-panoptic json object with an 'annotations' list")
+
+    thing_map = meta["thing_dataset_id_to_contiguous_id"]
+    stuff_map = meta["stuff_dataset_id_to_contiguous_id"]
+    # The json's own images list names the image files; fall back to COCO's "<png stem>.jpg".
+    images = {}
+    for img in info.get("images", []) or []:
+        if isinstance(img, dict) and "id" in img and "file_name" in img:
+            images[img["id"]] = img
+
+    files = _FileIndex()
+    ret = []
+    for k, ann in enumerate(info["annotations"]):
+        where = f"annotation #{k}" + (
+            f" (image_id={ann['image_id']!r})" if isinstance(ann, dict) and "image_id" in ann else ""
+        )
+        if not isinstance(ann, dict):
+            raise ValueError(f"{json_file}: {where} is not an object")
+        for key in ("image_id", "file_name", "segments_info"):
+            if key not in ann:
+                raise ValueError(f"{json_file}: {where} has no '{key}' key")
+        image_id = ann["image_id"]
+        img = images.get(image_id)
+        image_name = img["file_name"] if img else os.path.splitext(ann["file_name"])[0] + ".jpg"
+        record: Dict[str, Any] = {
+            "file_name": os.path.join(image_dir, image_name),
+            "image_id": image_id,
+            "pan_seg_file_name": os.path.join(gt_dir, ann["file_name"]),
+        }
+        if img and "height" in img and "width" in img:
+            record["height"], record["width"] = int(img["height"]), int(img["width"])
+        if semseg_dir:
+            record["sem_seg_file_name"] = os.path.join(semseg_dir, ann["file_name"])
+        for key in ("file_name", "pan_seg_file_name", "sem_seg_file_name"):
+            if key in record and not files.exists(record[key]):
+                raise FileNotFoundError(f"{record[key]} not found (listed for {where} in {json_file})")
+
+        if not isinstance(ann["segments_info"], list):
+            raise ValueError(f"{json_file}: {where}: 'segments_info' is not a list")
+        segments = []
+        for seg in ann["segments_info"]:
+            if not isinstance(seg, dict) or "id" not in seg or "category_id" not in seg:
+                raise ValueError(f"{json_file}: {where} has a segment without 'id'/'category_id': {seg!r}")
+            cat = seg["category_id"]
+            seg = dict(seg)
+            if cat in thing_map:
+                seg["category_id"], seg["isthing"] = thing_map[cat], True
+            elif cat in stuff_map:
+                seg["category_id"], seg["isthing"] = stuff_map[cat], False
+            else:
+                raise ValueError(
+                    f"{json_file}: {where}, segment id {seg['id']}: category_id {cat!r} is not one of the "
+                    f"dataset's categories {sorted(stuff_map)}"
+                )
+            seg.setdefault("iscrowd", 0)
+            segments.append(seg)
+        record["segments_info"] = segments
+        ret.append(record)
+    if not ret:
+        raise ValueError(f"{json_file}: 'annotations' is empty")
+    return ret
+
+
+def register_coco_panoptic_dataset(
+    name: str,
+    metadata: Dict[str, Any],
+    image_root: str,
+    panoptic_root: str,
+    panoptic_json: str,
+    sem_seg_root: Optional[str] = None,
+    instances_json: Optional[str] = None,
+    *,
+    overwrite: bool = False,
+) -> None:
+    """Register a COCO-panoptic-format folder as ``name`` (Mask2Former's ``_with_sem_seg`` form).
+
+    Args:
+        metadata: from :func:`coco_panoptic_metadata` (class names, colours, id maps).
+        sem_seg_root: semantic PNGs (contiguous ids, 255 = void) for ``SemSegEvaluator``; optional.
+        instances_json: COCO instances json of the things for ``COCOEvaluator`` (AP); optional.
+        overwrite: replace an existing registration of ``name`` (tests re-register freely).
+
+    Nothing is read until ``DatasetCatalog.get(name)``.
+    """
+    if overwrite and name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(
+        name,
+        lambda: load_coco_panoptic_json(panoptic_json, image_root, panoptic_root, sem_seg_root, metadata),
+    )
+    extra: Dict[str, Any] = {}
+    if sem_seg_root:
+        extra["sem_seg_root"] = sem_seg_root
+    if instances_json:
+        extra["json_file"] = instances_json  # COCOEvaluator reads ground truth from json_file
+    MetadataCatalog.get(name).set(
+        panoptic_root=panoptic_root,
+        image_root=image_root,
+        panoptic_json=panoptic_json,
+        evaluator_type="coco_panoptic_seg",
+        ignore_label=IGNORE_LABEL,
+        label_divisor=LABEL_DIVISOR,
+        **extra,
+        **metadata,
+    )
+
+
+def register_all_coco_panoptic_with_sem_seg(root: str) -> None:
+    """Register ``coco_2017_{train,val}_panoptic_with_sem_seg`` under ``root`` (idempotent)."""
+    metadata = coco_panoptic_metadata(COCO_CATEGORIES)
+    for name, (
+        image_root,
+        pan_root,
+        pan_json,
+        sem_root,
+        inst_json,
+    ) in _PREDEFINED_SPLITS_COCO_PANOPTIC_WITH_SEM_SEG.items():
+        if name in DatasetCatalog.list():
+            continue
+        register_coco_panoptic_dataset(
+            name,
+            metadata,
+            os.path.join(root, image_root),
+            os.path.join(root, pan_root),
+            os.path.join(root, pan_json),
+            os.path.join(root, sem_root),
+            os.path.join(root, inst_json),
+        )
+
+
+_root = os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
+register_all_coco_panoptic_with_sem_seg(_root)

@@ -1,0 +1,225 @@
+"""RefCOCO / RefCOCO+ / RefCOCOg in the ``refer`` layout used by LISA and X-SAM.
+
+On disk (``$DETECTRON2_DATASETS``, default ``./datasets``)::
+
+    refer_seg/
+      refcoco/instances.json   refcoco/refs(unc).p
+      refcoco+/instances.json  refcoco+/refs(unc).p
+      refcocog/instances.json  refcocog/refs(umd).p
+      images/mscoco/images/train2014/COCO_train2014_XXXXXXXXXXXX.jpg
+
+Evaluation follows LISA / X-SAM: every sentence of every ref is its own sample, so the
+loader returns one dataset dict per expression.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+from typing import Any, Dict, List, Optional
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "REFER_SPLITS",
+    "load_refer_dataset",
+    "refer_image_root",
+    "refs_file_name",
+    "register_refer_dataset",
+    "register_all_refer",
+]
+
+# (dataset folder, split_by) -> splits, as published with the `refer` toolkit.
+REFER_SPLITS: Dict[tuple, tuple] = {
+    ("refcoco", "unc"): ("train", "val", "testA", "testB"),
+    ("refcoco+", "unc"): ("train", "val", "testA", "testB"),
+    ("refcocog", "umd"): ("train", "val", "test"),
+}
+
+
+def refs_file_name(split_by: str) -> str:
+    """Name of the refs pickle for a partition scheme, e.g. ``refs(unc).p``."""
+    return f"refs({split_by}).p"
+
+
+def refer_image_root(refer_root: str) -> str:
+    """Default image folder of the LISA layout (COCO train2014 images)."""
+    return os.path.join(refer_root, "images", "mscoco", "images", "train2014")
+
+
+def _load_instances(path: str) -> Dict[str, Any]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"refer dataset: instances file not found: {path} (expected COCO-style json)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"refer dataset: {path} is not valid JSON: {e}") from e
+    for key in ("images", "annotations"):
+        if not isinstance(data, dict) or not isinstance(data.get(key), list):
+            raise ValueError(f"refer dataset: {path} has no '{key}' list (expected COCO instances json)")
+    return data
+
+
+def _load_refs(path: str) -> List[Dict[str, Any]]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"refer dataset: refs file not found: {path} "
+                                "(expected a pickled list of refs)")
+    try:
+        try:
+            with open(path, "rb") as f:
+                refs = pickle.load(f)
+        except UnicodeDecodeError:
+            # The published pickles come from Python 2; a non-ASCII py2 `str` needs an explicit codec.
+            with open(path, "rb") as f:
+                refs = pickle.load(f, encoding="latin1")
+    except Exception as e:  # unpickling a corrupt file can raise nearly anything
+        raise ValueError(f"refer dataset: cannot unpickle {path}: {e}") from e
+    if not isinstance(refs, list):
+        raise ValueError(f"refer dataset: {path} must hold a list of refs, got {type(refs).__name__}")
+    return refs
+
+
+def _sentence_text(sent: Any) -> Optional[str]:
+    # `sent` is the lower-cased tokenised text that LISA / X-SAM feed the model; `raw` is the fallback.
+    if not isinstance(sent, dict):
+        return None
+    for key in ("sent", "raw"):
+        text = sent.get(key)
+        if isinstance(text, str) and text.strip():
+            return text.strip()
+    return None
+
+
+def load_refer_dataset(
+    refer_root: str,
+    dataset: str,
+    split_by: str,
+    split: str,
+    image_root: Optional[str] = None,
+) -> List[Dict[str, Any]]:
+    """Load one split of a refer-format dataset as one dict per referring expression.
+
+    Args:
+        refer_root: folder holding ``{dataset}/instances.json`` and ``{dataset}/refs({split_by}).p``.
+        dataset: ``"refcoco"``, ``"refcoco+"``, ``"refcocog"`` or any folder of the same format.
+        split_by: partition scheme (``"unc"``, ``"umd"``, ``"google"``).
+        split: ``ref["split"]`` value to keep (``"train"``, ``"val"``, ``"testA"`` ...).
+        image_root: image folder; defaults to ``refer_root/images/mscoco/images/train2014``.
+
+    Returns:
+        dicts with ``file_name, height, width, image_id, ref_id, ann_id, sent_id, expression,
+        task="referring", segmentation, category_id, split``.
+    """
+    image_root = image_root or refer_image_root(refer_root)
+    inst_path = os.path.join(refer_root, dataset, "instances.json")
+    refs_path = os.path.join(refer_root, dataset, refs_file_name(split_by))
+    data = _load_instances(inst_path)
+    refs = _load_refs(refs_path)
+    if not os.path.isdir(image_root):
+        raise FileNotFoundError(f"refer dataset: image folder not found: {image_root}")
+
+    images = {img["id"]: img for img in data["images"] if isinstance(img, dict) and "id" in img}
+    anns = {ann["id"]: ann for ann in data["annotations"] if isinstance(ann, dict) and "id" in ann}
+
+    dataset_dicts: List[Dict[str, Any]] = []
+    split_refs = [r for r in refs if isinstance(r, dict) and r.get("split") == split]
+    if not split_refs:
+        present = sorted({str(r.get("split")) for r in refs if isinstance(r, dict)})
+        raise ValueError(f"refer dataset: split '{split}' has no refs in {refs_path} "
+                         f"(splits present: {present})")
+
+    for ref in split_refs:
+        ref_id = ref.get("ref_id")
+        ann_id = ref.get("ann_id")
+        ann = anns.get(ann_id)
+        if ann is None:
+            raise ValueError(f"refer dataset: ref_id={ref_id} in {refs_path} points to ann_id={ann_id}, "
+                             f"which is not in {inst_path}")
+        segm = ann.get("segmentation")
+        if not segm:  # None, [] or {} are all unusable ground truth
+            raise ValueError(f"refer dataset: annotation id={ann_id} in {inst_path} (ref_id={ref_id}) "
+                             "has no segmentation")
+        image_id = ann.get("image_id", ref.get("image_id"))
+        if ref.get("image_id") is not None and ref["image_id"] != image_id:
+            raise ValueError(f"refer dataset: ref_id={ref_id} in {refs_path} has image_id={ref['image_id']} "
+                             f"but its ann_id={ann_id} in {inst_path} has image_id={image_id}")
+        img = images.get(image_id)
+        if img is None:
+            raise ValueError(f"refer dataset: image id={image_id} (ref_id={ref_id}, ann_id={ann_id}) "
+                             f"is not in the images of {inst_path}")
+        for key in ("file_name", "height", "width"):
+            if key not in img:
+                raise ValueError(f"refer dataset: image id={image_id} in {inst_path} has no '{key}'")
+        sentences = ref.get("sentences")
+        if not isinstance(sentences, list) or not sentences:
+            raise ValueError(f"refer dataset: ref_id={ref_id} in {refs_path} has no sentences")
+        # Build the shared part once; every sentence of a ref refers to the same object.
+        base = {
+            "file_name": os.path.join(image_root, img["file_name"]),
+            "height": int(img["height"]),
+            "width": int(img["width"]),
+            "image_id": image_id,
+            "ref_id": ref_id,
+            "ann_id": ann_id,
+            "task": "referring",
+            "segmentation": segm,
+            "category_id": ann.get("category_id", ref.get("category_id")),
+            "split": split,
+        }
+        for i, sent in enumerate(sentences):
+            text = _sentence_text(sent)
+            sent_id = sent.get("sent_id") if isinstance(sent, dict) else None
+            if text is None:
+                raise ValueError(f"refer dataset: sentence {i} (sent_id={sent_id}) of ref_id={ref_id} "
+                                 f"in {refs_path} has no text")
+            dataset_dicts.append({**base, "sent_id": sent_id, "expression": text})
+
+    logger.info("Loaded %d expressions (%d refs) of %s/%s(%s) from %s",
+                len(dataset_dicts), len(split_refs), dataset, split, split_by, refs_path)
+    return dataset_dicts
+
+
+def register_refer_dataset(
+    name: str,
+    refer_root: str,
+    dataset: str,
+    split_by: str,
+    split: str,
+    image_root: Optional[str] = None,
+) -> None:
+    """Register a refer-format split under ``name``; files are read at ``DatasetCatalog.get`` time."""
+    image_root = image_root or refer_image_root(refer_root)
+    DatasetCatalog.register(
+        name, lambda: load_refer_dataset(refer_root, dataset, split_by, split, image_root)
+    )
+    MetadataCatalog.get(name).set(
+        evaluator_type="refer",
+        refer_root=refer_root,
+        refer_dataset=dataset,
+        split_by=split_by,
+        split=split,
+        image_root=image_root,
+        thing_classes=["object"],  # one condition per sample: the referred object is class 0
+    )
+
+
+def register_all_refer(root: str) -> List[str]:
+    """Register RefCOCO/+/g builtins (``refcoco_unc_val`` ...) under ``root/refer_seg``."""
+    refer_root = os.path.join(root, "refer_seg")
+    names = []
+    for (dataset, split_by), splits in REFER_SPLITS.items():
+        for split in splits:
+            name = f"{dataset}_{split_by}_{split}"
+            if name not in DatasetCatalog.list():  # re-import (e.g. importlib.reload) must not fail
+                register_refer_dataset(name, refer_root, dataset, split_by, split)
+            names.append(name)
+    return names
+
+
+_root = os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
+register_all_refer(_root)

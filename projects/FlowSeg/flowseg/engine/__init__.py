@@ -1,0 +1,12 @@
+"""Training pieces for ``train_net.py``: trainer, optimizer, evaluator wiring, loss/ckpt guards."""
+
+from .evaluation import build_evaluator, metrics_json_path, write_metrics_json  # noqa: F401
+from .hooks import (  # noqa: F401
+    CheckedAMPTrainer,
+    CheckedSimpleTrainer,
+    NonFiniteLossError,
+    SafePeriodicCheckpointer,
+    check_losses_finite,
+)
+from .optimizer import build_optimizer, get_flowseg_param_groups  # noqa: F401
+from .trainer import FlowSegTrainer, resolve_amp  # noqa: F401

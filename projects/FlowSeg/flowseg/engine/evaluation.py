@@ -1,0 +1,122 @@
+"""Evaluator wiring by dataset ``evaluator_type`` and the metrics-JSON files.
+
+* ``coco_panoptic_seg``: Detectron2's ``COCOPanopticEvaluator`` (PQ), ``COCOEvaluator`` (mask AP,
+  when the metadata's instances ``json_file`` exists) and ``SemSegEvaluator`` (mIoU, when the
+  ``sem_seg_root`` folder exists), each only if the model produces that output
+  (``MODEL.MASK_FORMER.TEST.{PANOPTIC,INSTANCE,SEMANTIC}_ON``);
+* ``refer`` / ``reason_seg``: FlowSeg's ``ReferringEvaluator`` / ``ReasoningEvaluator``;
+* ``sem_seg`` / ``coco``: Detectron2's ``SemSegEvaluator`` / ``COCOEvaluator``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Any, Dict, List, Mapping, Optional
+
+import numpy as np
+from detectron2.config import CfgNode
+from detectron2.data import MetadataCatalog
+from detectron2.evaluation import (
+    COCOEvaluator,
+    COCOPanopticEvaluator,
+    DatasetEvaluator,
+    DatasetEvaluators,
+    SemSegEvaluator,
+)
+
+__all__ = ["build_evaluator", "write_metrics_json", "metrics_json_path"]
+
+
+def build_evaluator(cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None) -> DatasetEvaluator:
+    """The evaluator(s) for ``dataset_name``, chosen by its metadata ``evaluator_type``."""
+    if output_folder is None:
+        output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+    meta = MetadataCatalog.get(dataset_name)
+    etype = meta.get("evaluator_type", None)
+    evaluators: List[DatasetEvaluator] = []
+    if etype == "coco_panoptic_seg":
+        test = cfg.MODEL.MASK_FORMER.TEST
+        if test.PANOPTIC_ON:
+            evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
+        json_file = meta.get("json_file", None)
+        if test.INSTANCE_ON and json_file and os.path.isfile(json_file):
+            # masks only: the paper reports mask AP; box AP of mask-derived boxes adds time, not insight
+            evaluators.append(
+                COCOEvaluator(dataset_name, tasks=("segm",), distributed=True, output_dir=output_folder)
+            )
+        sem_seg_root = meta.get("sem_seg_root", None)
+        if test.SEMANTIC_ON and sem_seg_root and os.path.isdir(sem_seg_root):
+            evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
+    elif etype == "refer":
+        from ..evaluation import ReferringEvaluator  # local: optional module, heavy deps
+
+        evaluators.append(ReferringEvaluator(dataset_name, output_dir=output_folder, distributed=True))
+    elif etype == "reason_seg":
+        from ..evaluation import ReasoningEvaluator
+
+        evaluators.append(ReasoningEvaluator(dataset_name, output_dir=output_folder, distributed=True))
+    elif etype == "sem_seg":
+        evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
+    elif etype == "coco":
+        evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder))
+    if not evaluators:
+        raise NotImplementedError(
+            f"no evaluator for dataset {dataset_name!r} with evaluator_type {etype!r} "
+            "(or every output it supports is switched off in MODEL.MASK_FORMER.TEST)"
+        )
+    return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
+
+
+def _jsonable(x: Any) -> Any:
+    # Evaluators return numpy scalars and NaN (e.g. PQ of an absent class); JSON has neither.
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def metrics_json_path(output_dir: str, dataset_name: Optional[str] = None) -> str:
+    """``OUTPUT_DIR/metrics.json`` (all data sets) or ``OUTPUT_DIR/metrics_<dataset>.json``."""
+    if dataset_name is None:
+        return os.path.join(output_dir, "metrics.json")
+    return os.path.join(output_dir, f"metrics_{re.sub(r'[^A-Za-z0-9_.+-]', '_', dataset_name)}.json")
+
+
+def write_metrics_json(
+    output_dir: str, results: Mapping[str, Mapping[str, Any]], iteration: Optional[int] = None
+) -> Dict[str, str]:
+    """Write ``metrics_<dataset>.json`` per data set and ``metrics.json`` with all; return the paths.
+
+    ``results`` maps data set -> the evaluator's result dict (e.g. ``{"panoptic_seg": {"PQ": ..}}``).
+    ``metrics.json`` is merged with an existing one, so evaluating data sets one at a time keeps all.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    paths = {}
+    for name, res in results.items():
+        payload = {"dataset": name, "iteration": iteration, "metrics": _jsonable(res)}
+        paths[name] = metrics_json_path(output_dir, name)
+        with open(paths[name], "w") as f:
+            json.dump(payload, f, indent=2)
+    all_path = metrics_json_path(output_dir)
+    merged: Dict[str, Any] = {}
+    if os.path.isfile(all_path):
+        try:
+            with open(all_path) as f:
+                merged = json.load(f).get("metrics", {})
+        except (json.JSONDecodeError, AttributeError):
+            merged = {}  # a broken earlier file is replaced, not fatal
+    merged.update({name: _jsonable(res) for name, res in results.items()})
+    with open(all_path, "w") as f:
+        json.dump({"iteration": iteration, "metrics": merged}, f, indent=2)
+    paths["all"] = all_path
+    return paths

@@ -1,0 +1,117 @@
+"""``FlowSegTrainer``: Detectron2's ``DefaultTrainer`` with FlowSeg's data, optimizer and evaluators.
+
+Differences from ``DefaultTrainer`` (everything else, incl. hooks, ``resume_or_load``, ETA printing
+by ``CommonMetricPrinter``, is Detectron2's):
+
+* train / test loaders use the mapper named by ``INPUT.DATASET_MAPPER_NAME`` / the test dataset
+  (:mod:`flowseg.data.build`);
+* :func:`flowseg.engine.build_optimizer` and :func:`flowseg.engine.build_evaluator`;
+* ``test`` writes ``OUTPUT_DIR/metrics_<dataset>.json`` and ``OUTPUT_DIR/metrics.json``;
+* a non-finite loss raises :class:`NonFiniteLossError` on every rank before the optimizer step
+  and the last checkpoint is kept (:mod:`flowseg.engine.hooks`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Optional
+
+import torch
+from detectron2.config import CfgNode
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import DefaultTrainer, hooks
+from detectron2.engine.train_loop import AMPTrainer
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage, has_event_storage
+
+from ..data.build import build_test_mapper, build_train_mapper
+from .evaluation import build_evaluator, write_metrics_json
+from .hooks import CheckedAMPTrainer, CheckedSimpleTrainer, NonFiniteLossError, SafePeriodicCheckpointer
+from .optimizer import build_optimizer
+
+__all__ = ["FlowSegTrainer", "resolve_amp"]
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_amp(cfg: CfgNode) -> CfgNode:
+    """Switch ``SOLVER.AMP`` off when training on CPU (Detectron2's AMPTrainer needs CUDA).
+
+    The configs enable AMP for GPU runs; a CPU run of the same config would otherwise stop with an
+    assertion. Modifies ``cfg`` (must be unfrozen) and returns it.
+    """
+    if cfg.SOLVER.AMP.ENABLED and (cfg.MODEL.DEVICE == "cpu" or not torch.cuda.is_available()):
+        logger.warning(
+            "SOLVER.AMP.ENABLED is ignored on CPU (MODEL.DEVICE=%s): training in float32.", cfg.MODEL.DEVICE
+        )
+        cfg.SOLVER.AMP.ENABLED = False
+    return cfg
+
+
+class FlowSegTrainer(DefaultTrainer):
+    """See the module docstring. ``train_net.Trainer`` subclasses it."""
+
+    def __init__(self, cfg: CfgNode) -> None:
+        super().__init__(cfg)
+        # Same model / loader / optimizer, in a loop that checks the loss on every rank.
+        old = self._trainer
+        if isinstance(old, AMPTrainer):
+            self._trainer = CheckedAMPTrainer(
+                old.model,
+                old.data_loader,
+                old.optimizer,
+                grad_scaler=old.grad_scaler,
+                precision=old.precision,
+            )
+        else:
+            self._trainer = CheckedSimpleTrainer(old.model, old.data_loader, old.optimizer)
+        old.concurrent_executor.shutdown(wait=False)
+
+    def build_hooks(self) -> List[hooks.HookBase]:
+        ret = super().build_hooks()
+        for i, h in enumerate(ret):
+            if type(h) is hooks.PeriodicCheckpointer:
+                ret[i] = SafePeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD)
+        return ret
+
+    def run_step(self) -> None:
+        try:
+            super().run_step()
+        except NonFiniteLossError as e:
+            last = self.checkpointer.get_checkpoint_file() or "none (no checkpoint saved yet)"
+            e.args = (f"{e.args[0]}\nLast checkpoint (kept): {last}",)
+            raise
+
+    @classmethod
+    def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode) -> Any:
+        return build_detection_train_loader(cfg, mapper=build_train_mapper(cfg))
+
+    @classmethod
+    def build_test_loader(cls, cfg: CfgNode, dataset_name: str) -> Any:
+        return build_detection_test_loader(cfg, dataset_name, mapper=build_test_mapper(cfg, dataset_name))
+
+    @classmethod
+    def build_evaluator(
+        cls, cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None
+    ) -> DatasetEvaluator:
+        return build_evaluator(cfg, dataset_name, output_folder)
+
+    @classmethod
+    def test(
+        cls, cfg: CfgNode, model: torch.nn.Module, evaluators: Optional[List[DatasetEvaluator]] = None
+    ) -> Dict:
+        results = super().test(cfg, model, evaluators)
+        names = list(cfg.DATASETS.TEST)
+        if comm.is_main_process() and cfg.TEST.SAVE_METRICS_JSON and names:
+            # DefaultTrainer.test unwraps a single data set's results; wrap them again by name.
+            per_dataset = {names[0]: results} if len(names) == 1 else dict(results)
+            # inside training (EvalHook) the storage knows the iteration; --eval-only has none
+            iteration = get_event_storage().iter if has_event_storage() else None
+            paths = write_metrics_json(cfg.OUTPUT_DIR, per_dataset, iteration)
+            logger.info(f"Metrics written to {paths['all']}")
+        return results

@@ -1,0 +1,294 @@
+"""LLM condition head: image + instruction → condition embeddings ``C`` and SEG embedding ``S``.
+
+Paper §3.1 "Language Model Processing" and A.2 (eq. 11); X-SAM's pooling convention (DESIGN §3):
+
+1. the instruction (``<p>…</p>``-marked phrases) and a teacher-forced answer containing ``<SEG>``
+   are tokenised (:mod:`.prompts`);
+2. the vanilla encoder's image tokens, projected by ``φ_vis``, replace the ``<image>`` placeholder
+   in the LLM's input embeddings;
+3. one LLM forward pass gives the last hidden states ``H``; the LM loss covers the answer tokens;
+4. ``C_k`` = mean of ``φ_llm(H_t)`` over the tokens ``t`` of span ``k`` from ``<p>`` to ``</p>``
+   (markers included); ``S = φ_llm(H_seg)`` at the ``<SEG>`` token.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from torch import nn
+
+from ..registry import CONDITION_HEAD_REGISTRY
+from .llm import LoraSettings, load_causal_lm, load_tokenizer, parse_dtype, setup_trainable
+from .projector import MLPProjector, pool_spans
+from .prompts import IGNORE_INDEX, EncodedPrompt, encode_sample, shift_position
+from .tokens import P_END, P_START, SEG, SpecialTokenIds, add_special_tokens, resize_token_embeddings
+from .vanilla_encoder import VanillaEncoder, build_vision_tower
+
+__all__ = ["LLMConditionHead"]
+
+
+@CONDITION_HEAD_REGISTRY.register()
+class LLMConditionHead(nn.Module):
+    """Condition head of FlowSeg (vanilla encoder + ``φ_vis`` + LLM (+LoRA) + ``φ_llm``).
+
+    ``forward(batched_inputs)`` takes Detectron2-style dicts with ``"image"`` (uint8 ``[3, H, W]``),
+    ``"task"`` (``"referring" | "reasoning" | "generic" | "conversation"``), ``"expression"`` or
+    ``"class_names"``, optional ``"prompt"`` / ``"answer"`` / ``"conversations"`` (see
+    :func:`.prompts.build_instruction`) and returns::
+
+        conditions      [B, K, hidden_dim]  K = most spans in the batch, zero-padded
+        condition_mask  [B, K] bool          True where a span exists
+        seg_embed       [B, hidden_dim]      zeros where the sample has no <SEG>
+        seg_mask        [B] bool
+        span_positions  list (per sample) of (start, end) positions in the LLM sequence
+        seg_positions   list (per sample) of the <SEG> position or None
+        loss_llm        scalar, mean CE over answer tokens (when training or compute_loss=True)
+        hidden_states, inputs_embeds, attention_mask, labels   (when return_hidden_states=True)
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        llm: nn.Module,
+        tokenizer,
+        hidden_dim: int,
+        vision_encoder: VanillaEncoder | None = None,
+        proj_hidden_dim: int = 0,
+        max_length: int = 512,
+        freeze_llm: bool = True,
+        lora: LoraSettings | None = None,
+        gradient_checkpointing: bool = False,
+    ):
+        """
+        Args:
+            llm: a ``transformers`` causal LM (not yet peft-wrapped).
+            tokenizer: its tokenizer; the special tokens are added here and the embeddings resized.
+            hidden_dim: decoder width (output of ``φ_llm``, 256 in the paper).
+            vision_encoder: image tower; ``None`` = text only (the ``<image>`` placeholder is dropped).
+            proj_hidden_dim: ``φ_llm``'s hidden width ``h`` (0 → ``D_llm``).
+            max_length: maximum number of text tokens per sample (image tokens not counted; ≤0: no limit).
+            freeze_llm: freeze the base LLM weights (LoRA and the new token rows still train).
+            lora: LoRA settings (``None`` or ``enabled=False``: no LoRA).
+            gradient_checkpointing: activation checkpointing in the LLM.
+        """
+        super().__init__()
+        self.tokenizer = tokenizer
+        new_tokens = add_special_tokens(tokenizer)
+        resize_token_embeddings(llm, tokenizer, new_tokens)
+        self.token_ids = SpecialTokenIds.from_tokenizer(tokenizer)
+        text_config = llm.config.get_text_config() if hasattr(llm.config, "get_text_config") else llm.config
+        self.llm_dim = int(text_config.hidden_size)
+        self._logit_softcap = getattr(text_config, "final_logit_softcapping", None)
+        # <image> is never a target nor an input row (image tokens replace it): only these three train.
+        trainable_rows = [self.token_ids.p_start, self.token_ids.p_end, self.token_ids.seg]
+        self.llm = setup_trainable(
+            llm,
+            freeze=freeze_llm,
+            lora=lora,
+            trainable_token_ids=trainable_rows,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        self.vision_encoder = vision_encoder
+        self.vis_projector = None
+        if vision_encoder is not None:
+            self.vis_projector = MLPProjector(vision_encoder.out_dim, self.llm_dim, self.llm_dim)
+        self.llm_projector = MLPProjector(self.llm_dim, int(proj_hidden_dim) or self.llm_dim, int(hidden_dim))
+        self.hidden_dim = int(hidden_dim)
+        self.max_length = int(max_length)
+
+    @classmethod
+    def from_config(cls, cfg) -> dict[str, Any]:
+        llm_cfg, enc_cfg = cfg.MODEL.LLM, cfg.MODEL.VANILLA_ENCODER
+        dtype = parse_dtype(llm_cfg.TORCH_DTYPE)
+        tokenizer = load_tokenizer(llm_cfg.TOKENIZER_PATH or llm_cfg.PATH)
+        llm = load_causal_lm(llm_cfg.PATH, llm_cfg.CONFIG, dtype)
+        vision = None
+        if enc_cfg.ENABLED:
+            vision = VanillaEncoder(
+                build_vision_tower(enc_cfg.PATH, enc_cfg.CONFIG, dtype),
+                image_size=enc_cfg.IMAGE_SIZE,
+                pixel_mean=enc_cfg.PIXEL_MEAN,
+                pixel_std=enc_cfg.PIXEL_STD,
+                freeze=enc_cfg.FREEZE,
+                input_format=cfg.INPUT.FORMAT,
+            )
+        lora = LoraSettings(
+            enabled=llm_cfg.LORA.ENABLED,
+            rank=llm_cfg.LORA.RANK,
+            alpha=llm_cfg.LORA.ALPHA,
+            dropout=llm_cfg.LORA.DROPOUT,
+            target_modules=list(llm_cfg.LORA.TARGET_MODULES),
+        )
+        return {
+            "llm": llm,
+            "tokenizer": tokenizer,
+            "hidden_dim": cfg.MODEL.MASK_FORMER.HIDDEN_DIM,
+            "vision_encoder": vision,
+            "proj_hidden_dim": llm_cfg.PROJ_HIDDEN_DIM,
+            "max_length": llm_cfg.MAX_LENGTH,
+            "freeze_llm": llm_cfg.FREEZE,
+            "lora": lora,
+            "gradient_checkpointing": llm_cfg.GRADIENT_CHECKPOINTING,
+        }
+
+    # ------------------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        return self.llm_projector[0].weight.device
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Special token → id."""
+        t = self.token_ids
+        return {P_START: t.p_start, P_END: t.p_end, SEG: t.seg, "<image>": t.image}
+
+    def encode(self, batched_inputs: Sequence[dict[str, Any]]) -> list[EncodedPrompt]:
+        """Tokenise each sample (text tokens only; image tokens are inserted in :meth:`forward`)."""
+        return [
+            encode_sample(
+                self.tokenizer,
+                x,
+                self.token_ids,
+                with_image=self.vision_encoder is not None,
+                max_length=self.max_length,
+            )
+            for x in batched_inputs
+        ]
+
+    def _decoder(self) -> nn.Module | None:
+        base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        return base.get_decoder() if hasattr(base, "get_decoder") else None
+
+    def _last_hidden(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # The decoder stack alone gives the (final-norm) last hidden states without materialising
+        # [B, L, vocab] logits or every layer's states; LoRA layers live inside it, so they apply.
+        decoder = self._decoder()
+        if decoder is not None:
+            out = decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
+            return out.last_hidden_state
+        out = self.llm(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        return out.hidden_states[-1]
+
+    def lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Next-token CE over positions whose target is an answer token (mean over those tokens).
+
+        Logits are computed for those positions only (the output embedding applied to their hidden
+        states), which is what the causal LM head does, minus ``[B, L, vocab]`` memory.
+        """
+        targets = labels[:, 1:]
+        valid = targets != IGNORE_INDEX
+        if not bool(valid.any()):
+            return hidden.sum() * 0.0
+        logits = self.llm.get_output_embeddings()(hidden[:, :-1][valid]).float()
+        if self._logit_softcap:
+            logits = torch.tanh(logits / self._logit_softcap) * self._logit_softcap
+        return F.cross_entropy(logits, targets[valid])
+
+    # ------------------------------------------------------------------------------ forward
+    def forward(
+        self,
+        batched_inputs: Sequence[dict[str, Any]],
+        *,
+        compute_loss: bool | None = None,
+        return_hidden_states: bool = False,
+    ) -> dict[str, Any]:
+        """See the class docstring. ``compute_loss`` defaults to ``self.training``."""
+        compute_loss = self.training if compute_loss is None else compute_loss
+        device = self.device
+        encoded = self.encode(batched_inputs)
+        embed = self.llm.get_input_embeddings()
+        lengths = [len(e.input_ids) for e in encoded]
+        flat_ids = torch.tensor([t for e in encoded for t in e.input_ids], dtype=torch.long, device=device)
+        text_embeds = embed(flat_ids).split(lengths)
+
+        image_tokens = None
+        if self.vision_encoder is not None:
+            try:
+                images = [x["image"] for x in batched_inputs]
+            except KeyError:
+                raise ValueError("the vanilla encoder is enabled but a sample has no 'image'") from None
+            image_tokens = self.vis_projector(self.vision_encoder(images)).to(text_embeds[0].dtype)
+
+        seqs, seq_labels, span_positions, seg_positions = [], [], [], []
+        for b, enc in enumerate(encoded):
+            emb = text_embeds[b]
+            lab = torch.tensor(enc.labels, dtype=torch.long, device=device)
+            n_img = 0
+            if enc.image_position is not None:
+                q, n_img = enc.image_position, image_tokens.shape[1]
+                emb = torch.cat([emb[:q], image_tokens[b], emb[q + 1 :]])
+                lab = torch.cat([lab[:q], lab.new_full((n_img,), IGNORE_INDEX), lab[q + 1 :]])
+            # Text positions after the placeholder move by n_img - 1 (see shift_position).
+            img_pos = enc.image_position
+            span_positions.append(
+                [(shift_position(s, img_pos, n_img), shift_position(e, img_pos, n_img)) for s, e in enc.spans]
+            )
+            seg = enc.seg_position
+            seg_positions.append(None if seg is None else shift_position(seg, img_pos, n_img))
+            seqs.append(emb)
+            seq_labels.append(lab)
+
+        # Right padding: positions 0..len-1 stay what the model would see for an unpadded sequence.
+        bsz, max_len = len(seqs), max(s.shape[0] for s in seqs)
+        inputs_embeds = seqs[0].new_zeros(bsz, max_len, seqs[0].shape[-1])
+        attention_mask = torch.zeros(bsz, max_len, dtype=torch.long, device=device)
+        labels = torch.full((bsz, max_len), IGNORE_INDEX, dtype=torch.long, device=device)
+        for b, (s, lab) in enumerate(zip(seqs, seq_labels)):
+            inputs_embeds[b, : s.shape[0]] = s
+            attention_mask[b, : s.shape[0]] = 1
+            labels[b, : s.shape[0]] = lab
+
+        hidden = self._last_hidden(inputs_embeds, attention_mask)
+
+        num_k = max((len(s) for s in span_positions), default=0)
+        proj_dtype = self.llm_projector[0].weight.dtype
+        conditions = hidden.new_zeros(bsz, num_k, self.hidden_dim, dtype=proj_dtype)
+        condition_mask = torch.zeros(bsz, num_k, dtype=torch.bool, device=device)
+        seg_embed = hidden.new_zeros(bsz, self.hidden_dim, dtype=proj_dtype)
+        seg_mask = torch.zeros(bsz, dtype=torch.bool, device=device)
+        cond_rows, seg_rows = [], []
+        for b in range(bsz):
+            spans, seg = span_positions[b], seg_positions[b]
+            points = [p for span in spans for p in span] + ([seg] if seg is not None else [])
+            if not points:
+                cond_rows.append(conditions[b])
+                seg_rows.append(seg_embed[b])
+                continue
+            # Project only the stretch that holds the spans and <SEG> (not the image tokens before it).
+            lo, hi = min(points), max(points)
+            proj = self.llm_projector(hidden[b, lo : hi + 1])
+            pooled = pool_spans(proj, [(s - lo, e - lo) for s, e in spans])
+            cond_rows.append(F.pad(pooled, (0, 0, 0, num_k - pooled.shape[0])))
+            condition_mask[b, : len(spans)] = True
+            if seg is not None:
+                seg_rows.append(proj[seg - lo])
+                seg_mask[b] = True
+            else:
+                seg_rows.append(seg_embed[b])
+        if bsz:
+            conditions = torch.stack(cond_rows)
+            seg_embed = torch.stack(seg_rows)
+
+        out: dict[str, Any] = {
+            "conditions": conditions,
+            "condition_mask": condition_mask,
+            "seg_embed": seg_embed,
+            "seg_mask": seg_mask,
+            "span_positions": span_positions,
+            "seg_positions": seg_positions,
+        }
+        if compute_loss:
+            out["loss_llm"] = self.lm_loss(hidden, labels)
+        if return_hidden_states:
+            out["hidden_states"], out["labels"] = hidden, labels
+            out["inputs_embeds"], out["attention_mask"] = inputs_embeds, attention_mask
+        return out

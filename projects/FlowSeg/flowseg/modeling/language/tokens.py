@@ -1,0 +1,99 @@
+"""Special tokens of FlowSeg's condition head (paper §3.1 "Language Model Processing").
+
+``<p>`` / ``</p>`` mark the referred phrase(s) in the instruction, ``<SEG>`` marks the
+segmentation output position in the answer, and ``<image>`` is the single placeholder whose
+position receives the vanilla encoder's image tokens.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+P_START = "<p>"
+P_END = "</p>"
+SEG = "<SEG>"
+IMAGE = "<image>"
+SPECIAL_TOKENS: tuple[str, ...] = (P_START, P_END, SEG, IMAGE)
+
+
+@dataclass(frozen=True)
+class SpecialTokenIds:
+    """Token ids of the four special tokens in one tokenizer."""
+
+    p_start: int
+    p_end: int
+    seg: int
+    image: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> SpecialTokenIds:
+        ids = {}
+        for name, tok in zip(("p_start", "p_end", "seg", "image"), SPECIAL_TOKENS):
+            tid = tokenizer.convert_tokens_to_ids(tok)
+            if tid is None or tid == tokenizer.unk_token_id:
+                raise ValueError(f"token {tok!r} is not in the tokenizer; call add_special_tokens() first")
+            ids[name] = int(tid)
+        return cls(**ids)
+
+
+def add_special_tokens(tokenizer, tokens: tuple[str, ...] = SPECIAL_TOKENS) -> list[str]:
+    """Add ``tokens`` to ``tokenizer`` as additional special tokens (never split, one id each).
+
+    Tokens the tokenizer already has (e.g. a tokenizer saved after FlowSeg training) are left
+    alone. Returns the tokens that were newly added.
+    """
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in tokens if t not in vocab]
+    if not missing:
+        return []
+    # transformers v5 renamed "additional_special_tokens" to "extra_special_tokens"; extend the
+    # existing list instead of replacing it (Qwen's tokenizer has its own extra tokens).
+    params = inspect.signature(tokenizer.add_special_tokens).parameters
+    if "replace_extra_special_tokens" in params:
+        tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+    else:  # transformers < 5
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": missing}, replace_additional_special_tokens=False
+        )
+    return missing
+
+
+def _init_rows_to_mean(weight: torch.Tensor, rows: list[int], num_old_rows: int) -> None:
+    # Mean of the pre-existing rows: a neutral starting point that keeps the new tokens' logits and
+    # embeddings in the distribution the LLM was trained on (random rows can dominate the softmax).
+    keep = torch.ones(num_old_rows, dtype=torch.bool, device=weight.device)
+    keep[[r for r in rows if r < num_old_rows]] = False
+    mean = weight[:num_old_rows][keep].float().mean(dim=0)
+    weight[rows] = mean.to(weight.dtype)
+
+
+@torch.no_grad()
+def resize_token_embeddings(model: nn.Module, tokenizer, new_tokens: list[str]) -> list[int]:
+    """Make ``model``'s embeddings fit ``tokenizer`` and initialise the rows of ``new_tokens``.
+
+    The input embedding matrix (and the output one, when it is not tied to the input one) is
+    resized to ``len(tokenizer)`` when it is too small; the rows of the newly added tokens are set
+    to the mean of the other rows. Models whose matrix is already larger than the tokenizer (Qwen
+    pads its vocabulary to a multiple of 128) are not resized, but the rows the new tokens land on
+    are still re-initialised. Returns the ids of ``new_tokens``.
+    """
+    inp = model.get_input_embeddings()
+    num_old_rows = inp.weight.shape[0]
+    if len(tokenizer) > num_old_rows:
+        # mean_resizing=False: we set the new rows ourselves (exact mean, also for pre-sized matrices).
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    ids = [int(tokenizer.convert_tokens_to_ids(t)) for t in new_tokens]
+    if not ids:
+        return ids
+    inp = model.get_input_embeddings()
+    _init_rows_to_mean(inp.weight, ids, num_old_rows)
+    out = model.get_output_embeddings()
+    if out is not None and out.weight is not inp.weight:
+        _init_rows_to_mean(out.weight, ids, num_old_rows)
+        if getattr(out, "bias", None) is not None:
+            _init_rows_to_mean(out.bias.unsqueeze(-1), ids, num_old_rows)
+    return ids

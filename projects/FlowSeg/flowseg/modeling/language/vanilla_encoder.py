@@ -1,0 +1,136 @@
+"""Vanilla (semantic) image encoder: a ``transformers`` vision tower, SigLIP2-so400m in the paper.
+
+The image pre-processing lives here (not in the data path) so that the dataset dict's uint8
+``"image"`` — at whatever size the segmentation mapper produced — is all the head needs: it is
+resized to ``IMAGE_SIZE`` x ``IMAGE_SIZE`` and normalised with ``PIXEL_MEAN`` / ``PIXEL_STD``
+(SigLIP's ``(x - 127.5) / 127.5`` by default).
+
+Two input conventions are handled:
+
+* fixed-resolution towers (``SiglipVisionModel``, also the fixed-res SigLIP2 checkpoints such as
+  ``siglip2-so400m-patch14-384``, and CLIP-like towers): ``pixel_values [B, 3, S, S]``, position
+  embeddings interpolated when ``S`` differs from the tower's ``image_size``;
+* SigLIP2 NaFlex towers (``Siglip2VisionModel``): the image is cut into ``S/p x S/p`` patches
+  flattened as ``(p, p, C)`` — the order of ``Siglip2ImageProcessor`` — with ``spatial_shapes``
+  ``(S/p, S/p)`` and an all-ones ``pixel_attention_mask`` (no padding patches).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def build_vision_tower(path: str = "", config: str = "", dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a vision tower from a local folder (``path``) or build it randomly from a config json.
+
+    A full image-text model (SigLIP / SigLIP2 / CLIP with a ``vision_config``) is reduced to its
+    ``.vision_model``.
+    """
+    from transformers import AutoConfig, AutoModel
+
+    if path:
+        model = AutoModel.from_pretrained(path, dtype=dtype)
+    elif config:
+        cfg = AutoConfig.from_pretrained(config)
+        if getattr(cfg, "vision_config", None) is not None:
+            cfg = cfg.vision_config
+        model = AutoModel.from_config(cfg, dtype=dtype)
+    else:
+        raise ValueError("MODEL.VANILLA_ENCODER needs PATH (pretrained folder) or CONFIG (config json)")
+    if getattr(model.config, "vision_config", None) is not None:
+        model = model.vision_model
+    return model
+
+
+class VanillaEncoder(nn.Module):
+    """Vision tower + pre-processing: list of uint8 ``[3, H, W]`` images → ``[B, N, D_vis]`` tokens."""
+
+    def __init__(
+        self,
+        tower: nn.Module,
+        image_size: int = 384,
+        pixel_mean: Sequence[float] = (127.5, 127.5, 127.5),
+        pixel_std: Sequence[float] = (127.5, 127.5, 127.5),
+        freeze: bool = True,
+        input_format: str = "RGB",
+    ):
+        super().__init__()
+        self.tower = tower
+        self.image_size = int(image_size)
+        mean = torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1)
+        std = torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1)
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_std", std, persistent=False)
+        # Detectron2 images are BGR unless INPUT.FORMAT says RGB; SigLIP was trained on RGB.
+        self.flip_channels = input_format.upper() == "BGR"
+        self.freeze = freeze
+        if freeze:
+            for p in self.tower.parameters():
+                p.requires_grad_(False)
+        params = inspect.signature(self.tower.forward).parameters
+        self.naflex = "spatial_shapes" in params
+        self._interpolate_kw = "interpolate_pos_encoding" in params
+        cfg = self.tower.config
+        self.patch_size = int(cfg.patch_size)
+        self.out_dim = int(cfg.hidden_size)
+        if self.image_size % self.patch_size:
+            raise ValueError(f"IMAGE_SIZE {self.image_size} is not a multiple of patch {self.patch_size}")
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        """Image tokens per image (fixed: every image is resized to ``IMAGE_SIZE``²)."""
+        return self.grid_size**2
+
+    def preprocess(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """uint8/float ``[C, H, W]`` images of any sizes → normalised ``[B, 3, S, S]`` float32."""
+        device = self.pixel_mean.device
+        out = []
+        for img in images:
+            x = img.to(device=device, dtype=torch.float32)
+            if x.dim() != 3 or x.shape[0] != 3:
+                raise ValueError(f"expected a [3, H, W] image, got shape {tuple(img.shape)}")
+            if self.flip_channels:
+                x = x.flip(0)
+            # antialias: down-scaling 1024-px inputs to 384 without it aliases badly.
+            x = F.interpolate(
+                x[None], size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
+                antialias=True,
+            )[0]
+            out.append((x - self.pixel_mean) / self.pixel_std)
+        return torch.stack(out)
+
+    def _patchify(self, x: torch.Tensor) -> torch.Tensor:
+        # [B, C, H, W] -> [B, gh*gw, p*p*C], patches row-major, pixels (p, p, C) like Siglip2ImageProcessor.
+        b, c, h, w = x.shape
+        p = self.patch_size
+        x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+        return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+    def forward(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        x = self.preprocess(images)
+        dtype = next(self.tower.parameters()).dtype
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
+            if self.naflex:
+                b, g = x.shape[0], self.grid_size
+                shapes = torch.tensor([[g, g]] * b, dtype=torch.long, device=x.device)
+                mask = torch.ones(b, g * g, dtype=torch.long, device=x.device)
+                out = self.tower(
+                    pixel_values=self._patchify(x).to(dtype), pixel_attention_mask=mask, spatial_shapes=shapes
+                )
+            else:
+                kwargs = {}
+                if self._interpolate_kw:
+                    kwargs["interpolate_pos_encoding"] = self.image_size != getattr(
+                        self.tower.config, "image_size", self.image_size
+                    )
+                out = self.tower(pixel_values=x.to(dtype), **kwargs)
+        return out.last_hidden_state

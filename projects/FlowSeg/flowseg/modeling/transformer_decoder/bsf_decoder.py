@@ -1,0 +1,492 @@
+"""Mask2Former's masked-attention decoder with Bidirectional Semantic Flow (FlowSeg §3.3).
+
+One decoder layer (Algorithm 1), every BSF part behind its own switch::
+
+    Q_vis   = MaskedCrossAttn(Q, F)                          # Mask2Former
+    Q_sem   = LN(MHA(Q_vis + pos_q, C, C))                   # eq. 1   (SR)
+    g       = sigmoid(W_g [Q_vis || Q_sem])                  # eq. 2   (SR)
+    Q_fused = g * Q_vis + (1 - g) * Q_sem                    # eq. 3   (SR; off: Q_fused = Q_vis)
+    Q_s     = SelfAttn(Q_fused)                              # eq. 4
+    C       = C + MHA(LN(C), Q_s + pos_q, Q_s)               # eq. 5   (CR; off: C unchanged)
+    Q       = FFN(Q_s)
+
+With both switches off the module *is* Mask2Former's ``MultiScaleMaskedTransformerDecoder``:
+same attribute names (an original ``sem_seg_head.predictor.*`` checkpoint loads unchanged),
+same computation, L+1 predictions (one before the first layer, one after each layer).
+
+Note on ``dec_layers``: here it is the number of decoder layers L (the paper's L = 9).
+Mask2Former's own ``from_config`` subtracts one from ``DEC_LAYERS`` (its yamls say 10 for 9
+layers); FlowSeg's config key already means L, so nothing is subtracted.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Dict, List, Optional, Tuple
+
+import fvcore.nn.weight_init as weight_init
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.layers import Conv2d
+from torch import Tensor, nn
+
+from ..registry import TRANSFORMER_DECODER_REGISTRY
+from .layers import (
+    MLP,
+    ConditionRefinementLayer,
+    CrossAttentionLayer,
+    FFNLayer,
+    SelfAttentionLayer,
+    SemanticCrossAttentionLayer,
+)
+
+__all__ = ["BSFTransformerDecoder", "PADDED_CONDITION_LOGIT"]
+
+logger = logging.getLogger(__name__)
+
+# Logit given to padded conditions: very negative but finite, so softmax / CE never see -inf - -inf.
+PADDED_CONDITION_LOGIT = -1e4
+_MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: exp(logit_scale) <= 100
+
+
+def _llm_configured(cfg) -> bool:
+    return bool(cfg.MODEL.LLM.PATH) or bool(cfg.MODEL.LLM.CONFIG)
+
+
+@TRANSFORMER_DECODER_REGISTRY.register()
+class BSFTransformerDecoder(nn.Module):
+    """Masked-attention transformer decoder with Bidirectional Semantic Flow.
+
+    Inputs of :meth:`forward`: 3 multi-scale pixel-decoder maps (1/32, 1/16, 1/8, in that order),
+    1/4-scale mask features, and optionally condition embeddings ``C`` [B,K,h] with a validity
+    mask [B,K] and a segmentation embedding ``S`` [B,h] (added to the initial queries).
+    """
+
+    _version = 2
+
+    @configurable
+    def __init__(
+        self,
+        in_channels: int,
+        mask_classification: bool = True,
+        *,
+        num_classes: int,
+        hidden_dim: int,
+        num_queries: int,
+        nheads: int,
+        dim_feedforward: int,
+        dec_layers: int,
+        pre_norm: bool,
+        mask_dim: int,
+        enforce_input_project: bool,
+        semantic_refinement: bool = False,
+        condition_refinement: bool = False,
+        visual_cross_attn_control: bool = False,
+        condition_logits: bool = False,
+        add_seg_embed_to_queries: bool = True,
+        logit_scale_init: float = math.log(1 / 0.07),
+    ) -> None:
+        """
+        Args:
+            in_channels: channels of the multi-scale input maps.
+            mask_classification: predict per-query logits (``pred_logits``) besides masks.
+            num_classes: classes of the learnable class head (``condition_logits=False``).
+            hidden_dim, num_queries, nheads, dim_feedforward, pre_norm, mask_dim,
+            enforce_input_project: as in Mask2Former.
+            dec_layers: number of decoder layers L (L+1 predictions are made).
+            semantic_refinement: SR, eq. 1-3 (queries read the conditions through a fusion gate).
+            condition_refinement: CR, eq. 5 (conditions read the queries).
+            visual_cross_attn_control: Table 11 control - the SR modules read the current level's
+                pixel-decoder features instead of C (same parameters as SR); needs
+                ``semantic_refinement=True`` and ``condition_refinement=False``.
+            condition_logits: logits = scaled cosine(query, condition) over K conditions plus a
+                no-object logit (referring mode, generic mode with an LLM) instead of ``class_embed``.
+            add_seg_embed_to_queries: ``Q(0) <- Q(0) + S`` when ``seg_embed`` is given (off: S is ignored).
+            logit_scale_init: initial value of the log-space logit scale (CLIP's ln(1/0.07)).
+        """
+        super().__init__()
+        if visual_cross_attn_control and not semantic_refinement:
+            raise ValueError("visual_cross_attn_control uses the SR modules: set semantic_refinement=True")
+        if visual_cross_attn_control and condition_refinement:
+            raise ValueError(
+                "visual_cross_attn_control is defined with condition_refinement=False (Table 11)"
+            )
+        if dec_layers < 1:
+            raise ValueError(f"dec_layers must be >= 1, got {dec_layers}")
+
+        # Imported here: the positional encoding lives in a sibling module owned by the pixel decoder.
+        from .position_encoding import PositionEmbeddingSine
+
+        self.mask_classification = mask_classification
+        self.semantic_refinement = semantic_refinement
+        self.condition_refinement = condition_refinement
+        self.visual_cross_attn_control = visual_cross_attn_control
+        self.condition_logits = condition_logits
+        self.add_seg_embed_to_queries = add_seg_embed_to_queries
+
+        self.pe_layer = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
+
+        self.num_heads = nheads
+        self.num_layers = dec_layers
+        self.transformer_self_attention_layers = nn.ModuleList()
+        self.transformer_cross_attention_layers = nn.ModuleList()
+        self.transformer_ffn_layers = nn.ModuleList()
+        for _ in range(dec_layers):
+            self.transformer_self_attention_layers.append(
+                SelfAttentionLayer(hidden_dim, nheads, dropout=0.0, normalize_before=pre_norm)
+            )
+            self.transformer_cross_attention_layers.append(
+                CrossAttentionLayer(hidden_dim, nheads, dropout=0.0, normalize_before=pre_norm)
+            )
+            self.transformer_ffn_layers.append(
+                FFNLayer(hidden_dim, dim_feedforward=dim_feedforward, dropout=0.0, normalize_before=pre_norm)
+            )
+
+        # BSF modules exist only when switched on, so that "all off" has exactly the baseline's parameters.
+        if semantic_refinement:
+            self.semantic_cross_attention_layers = nn.ModuleList(
+                SemanticCrossAttentionLayer(hidden_dim, nheads) for _ in range(dec_layers)
+            )
+            # W_g of eq. 2: [Q_vis || Q_sem] (2h) -> per-channel gate (h).
+            self.fusion_gates = nn.ModuleList(
+                nn.Linear(2 * hidden_dim, hidden_dim) for _ in range(dec_layers)
+            )
+            for gate in self.fusion_gates:
+                nn.init.xavier_uniform_(gate.weight)
+                nn.init.zeros_(gate.bias)  # g starts around 0.5: balanced visual / semantic mix
+        if condition_refinement:
+            self.condition_refinement_layers = nn.ModuleList(
+                ConditionRefinementLayer(hidden_dim, nheads) for _ in range(dec_layers)
+            )
+
+        self.decoder_norm = nn.LayerNorm(hidden_dim)
+
+        self.num_queries = num_queries
+        self.query_feat = nn.Embedding(num_queries, hidden_dim)  # learnable query features Q(0)
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)  # learnable query positional embedding
+
+        self.num_feature_levels = 3  # 1/32, 1/16, 1/8, visited round-robin
+        self.level_embed = nn.Embedding(self.num_feature_levels, hidden_dim)
+        self.input_proj = nn.ModuleList()
+        for _ in range(self.num_feature_levels):
+            if in_channels != hidden_dim or enforce_input_project:
+                self.input_proj.append(Conv2d(in_channels, hidden_dim, kernel_size=1))
+                weight_init.c2_xavier_fill(self.input_proj[-1])
+            else:
+                self.input_proj.append(nn.Sequential())
+
+        if mask_classification:
+            if condition_logits:
+                self.cond_query_proj = nn.Linear(hidden_dim, hidden_dim)
+                self.no_object_embed = nn.Linear(hidden_dim, 1)
+                self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
+            else:
+                self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
+
+    # ------------------------------------------------------------------ config
+    @classmethod
+    def from_config(cls, cfg, in_channels: int, mask_classification: bool) -> Dict[str, Any]:
+        mf = cfg.MODEL.MASK_FORMER
+        fs = cfg.MODEL.FLOWSEG
+        mode = fs.MODE
+        if mode not in ("generic", "referring"):
+            raise ValueError(f"MODEL.FLOWSEG.MODE must be 'generic' or 'referring', got {mode!r}")
+
+        sr = bool(fs.SEMANTIC_REFINEMENT)
+        cr = bool(fs.CONDITION_REFINEMENT)
+        visual = bool(fs.VISUAL_CROSS_ATTN_CONTROL)
+        has_llm = _llm_configured(cfg)
+        condition_logits = mode == "referring" or has_llm
+        if mode == "generic" and not has_llm:
+            # Stage-1 segmentor: there is no LLM, hence no conditions to flow.
+            if sr or cr or visual:
+                logger.info(
+                    "BSFTransformerDecoder: MODE='generic' without an LLM (MODEL.LLM.PATH and CONFIG empty): "
+                    "semantic/condition refinement switched off, class head = class_embed."
+                )
+            sr = cr = visual = False
+        if visual:
+            if cr:
+                logger.info(
+                    "BSFTransformerDecoder: VISUAL_CROSS_ATTN_CONTROL on -> CONDITION_REFINEMENT off."
+                )
+            if not sr:
+                logger.info(
+                    "BSFTransformerDecoder: VISUAL_CROSS_ATTN_CONTROL on -> SR modules read pixel features."
+                )
+            sr, cr = True, False
+
+        return {
+            "in_channels": in_channels,
+            "mask_classification": mask_classification,
+            "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+            "hidden_dim": mf.HIDDEN_DIM,
+            "num_queries": mf.NUM_OBJECT_QUERIES,
+            "nheads": mf.NHEADS,
+            "dim_feedforward": mf.DIM_FEEDFORWARD,
+            "dec_layers": mf.DEC_LAYERS,  # = L (no "-1": see the module docstring)
+            "pre_norm": mf.PRE_NORM,
+            "mask_dim": cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
+            "enforce_input_project": mf.ENFORCE_INPUT_PROJ,
+            "semantic_refinement": sr,
+            "condition_refinement": cr,
+            "visual_cross_attn_control": visual,
+            "condition_logits": condition_logits,
+            "add_seg_embed_to_queries": fs.ADD_SEG_EMBED_TO_QUERIES,
+            "logit_scale_init": fs.LOGIT_SCALE_INIT,
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # Early Mask2Former checkpoints (version < 2) call the query features "static_query".
+        version = local_metadata.get("version", None)
+        if version is None or version < 2:
+            old = prefix + "static_query.weight"
+            if old in state_dict:
+                state_dict[prefix + "query_feat.weight"] = state_dict.pop(old)
+                logger.warning(f"{type(self).__name__}: renamed old key 'static_query' -> 'query_feat'.")
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    # ------------------------------------------------------------------ heads
+    def needs_conditions(self) -> bool:
+        """Whether :meth:`forward` must be given ``conditions``."""
+        uses_c_inside = (
+            self.semantic_refinement and not self.visual_cross_attn_control
+        ) or self.condition_refinement
+        return uses_c_inside or (self.mask_classification and self.condition_logits)
+
+    def condition_class_logits(
+        self, query_embeds: Tensor, conditions: Tensor, condition_mask: Optional[Tensor] = None
+    ) -> Tensor:
+        """Logits over K conditions + no-object: ``exp(s) * cos(proj(q), c_k)`` and ``no_object_embed(q)``.
+
+        ``query_embeds`` [B,Q,h] (decoder_norm output), ``conditions`` [B,K,h], ``condition_mask``
+        [B,K] (True = valid). Returns [B,Q,K+1], no-object last; padded conditions get
+        ``PADDED_CONDITION_LOGIT``.
+        """
+        q = F.normalize(self.cond_query_proj(query_embeds), dim=-1)
+        c = F.normalize(conditions, dim=-1)
+        scale = self.logit_scale.clamp(max=_MAX_LOGIT_SCALE).exp()
+        logits = scale * torch.einsum("bqc,bkc->bqk", q, c)
+        if condition_mask is not None:
+            logits = logits.masked_fill(~condition_mask[:, None, :], PADDED_CONDITION_LOGIT)
+        return torch.cat([logits, self.no_object_embed(query_embeds)], dim=-1)
+
+    def forward_prediction_heads(
+        self,
+        output: Tensor,
+        mask_features: Tensor,
+        attn_mask_target_size: Optional[Tuple[int, int]],
+        conditions: Optional[Tensor] = None,
+        condition_mask: Optional[Tensor] = None,
+    ) -> Tuple[Optional[Tensor], Tensor, Optional[Tensor], Tensor]:
+        """Predictions from queries ``output`` [Q,B,h].
+
+        Returns ``(class logits or None, mask logits [B,Q,H,W], attention mask [B*heads,Q,h*w] for the
+        next layer (None if ``attn_mask_target_size`` is None), decoder_norm output [B,Q,h])``.
+        ``conditions`` are [B,K,h] (only read with condition logits).
+        """
+        decoder_output = self.decoder_norm(output).transpose(0, 1)
+        outputs_class = None
+        if self.mask_classification:
+            if self.condition_logits:
+                outputs_class = self.condition_class_logits(decoder_output, conditions, condition_mask)
+            else:
+                outputs_class = self.class_embed(decoder_output)
+        mask_embed = self.mask_embed(decoder_output)
+        outputs_mask = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
+
+        attn_mask = None
+        if attn_mask_target_size is not None:
+            # The mask is predicted at 1/4; the next cross-attention reads a coarser level.
+            m = F.interpolate(outputs_mask, size=attn_mask_target_size, mode="bilinear", align_corners=False)
+            # [B,Q,h,w] -> [B*heads,Q,h*w]; True = may NOT attend (outside the predicted foreground).
+            m = m.sigmoid().flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1) < 0.5
+            attn_mask = m.detach()
+        return outputs_class, outputs_mask, attn_mask, decoder_output
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        x: List[Tensor],
+        mask_features: Tensor,
+        mask: Optional[Tensor] = None,
+        conditions: Optional[Tensor] = None,
+        condition_mask: Optional[Tensor] = None,
+        seg_embed: Optional[Tensor] = None,
+        return_intermediates: bool = False,
+    ) -> Dict[str, Any]:
+        """
+        Args:
+            x: 3 maps [B,C_in,H_l,W_l] ordered 1/32, 1/16, 1/8 (the pixel decoder's multi-scale output).
+            mask_features: [B,mask_dim,H/4,W/4].
+            mask: unused (as in Mask2Former: padding is not masked in the decoder).
+            conditions: C(0) [B,K,h]; required when SR / CR / condition logits are on.
+            condition_mask: [B,K] bool, True = valid condition (default: all valid).
+            seg_embed: S [B,h]; ``Q(0) <- Q(0) + S``.
+            return_intermediates: also return ``gates``, ``conditions``, ``sem_attn``, ``cond_attn``.
+
+        Returns:
+            dict with ``pred_logits`` [B,Q,num_classes+1] or [B,Q,K+1] (None without mask
+            classification), ``pred_masks`` [B,Q,H/4,W/4], ``aux_outputs`` (the first L of the
+            L+1 predictions, each a dict of ``pred_logits``/``pred_masks``), ``query_embeds``
+            (final decoder_norm output [B,Q,h]); with ``return_intermediates``: ``gates`` (L x
+            [B,Q,h]), ``conditions`` (L+1 x [B,K,h], C(0)..C(L)), ``sem_attn`` (L x [B,Q,K], or
+            [B,Q,h*w] for the visual control), ``cond_attn`` (L x [B,K,Q]). Lists are empty for
+            switched-off parts.
+        """
+        del mask  # Mask2Former does not mask padding in the decoder either
+        if len(x) != self.num_feature_levels:
+            raise ValueError(f"expected {self.num_feature_levels} feature levels, got {len(x)}")
+        if conditions is None and self.needs_conditions():
+            raise ValueError(
+                "BSFTransformerDecoder: conditions are required (semantic_refinement="
+                f"{self.semantic_refinement}, condition_refinement={self.condition_refinement}, "
+                f"condition_logits={self.condition_logits}); pass conditions=[B,K,hidden] "
+                "or switch these off."
+            )
+
+        src: List[Tensor] = []
+        pos: List[Tensor] = []
+        size_list: List[Tuple[int, int]] = []
+        for i in range(self.num_feature_levels):
+            size_list.append(tuple(x[i].shape[-2:]))
+            # [B,C,H,W] -> [HW,B,C]
+            pos.append(self.pe_layer(x[i], None).flatten(2).permute(2, 0, 1))
+            src.append(
+                (self.input_proj[i](x[i]).flatten(2) + self.level_embed.weight[i][None, :, None]).permute(
+                    2, 0, 1
+                )
+            )
+        bs = src[0].shape[1]
+
+        query_embed = self.query_embed.weight.unsqueeze(1).repeat(1, bs, 1)  # [Q,B,h]
+        output = self.query_feat.weight.unsqueeze(1).repeat(1, bs, 1)
+        if seg_embed is not None and self.add_seg_embed_to_queries:
+            output = output + seg_embed.unsqueeze(0)  # Q(0) <- Q(0) + S (paper §3.1)
+
+        cond_seq = None  # C in [K,B,h] (sequence-first, like the queries)
+        valid = condition_mask
+        key_padding_mask = None
+        has_condition = None
+        all_have_condition = True
+        if conditions is not None:
+            cond_seq = conditions.transpose(0, 1)
+            if valid is None:
+                valid = torch.ones(conditions.shape[:2], dtype=torch.bool, device=conditions.device)
+            valid = valid.to(torch.bool)
+            has_condition = valid.any(dim=1)  # [B]
+            # A sample without any valid condition would make the softmax all -inf (NaN): unmask it
+            # here and discard its semantic branch below (Q_fused = Q_vis).
+            key_padding_mask = ~valid & has_condition[:, None]
+            all_have_condition = bool(has_condition.all())  # one host sync, not one per layer
+
+        def cond_batch_first() -> Optional[Tensor]:
+            return None if cond_seq is None else cond_seq.transpose(0, 1)
+
+        inter: Dict[str, List[Tensor]] = {"gates": [], "conditions": [], "sem_attn": [], "cond_attn": []}
+        if return_intermediates and cond_seq is not None:
+            inter["conditions"].append(cond_batch_first())
+
+        predictions_class: List[Optional[Tensor]] = []
+        predictions_mask: List[Tensor] = []
+        outputs_class, outputs_mask, attn_mask, _ = self.forward_prediction_heads(
+            output, mask_features, size_list[0], cond_batch_first(), valid
+        )
+        predictions_class.append(outputs_class)
+        predictions_mask.append(outputs_mask)
+
+        for i in range(self.num_layers):
+            level_index = i % self.num_feature_levels
+            # A query whose mask covers nothing would attend to nothing: let it attend everywhere.
+            attn_mask = attn_mask & ~attn_mask.all(dim=-1, keepdim=True)
+
+            q_vis = self.transformer_cross_attention_layers[i](
+                output,
+                src[level_index],
+                memory_mask=attn_mask,
+                memory_key_padding_mask=None,  # padded pixels are not masked (as in Mask2Former)
+                pos=pos[level_index],
+                query_pos=query_embed,
+            )
+
+            if self.semantic_refinement:
+                if self.visual_cross_attn_control:
+                    memory, memory_pos, memory_kpm = src[level_index], pos[level_index], None
+                else:
+                    memory, memory_pos, memory_kpm = cond_seq, None, key_padding_mask
+                q_sem, sem_w = self.semantic_cross_attention_layers[i](
+                    q_vis,
+                    memory,
+                    memory_key_padding_mask=memory_kpm,
+                    pos=memory_pos,
+                    query_pos=query_embed,
+                    need_weights=return_intermediates,
+                )
+                gate = torch.sigmoid(self.fusion_gates[i](torch.cat([q_vis, q_sem], dim=-1)))  # eq. 2
+                q_fused = gate * q_vis + (1.0 - gate) * q_sem  # eq. 3
+                if not self.visual_cross_attn_control and not all_have_condition:
+                    q_fused = torch.where(has_condition[None, :, None], q_fused, q_vis)
+                if return_intermediates:
+                    inter["gates"].append(gate.transpose(0, 1))
+                    inter["sem_attn"].append(sem_w)
+            else:
+                q_fused = q_vis
+
+            q_s = self.transformer_self_attention_layers[i](
+                q_fused, tgt_mask=None, tgt_key_padding_mask=None, query_pos=query_embed
+            )  # eq. 4
+
+            if self.condition_refinement:
+                cond_seq, cond_w = self.condition_refinement_layers[i](
+                    cond_seq,
+                    q_s,
+                    query_pos=query_embed,
+                    condition_valid=valid,
+                    need_weights=return_intermediates,
+                )  # eq. 5
+                if return_intermediates:
+                    inter["cond_attn"].append(cond_w)
+            if return_intermediates and cond_seq is not None:
+                inter["conditions"].append(cond_batch_first())
+
+            output = self.transformer_ffn_layers[i](q_s)
+
+            last = i == self.num_layers - 1
+            outputs_class, outputs_mask, attn_mask, decoder_output = self.forward_prediction_heads(
+                output,
+                mask_features,
+                None if last else size_list[(i + 1) % self.num_feature_levels],
+                cond_batch_first(),  # prediction l is matched against C(l) (deep supervision per layer)
+                valid,
+            )
+            predictions_class.append(outputs_class)
+            predictions_mask.append(outputs_mask)
+
+        out: Dict[str, Any] = {
+            "pred_logits": predictions_class[-1],
+            "pred_masks": predictions_mask[-1],
+            "aux_outputs": self._set_aux_loss(predictions_class, predictions_mask),
+            "query_embeds": decoder_output,
+        }
+        if return_intermediates:
+            out.update(inter)
+        return out
+
+    @torch.jit.unused
+    def _set_aux_loss(
+        self, outputs_class: List[Optional[Tensor]], outputs_seg_masks: List[Tensor]
+    ) -> List[Dict[str, Tensor]]:
+        if self.mask_classification:
+            return [
+                {"pred_logits": a, "pred_masks": b}
+                for a, b in zip(outputs_class[:-1], outputs_seg_masks[:-1])
+            ]
+        return [{"pred_masks": b} for b in outputs_seg_masks[:-1]]

@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""Train / evaluate FlowSeg with Detectron2's ``DefaultTrainer``.
+
+    python projects/FlowSeg/train_net.py --config-file configs/flowseg_coco_panoptic.yaml --num-gpus 8
+    python projects/FlowSeg/train_net.py --config-file ... --eval-only MODEL.WEIGHTS model_final.pth
+    python projects/FlowSeg/train_net.py --config-file ... --resume          # continue OUTPUT_DIR
+    # multi-node: --num-machines 2 --machine-rank {0,1} --dist-url tcp://HOST:PORT
+
+The pieces live in :mod:`flowseg.engine` (optimizer, evaluators, metrics JSON, NaN guards); this
+file only wires them into ``Trainer``. Evaluation results are also written to
+``OUTPUT_DIR/metrics.json`` and ``OUTPUT_DIR/metrics_<dataset>.json``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from typing import Any, Dict, List, Optional
+
+if importlib.util.find_spec("flowseg") is None:  # a checkout without `pip install -e .`
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import flowseg  # noqa: F401,E402  (registers FlowSeg's models, datasets and mappers)
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode, get_cfg
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.evaluation import DatasetEvaluator, verify_results
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+from flowseg import add_flowseg_config
+from flowseg.engine import FlowSegTrainer, build_evaluator, build_optimizer, resolve_amp
+
+
+class Trainer(FlowSegTrainer):
+    """``DefaultTrainer`` for FlowSeg; override these to customise a run."""
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode) -> Any:
+        # mapper chosen by INPUT.DATASET_MAPPER_NAME (flowseg.data.build.MAPPER_REGISTRY)
+        return super().build_train_loader(cfg)
+
+    @classmethod
+    def build_test_loader(cls, cfg: CfgNode, dataset_name: str) -> Any:
+        # mapper chosen by the dataset's evaluator_type (panoptic / referring / reasoning)
+        return super().build_test_loader(cfg, dataset_name)
+
+    @classmethod
+    def build_evaluator(
+        cls, cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None
+    ) -> DatasetEvaluator:
+        return build_evaluator(cfg, dataset_name, output_folder)
+
+    @classmethod
+    def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def test(
+        cls, cfg: CfgNode, model: torch.nn.Module, evaluators: Optional[List[DatasetEvaluator]] = None
+    ) -> Dict:
+        # writes OUTPUT_DIR/metrics*.json on the main process
+        return super().test(cfg, model, evaluators)
+
+
+def setup(args: Any) -> CfgNode:
+    """Config from ``--config-file`` and the trailing ``KEY VALUE`` opts, then Detectron2's setup."""
+    cfg = get_cfg()
+    add_flowseg_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    resolve_amp(cfg)  # AMP needs CUDA: a CPU run of a GPU config trains in float32
+    cfg.freeze()
+    default_setup(cfg, args)
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="flowseg")
+    return cfg
+
+
+def main(args: Any) -> Any:
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def invoke_main() -> None:
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    invoke_main()
