@@ -281,6 +281,19 @@ def test_both_switches_off_is_the_baseline():
     assert torch.equal(a["pred_masks"], b["pred_masks"])
 
 
+def test_every_parameter_gets_a_gradient():
+    # DDP without find_unused_parameters needs every parameter in the graph (incl. the last CR,
+    # whose C(L) feeds the final matching logits).
+    dec = _decoder(semantic_refinement=True, condition_refinement=True).train()
+    x, mf, cond = _inputs()
+    out = dec(x, mf, conditions=cond, seg_embed=torch.randn(2, HIDDEN))
+    preds = [out] + out["aux_outputs"]
+    loss = sum(p["pred_logits"].logsumexp(-1).mean() + p["pred_masks"].sigmoid().mean() for p in preds)
+    loss.backward()
+    missing = [n for n, p in dec.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert missing == []
+
+
 # ---------------------------------------------------------------------------- parameters (paper §4.1)
 def _paper_decoder(**kw) -> BSFTransformerDecoder:
     return BSFTransformerDecoder(

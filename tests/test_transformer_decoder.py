@@ -71,8 +71,8 @@ def _original_predictor_keys(num_layers: int, input_proj: bool) -> set:
 
 
 # ---------------------------------------------------------------------------- HF parity
-@pytest.fixture(scope="module")
-def hf_run():
+@pytest.fixture(scope="module", params=[False, True], ids=["post_norm", "pre_norm"])
+def hf_run(request):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     backbone = transformers.SwinConfig(
@@ -97,6 +97,7 @@ def hf_run():
         dim_feedforward=64,
         num_queries=QUERIES,
         num_labels=CLASSES,
+        pre_norm=request.param,
     )
     model = transformers.Mask2FormerForUniversalSegmentation(config).eval()
     with torch.no_grad():
@@ -114,7 +115,7 @@ def test_hf_parity_final_and_every_aux_layer(hf_run):
     mask_features = hf_out.pixel_decoder_last_hidden_state
     assert [tuple(t.shape[-2:]) for t in multi_scale] == [(2, 2), (4, 4), (8, 8)]  # 1/32, 1/16, 1/8
 
-    ours = _decoder(layers=4)
+    ours = _decoder(layers=4, pre_norm=hf_model.config.pre_norm)
     state = convert_hf_mask2former_transformer_decoder(hf_model.state_dict())
     result = ours.load_state_dict(state, strict=True)
     assert not result.missing_keys and not result.unexpected_keys

@@ -102,8 +102,12 @@ def tiny_siglip_vision_config():
     from transformers import SiglipVisionConfig
 
     return SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        image_size=TINY_IMAGE_SIZE, patch_size=8,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=TINY_IMAGE_SIZE,
+        patch_size=8,
     )
 
 
@@ -111,8 +115,12 @@ def tiny_siglip2_vision_config():
     from transformers import Siglip2VisionConfig
 
     return Siglip2VisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_patches=16, patch_size=8,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_patches=16,
+        patch_size=8,
     )
 
 
@@ -151,7 +159,9 @@ def make_tiny_llm_dir(folder: str | os.PathLike, *, tie_word_embeddings: bool = 
 
     vis_config = tiny_siglip_vision_config()
     paths["vision_config"] = _write_json(root / "siglip_vision_config.json", vis_config)
-    paths["siglip2_vision_config"] = _write_json(root / "siglip2_vision_config.json", tiny_siglip2_vision_config())
+    paths["siglip2_vision_config"] = _write_json(
+        root / "siglip2_vision_config.json", tiny_siglip2_vision_config()
+    )
     paths["vision"] = str(root / "siglip_vision")
     SiglipVisionModel(vis_config).save_pretrained(paths["vision"])
     return paths
@@ -175,14 +185,22 @@ def tiny_llm_cfg_overrides(
     else:
         opts += ["MODEL.LLM.CONFIG", paths["llm_config"], "MODEL.LLM.TOKENIZER_PATH", paths["tokenizer"]]
     opts += [
-        "MODEL.LLM.TORCH_DTYPE", "float32",
-        "MODEL.LLM.MAX_LENGTH", 256,
-        "MODEL.LLM.LORA.ENABLED", lora,
-        "MODEL.LLM.LORA.RANK", 4,
-        "MODEL.LLM.LORA.ALPHA", 8,
-        "MODEL.LLM.LORA.DROPOUT", 0.0,
-        "MODEL.VANILLA_ENCODER.IMAGE_SIZE", TINY_IMAGE_SIZE,
-        "MODEL.VANILLA_ENCODER.ENABLED", vision != "none",
+        "MODEL.LLM.TORCH_DTYPE",
+        "float32",
+        "MODEL.LLM.MAX_LENGTH",
+        256,
+        "MODEL.LLM.LORA.ENABLED",
+        lora,
+        "MODEL.LLM.LORA.RANK",
+        4,
+        "MODEL.LLM.LORA.ALPHA",
+        8,
+        "MODEL.LLM.LORA.DROPOUT",
+        0.0,
+        "MODEL.VANILLA_ENCODER.IMAGE_SIZE",
+        TINY_IMAGE_SIZE,
+        "MODEL.VANILLA_ENCODER.ENABLED",
+        vision != "none",
     ]
     if vision == "siglip":
         if from_weights:

@@ -1,3 +1,4 @@
 # Dataset registration and mappers; imported by flowseg/__init__.py so datasets register on import.
 from . import dataset_mappers, datasets, writers  # noqa: F401
 from .build import MAPPER_REGISTRY, build_test_mapper, build_train_mapper  # noqa: F401
+from . import synthetic  # noqa: F401

@@ -13,6 +13,7 @@ by ``CommonMetricPrinter``, is Detectron2's):
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from typing import Any, Dict, List, Optional
 
@@ -23,7 +24,7 @@ from detectron2.engine import DefaultTrainer, hooks
 from detectron2.engine.train_loop import AMPTrainer
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
-from detectron2.utils.events import get_event_storage, has_event_storage
+from detectron2.utils.events import EventWriter, TensorboardXWriter, get_event_storage, has_event_storage
 
 from ..data.build import build_test_mapper, build_train_mapper
 from .evaluation import build_evaluator, write_metrics_json
@@ -74,6 +75,14 @@ class FlowSegTrainer(DefaultTrainer):
             if type(h) is hooks.PeriodicCheckpointer:
                 ret[i] = SafePeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD)
         return ret
+
+    def build_writers(self) -> List[EventWriter]:
+        writers = super().build_writers()  # console (with ETA), metrics.json-lines, TensorBoard
+        if importlib.util.find_spec("tensorboard") is None:
+            # TensorBoard is optional: without it Detectron2's writer fails at the first write.
+            logger.info("tensorboard is not installed: no TensorBoard event files are written")
+            writers = [w for w in writers if not isinstance(w, TensorboardXWriter)]
+        return writers
 
     def run_step(self) -> None:
         try:

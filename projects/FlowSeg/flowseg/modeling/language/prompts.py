@@ -153,7 +153,7 @@ def build_turns(sample: dict[str, Any]) -> list[tuple[str, str]]:
         for i in range(0, len(conv) - 1, 2):
             user, gpt = conv[i], conv[i + 1]
             if user.get("from") != "human" or gpt.get("from") != "gpt":
-                raise ValueError(f"conversation turns must alternate human/gpt, got {conv[i:i + 2]!r}")
+                raise ValueError(f"conversation turns must alternate human/gpt, got {conv[i : i + 2]!r}")
             turns.append((_strip_image_placeholder(user["value"]), str(gpt["value"])))
         if not turns:
             raise ValueError(f"empty conversation {conv!r}")
@@ -173,9 +173,7 @@ def _render_chat(tokenizer, messages: list[dict[str, str]], generation_prompt: b
     )
 
 
-def render_segments(
-    tokenizer, turns: Sequence[tuple[str, str]], with_image: bool
-) -> list[tuple[str, bool]]:
+def render_segments(tokenizer, turns: Sequence[tuple[str, str]], with_image: bool) -> list[tuple[str, bool]]:
     """Dialogue text as ``(text, is_answer)`` pieces, ``<image>\\n`` leading the first user turn.
 
     Uses the tokenizer's chat template when it has one (the answer pieces are the differences
@@ -196,7 +194,7 @@ def render_segments(
             if not (prompt.startswith(done) and full.startswith(prompt)):
                 ok = False  # template re-renders earlier turns differently: not splittable
                 break
-            pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
+            pieces += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
             done = full
         if ok:
             return pieces

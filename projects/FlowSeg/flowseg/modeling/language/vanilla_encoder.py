@@ -102,7 +102,10 @@ class VanillaEncoder(nn.Module):
                 x = x.flip(0)
             # antialias: down-scaling 1024-px inputs to 384 without it aliases badly.
             x = F.interpolate(
-                x[None], size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
+                x[None],
+                size=(self.image_size, self.image_size),
+                mode="bilinear",
+                align_corners=False,
                 antialias=True,
             )[0]
             out.append((x - self.pixel_mean) / self.pixel_std)

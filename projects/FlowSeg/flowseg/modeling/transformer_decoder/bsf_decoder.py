@@ -360,17 +360,14 @@ class BSFTransformerDecoder(nn.Module):
             size_list.append(tuple(x[i].shape[-2:]))
             # [B,C,H,W] -> [HW,B,C]
             pos.append(self.pe_layer(x[i], None).flatten(2).permute(2, 0, 1))
-            src.append(
-                (self.input_proj[i](x[i]).flatten(2) + self.level_embed.weight[i][None, :, None]).permute(
-                    2, 0, 1
-                )
-            )
+            feat = self.input_proj[i](x[i]).flatten(2) + self.level_embed.weight[i][None, :, None]
+            src.append(feat.permute(2, 0, 1))
         bs = src[0].shape[1]
 
         query_embed = self.query_embed.weight.unsqueeze(1).repeat(1, bs, 1)  # [Q,B,h]
         output = self.query_feat.weight.unsqueeze(1).repeat(1, bs, 1)
         if seg_embed is not None and self.add_seg_embed_to_queries:
-            output = output + seg_embed.unsqueeze(0)  # Q(0) <- Q(0) + S (paper §3.1)
+            output = output + seg_embed.to(output.dtype).unsqueeze(0)  # Q(0) <- Q(0) + S (paper §3.1)
 
         cond_seq = None  # C in [K,B,h] (sequence-first, like the queries)
         valid = condition_mask
@@ -378,7 +375,8 @@ class BSFTransformerDecoder(nn.Module):
         has_condition = None
         all_have_condition = True
         if conditions is not None:
-            cond_seq = conditions.transpose(0, 1)
+            # The LLM side may run in another dtype (bf16); the decoder's attention needs its own.
+            cond_seq = conditions.transpose(0, 1).to(output.dtype)
             if valid is None:
                 valid = torch.ones(conditions.shape[:2], dtype=torch.bool, device=conditions.device)
             valid = valid.to(torch.bool)

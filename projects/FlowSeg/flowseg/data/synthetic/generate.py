@@ -1,0 +1,201 @@
+"""Write the synthetic referring benchmark in the real on-disk formats and register it.
+
+The same scenes are written three ways, so the project's real loaders read them unchanged:
+
+* refer layout (``refer_seg/synthref/instances.json`` + ``refs(synth).p``), one ref per object
+  with all its expressions, splits ``train`` / ``val`` / ``test``;
+* ReasonSeg layout (``reason_seg/SynthReason/{split}/NAME.jpg + NAME.json``), implicit queries,
+  short (``is_sentence`` false) and long (true) alternating;
+* COCO-panoptic layout (``synth_panoptic``), the five shapes as things plus a background stuff.
+
+Registered names: ``synthref_{train,val,test}``, ``synthreason_{train,val,test}``,
+``synthpan_{train,val,test}``.
+"""
+
+import json
+import logging
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+from detectron2.data import DatasetCatalog
+
+from ..datasets.reasonseg import register_reasonseg_dataset
+from ..datasets.refcoco import register_refer_dataset
+from ..writers import register_coco_panoptic_folder, write_coco_panoptic_dataset, write_reasonseg_dataset
+from ..writers.refer import write_refer_dataset
+from .scenes import SHAPES, Scene, generate_scene
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+GENERATOR_VERSION = 1
+REFER_DATASET, REFER_SPLIT_BY = "synthref", "synth"
+THING_CATEGORIES = [
+    {"id": i + 1, "name": s, "isthing": 1, "color": c, "supercategory": "shape"}
+    for i, (s, c) in enumerate(
+        zip(SHAPES, [(220, 20, 60), (0, 130, 200), (60, 180, 75), (255, 225, 25), (145, 30, 180)])
+    )
+]
+BACKGROUND_CATEGORY = {"id": len(SHAPES) + 1, "name": "background", "isthing": 0, "color": (128, 128, 128)}
+CATEGORIES = THING_CATEGORIES + [BACKGROUND_CATEGORY]
+SHAPE_TO_CATEGORY = {c["name"]: c["id"] for c in THING_CATEGORIES}
+
+
+def paths(root: str) -> Dict[str, str]:
+    return {
+        "refer_root": os.path.join(root, "refer_seg"),
+        "refer_images": os.path.join(root, "refer_seg", "images", "synthref"),
+        "reason_root": os.path.join(root, "reason_seg", "SynthReason"),
+        "panoptic_root": os.path.join(root, "synth_panoptic"),
+        "manifest": os.path.join(root, "synthetic_manifest.json"),
+    }
+
+
+def generate_split(split: str, num_images: int, seed: int, image_size: int) -> List[Scene]:
+    """Scenes of one split; each split has its own stream so sizes can change independently."""
+    rng = np.random.default_rng([seed, SPLITS.index(split)])
+    return [generate_scene(rng, image_size=image_size) for _ in range(num_images)]
+
+
+def _write_refer(root: str, scenes_by_split: Dict[str, List[Scene]]) -> None:
+    p = paths(root)
+    images, annotations, refs = [], [], []
+    for split in SPLITS:
+        for scene in scenes_by_split[split]:
+            image_index = len(images)
+            images.append({"image": scene.image, "file_name": f"synth_{split}_{image_index:06d}.jpg"})
+            ann_index = {}
+            for k, obj in enumerate(scene.objects):
+                ann_index[k] = len(annotations)
+                # RLE keeps occluded shapes pixel-exact (polygons would fill cut-outs)
+                annotations.append(
+                    {
+                        "image_index": image_index,
+                        "mask": obj.mask,
+                        "category_id": SHAPE_TO_CATEGORY[obj.shape],
+                        "format": "rle",
+                    }
+                )
+            for k in range(len(scene.objects)):
+                sentences = [e.text for e in scene.expressions if e.target == k]
+                if sentences:
+                    refs.append({"ann_index": ann_index[k], "split": split, "sentences": sentences})
+    write_refer_dataset(
+        p["refer_root"],
+        REFER_DATASET,
+        REFER_SPLIT_BY,
+        images,
+        annotations,
+        refs,
+        categories=THING_CATEGORIES,
+        image_root=p["refer_images"],
+    )
+
+
+def _write_reasonseg(root: str, scenes_by_split: Dict[str, List[Scene]], seed: int) -> None:
+    p = paths(root)
+    for split in SPLITS:
+        rng = np.random.default_rng([seed, 100 + SPLITS.index(split)])
+        samples = []
+        for i, scene in enumerate(scenes_by_split[split]):
+            if not scene.reasoning:
+                continue
+            q = scene.reasoning[int(rng.integers(len(scene.reasoning)))]
+            is_sentence = i % 2 == 1  # alternate short and long queries
+            samples.append(
+                {
+                    "name": f"synth_{split}_{i:06d}",
+                    "image": scene.image,
+                    "texts": [q.long if is_sentence else q.short],
+                    "is_sentence": is_sentence,
+                    "target_mask": scene.objects[q.target].mask,
+                }
+            )
+        write_reasonseg_dataset(os.path.join(p["reason_root"], split), samples)
+
+
+def _write_panoptic(root: str, scenes_by_split: Dict[str, List[Scene]]) -> None:
+    p = paths(root)
+    for split in SPLITS:
+        images, segments = [], []
+        for scene in scenes_by_split[split]:
+            segs = [
+                {"mask": o.mask, "category_id": SHAPE_TO_CATEGORY[o.shape], "iscrowd": 0}
+                for o in scene.objects
+                if o.mask.any()
+            ]
+            background = ~np.any([o.mask for o in scene.objects], axis=0)
+            if background.any():
+                segs.append({"mask": background, "category_id": BACKGROUND_CATEGORY["id"], "iscrowd": 0})
+            images.append(scene.image)
+            segments.append(segs)
+        write_coco_panoptic_dataset(p["panoptic_root"], images, segments, CATEGORIES, split=split)
+
+
+def generate_synthetic_datasets(
+    root: str,
+    num_images: Optional[Dict[str, int]] = None,
+    seed: int = 0,
+    image_size: int = 128,
+    force: bool = False,
+) -> Dict[str, str]:
+    """Generate (if missing) and write all three layouts under ``root``; returns the paths.
+
+    A manifest records the parameters: the data are regenerated only when they change or
+    ``force`` is set, so calling this at the start of every run is cheap.
+    """
+    num_images = dict(num_images or {"train": 2000, "val": 200, "test": 200})
+    params = {"version": GENERATOR_VERSION, "seed": seed, "image_size": image_size, "num_images": num_images}
+    p = paths(root)
+    if not force and os.path.isfile(p["manifest"]):
+        with open(p["manifest"]) as f:
+            if json.load(f).get("params") == params:
+                return p
+    logger.info("Generating synthetic referring data under %s: %s", root, num_images)
+    scenes = {s: generate_split(s, num_images.get(s, 0), seed, image_size) for s in SPLITS}
+    _write_refer(root, scenes)
+    _write_reasonseg(root, scenes, seed)
+    _write_panoptic(root, scenes)
+    counts = {
+        s: {
+            "images": len(v),
+            "expressions": sum(len(sc.expressions) for sc in v),
+            "by_kind": {
+                k: sum(1 for sc in v for e in sc.expressions if e.kind == k)
+                for k in ("attribute", "superlative", "relation")
+            },
+        }
+        for s, v in scenes.items()
+    }
+    with open(p["manifest"], "w") as f:
+        json.dump({"params": params, "counts": counts}, f, indent=2)
+    return p
+
+
+def register_synthetic_datasets(root: str) -> List[str]:
+    """Register the synthetic data written under ``root`` with the project's real loaders."""
+    p = paths(root)
+    names = []
+    for split in SPLITS:
+        for name, register in (
+            (
+                f"synthref_{split}",
+                lambda n, s=split: register_refer_dataset(
+                    n, p["refer_root"], REFER_DATASET, REFER_SPLIT_BY, s, image_root=p["refer_images"]
+                ),
+            ),
+            (
+                f"synthreason_{split}",
+                lambda n, s=split: register_reasonseg_dataset(n, os.path.join(p["reason_root"], s)),
+            ),
+            (
+                f"synthpan_{split}",
+                lambda n, s=split: register_coco_panoptic_folder(n, p["panoptic_root"], split=s, overwrite=True),
+            ),
+        ):
+            if name in DatasetCatalog.list():
+                DatasetCatalog.remove(name)
+            register(name)
+            names.append(name)
+    return names
