@@ -8,7 +8,8 @@
 
 The pieces live in :mod:`flowseg.engine` (optimizer, evaluators, metrics JSON, NaN guards); this
 file only wires them into ``Trainer``. Evaluation results are also written to
-``OUTPUT_DIR/metrics.json`` and ``OUTPUT_DIR/metrics_<dataset>.json``.
+``OUTPUT_DIR/metrics_<dataset>.json`` and ``OUTPUT_DIR/metrics_all.json``
+(``OUTPUT_DIR/metrics.json`` stays Detectron2's training log).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class Trainer(FlowSegTrainer):
     def test(
         cls, cfg: CfgNode, model: torch.nn.Module, evaluators: Optional[List[DatasetEvaluator]] = None
     ) -> Dict:
-        # writes OUTPUT_DIR/metrics*.json on the main process
+        # writes OUTPUT_DIR/metrics_<dataset>.json and metrics_all.json on the main process
         return super().test(cfg, model, evaluators)
 
 

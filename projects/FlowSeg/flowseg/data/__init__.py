@@ -2,3 +2,4 @@
 from . import dataset_mappers, datasets, writers  # noqa: F401
 from .build import MAPPER_REGISTRY, build_test_mapper, build_train_mapper  # noqa: F401
 from . import synthetic  # noqa: F401
+from .mixed import build_mixed_loader_from_datasets, build_mixed_train_loader  # noqa: F401

@@ -1,6 +1,12 @@
 """Training pieces for ``train_net.py``: trainer, optimizer, evaluator wiring, loss/ckpt guards."""
 
-from .evaluation import build_evaluator, metrics_json_path, write_metrics_json  # noqa: F401
+from .evaluation import (  # noqa: F401
+    ALL_METRICS_FILE,
+    build_evaluator,
+    check_num_classes,
+    metrics_json_path,
+    write_metrics_json,
+)
 from .hooks import (  # noqa: F401
     CheckedAMPTrainer,
     CheckedSimpleTrainer,

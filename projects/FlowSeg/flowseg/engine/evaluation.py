@@ -14,7 +14,7 @@ import json
 import math
 import os
 import re
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 from detectron2.config import CfgNode
@@ -27,7 +27,35 @@ from detectron2.evaluation import (
     SemSegEvaluator,
 )
 
-__all__ = ["build_evaluator", "write_metrics_json", "metrics_json_path"]
+__all__ = [
+    "ALL_METRICS_FILE",
+    "build_evaluator",
+    "check_num_classes",
+    "metrics_json_path",
+    "write_metrics_json",
+]
+
+
+def check_num_classes(cfg: CfgNode, dataset_names: Sequence[str]) -> None:
+    """Fail early when a generic-mode model without an LLM has another class count than the data.
+
+    Its classifier has ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` outputs indexed by contiguous id; a
+    mismatch otherwise shows up much later as an index error in the loss or a reshape error in
+    ``SemSegEvaluator``. With an LLM the classes are the category names, so any count works.
+    """
+    if cfg.MODEL.FLOWSEG.MODE != "generic" or cfg.MODEL.LLM.PATH or cfg.MODEL.LLM.CONFIG:
+        return
+    n = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    for name in dataset_names:
+        meta = MetadataCatalog.get(name)
+        if meta.get("evaluator_type", None) != "coco_panoptic_seg":
+            continue
+        classes = meta.get("stuff_classes", None)  # every category (Mask2Former's convention)
+        if classes is not None and len(classes) != n:
+            raise ValueError(
+                f"MODEL.SEM_SEG_HEAD.NUM_CLASSES is {n} but data set {name!r} has {len(classes)} "
+                f"categories ({list(classes)[:5]}...): set MODEL.SEM_SEG_HEAD.NUM_CLASSES {len(classes)}"
+            )
 
 
 def build_evaluator(cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None) -> DatasetEvaluator:
@@ -85,20 +113,24 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
+# Not "metrics.json": Detectron2's JSONWriter already appends the training log (json lines) there.
+ALL_METRICS_FILE = "metrics_all.json"
+
+
 def metrics_json_path(output_dir: str, dataset_name: Optional[str] = None) -> str:
-    """``OUTPUT_DIR/metrics.json`` (all data sets) or ``OUTPUT_DIR/metrics_<dataset>.json``."""
+    """``OUTPUT_DIR/metrics_all.json`` (all data sets) or ``OUTPUT_DIR/metrics_<dataset>.json``."""
     if dataset_name is None:
-        return os.path.join(output_dir, "metrics.json")
+        return os.path.join(output_dir, ALL_METRICS_FILE)
     return os.path.join(output_dir, f"metrics_{re.sub(r'[^A-Za-z0-9_.+-]', '_', dataset_name)}.json")
 
 
 def write_metrics_json(
     output_dir: str, results: Mapping[str, Mapping[str, Any]], iteration: Optional[int] = None
 ) -> Dict[str, str]:
-    """Write ``metrics_<dataset>.json`` per data set and ``metrics.json`` with all; return the paths.
+    """Write ``metrics_<dataset>.json`` per data set and ``metrics_all.json`` with all; return paths.
 
     ``results`` maps data set -> the evaluator's result dict (e.g. ``{"panoptic_seg": {"PQ": ..}}``).
-    ``metrics.json`` is merged with an existing one, so evaluating data sets one at a time keeps all.
+    ``metrics_all.json`` is merged with an existing one: evaluating data sets one by one keeps all.
     """
     os.makedirs(output_dir, exist_ok=True)
     paths = {}

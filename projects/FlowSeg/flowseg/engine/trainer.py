@@ -3,10 +3,12 @@
 Differences from ``DefaultTrainer`` (everything else, incl. hooks, ``resume_or_load``, ETA printing
 by ``CommonMetricPrinter``, is Detectron2's):
 
-* train / test loaders use the mapper named by ``INPUT.DATASET_MAPPER_NAME`` / the test dataset
-  (:mod:`flowseg.data.build`);
+* the train loader uses the mapper named by ``INPUT.DATASET_MAPPER_NAME`` (one training data set) or
+  :func:`flowseg.data.mixed.build_mixed_train_loader` (several, or ``DATALOADER.TASK_RATIOS`` set);
+  test loaders use the mapper of each test data set's kind (:mod:`flowseg.data.build`);
 * :func:`flowseg.engine.build_optimizer` and :func:`flowseg.engine.build_evaluator`;
-* ``test`` writes ``OUTPUT_DIR/metrics_<dataset>.json`` and ``OUTPUT_DIR/metrics.json``;
+* ``test`` writes ``OUTPUT_DIR/metrics_<dataset>.json`` and ``OUTPUT_DIR/metrics_all.json``
+  (``metrics.json`` is Detectron2's training log);
 * a non-finite loss raises :class:`NonFiniteLossError` on every rank before the optimizer step
   and the last checkpoint is kept (:mod:`flowseg.engine.hooks`).
 """
@@ -27,7 +29,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import EventWriter, TensorboardXWriter, get_event_storage, has_event_storage
 
 from ..data.build import build_test_mapper, build_train_mapper
-from .evaluation import build_evaluator, write_metrics_json
+from .evaluation import build_evaluator, check_num_classes, write_metrics_json
 from .hooks import CheckedAMPTrainer, CheckedSimpleTrainer, NonFiniteLossError, SafePeriodicCheckpointer
 from .optimizer import build_optimizer
 
@@ -98,10 +100,17 @@ class FlowSegTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg: CfgNode) -> Any:
+        check_num_classes(cfg, cfg.DATASETS.TRAIN)
+        if len(cfg.DATASETS.TRAIN) > 1 or len(cfg.DATALOADER.TASK_RATIOS) > 0:
+            # stage 3: every batch from one task, drawn with DATALOADER.TASK_RATIOS
+            from ..data.mixed import build_mixed_train_loader  # local: only mixed-data runs need it
+
+            return build_mixed_train_loader(cfg)
         return build_detection_train_loader(cfg, mapper=build_train_mapper(cfg))
 
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str) -> Any:
+        check_num_classes(cfg, [dataset_name])
         return build_detection_test_loader(cfg, dataset_name, mapper=build_test_mapper(cfg, dataset_name))
 
     @classmethod

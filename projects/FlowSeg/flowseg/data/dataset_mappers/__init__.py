@@ -6,4 +6,5 @@ from .coco_panoptic_lsj import (  # noqa: F401
     build_coco_panoptic_test_mapper,
     build_lsj_augmentations,
 )
+from .conversation import ConversationDatasetMapper  # noqa: F401
 from .referring import ReferringDatasetMapper, gt_masks_from_dict, rasterize_segmentation  # noqa: F401

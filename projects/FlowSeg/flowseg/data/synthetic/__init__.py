@@ -1,4 +1,4 @@
-"""Synthetic referring benchmark (scenes + writers in the real RefCOCO / ReasonSeg / COCO-panoptic layouts)."""
+"""Synthetic referring benchmark, written in the real RefCOCO / ReasonSeg / COCO-panoptic layouts."""
 
 from .generate import generate_synthetic_datasets, register_synthetic_datasets  # noqa: F401
 from .scenes import Scene, SceneObject, generate_scene, render_expression, resolve  # noqa: F401

@@ -8,7 +8,8 @@ The same scenes are written three ways, so the project's real loaders read them 
   short (``is_sentence`` false) and long (true) alternating;
 * COCO-panoptic layout (``synth_panoptic``), the five shapes as things plus a background stuff.
 
-Registered names: ``synthref_{train,val,test}``, ``synthreason_{train,val,test}``,
+Registered names (lazily, at import, under ``$DETECTRON2_DATASETS/synthetic`` like Detectron2's
+builtin data sets): ``synthref_{train,val,test}``, ``synthreason_{train,val,test}``,
 ``synthpan_{train,val,test}``.
 """
 
@@ -18,7 +19,7 @@ import os
 from typing import Dict, List, Optional
 
 import numpy as np
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ..datasets.reasonseg import register_reasonseg_dataset
 from ..datasets.refcoco import register_refer_dataset
@@ -40,6 +41,10 @@ THING_CATEGORIES = [
 BACKGROUND_CATEGORY = {"id": len(SHAPES) + 1, "name": "background", "isthing": 0, "color": (128, 128, 128)}
 CATEGORIES = THING_CATEGORIES + [BACKGROUND_CATEGORY]
 SHAPE_TO_CATEGORY = {c["name"]: c["id"] for c in THING_CATEGORIES}
+
+
+def default_root() -> str:
+    return os.path.join(os.getenv("DETECTRON2_DATASETS", "datasets"), "synthetic")
 
 
 def paths(root: str) -> Dict[str, str]:
@@ -173,9 +178,10 @@ def generate_synthetic_datasets(
     return p
 
 
-def register_synthetic_datasets(root: str) -> List[str]:
-    """Register the synthetic data written under ``root`` with the project's real loaders."""
-    p = paths(root)
+def register_synthetic_datasets(root: Optional[str] = None) -> List[str]:
+    """Register the synthetic data under ``root`` (default :func:`default_root`) with the
+    project's real loaders. Lazy: files are read when a data set is first loaded."""
+    p = paths(root or default_root())
     names = []
     for split in SPLITS:
         for name, register in (
@@ -191,11 +197,17 @@ def register_synthetic_datasets(root: str) -> List[str]:
             ),
             (
                 f"synthpan_{split}",
-                lambda n, s=split: register_coco_panoptic_folder(n, p["panoptic_root"], split=s, overwrite=True),
+                lambda n, s=split: register_coco_panoptic_folder(
+                    n, p["panoptic_root"], split=s, categories=CATEGORIES, overwrite=True
+                ),
             ),
         ):
-            if name in DatasetCatalog.list():
+            if name in DatasetCatalog.list():  # re-registration under another root
                 DatasetCatalog.remove(name)
+                MetadataCatalog.remove(name)
             register(name)
             names.append(name)
     return names
+
+
+register_synthetic_datasets()

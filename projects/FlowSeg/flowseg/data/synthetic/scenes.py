@@ -197,7 +197,8 @@ def render_expression(program: Dict) -> str:
     if kind == "superlative":
         return f"the {program['direction']} " + _noun_phrase(program["attrs"])
     if kind == "relation":
-        return f"the {_noun_phrase(program['attrs'])} {program['relation']} the {_noun_phrase(program['anchor'])}"
+        target, anchor = _noun_phrase(program["attrs"]), _noun_phrase(program["anchor"])
+        return f"the {target} {program['relation']} the {anchor}"
     raise ValueError(kind)
 
 
@@ -214,7 +215,9 @@ def _attr_subsets(obj: SceneObject) -> List[Dict[str, Optional[str]]]:
     ]
 
 
-def _expressions_for(idx: int, objects: List[SceneObject], rng: np.random.Generator, margin: float) -> List[Dict]:
+def _expressions_for(
+    idx: int, objects: List[SceneObject], rng: np.random.Generator, margin: float
+) -> List[Dict]:
     obj = objects[idx]
     programs: List[Dict] = []
     for attrs in _attr_subsets(obj):
@@ -233,13 +236,22 @@ def _expressions_for(idx: int, objects: List[SceneObject], rng: np.random.Genera
     others = [j for j in rng.permutation(len(objects)) if j != idx]
     for j in others:
         anchor_attrs = next(
-            (a for a in _attr_subsets(objects[j]) if resolve({"kind": "attribute", "attrs": a}, objects, margin) == [j]),
+            (
+                a
+                for a in _attr_subsets(objects[j])
+                if resolve({"kind": "attribute", "attrs": a}, objects, margin) == [j]
+            ),
             None,
         )
         if anchor_attrs is None:
             continue
         for rel in rng.permutation(list(RELATIONS)):
-            p = {"kind": "relation", "relation": str(rel), "attrs": {"shape": obj.shape}, "anchor": anchor_attrs}
+            p = {
+                "kind": "relation",
+                "relation": str(rel),
+                "attrs": {"shape": obj.shape},
+                "anchor": anchor_attrs,
+            }
             if resolve(p, objects, margin) == [idx]:
                 programs.append(p)
                 break
