@@ -21,6 +21,7 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from flowseg import add_flowseg_config
 from flowseg.data import MAPPER_REGISTRY, build_test_mapper, build_train_mapper
+from flowseg.data.build import mapper_name_for_dataset
 from flowseg.data.dataset_mappers import COCOPanopticLSJDatasetMapper
 from flowseg.data.writers import register_coco_panoptic_folder, write_coco_panoptic_dataset
 from panopticapi.utils import rgb2id
@@ -368,6 +369,16 @@ def test_mapper_registry_by_name() -> None:
         cfg.INPUT.DATASET_MAPPER_NAME = "test_cpd_custom"
         build_train_mapper(cfg)
         assert calls == [True]
+        # test datasets: explicit metadata name > mapper of the evaluator type > the config's name
+        MetadataCatalog.get("test_cpd_explicit").set(
+            evaluator_type="refer", dataset_mapper_name="test_cpd_custom"
+        )
+        build_test_mapper(cfg, "test_cpd_explicit")
+        assert calls == [True, False]
+        MetadataCatalog.get("test_cpd_refer").set(evaluator_type="refer")
+        assert mapper_name_for_dataset(cfg, "test_cpd_refer") == "referring"  # registered by flowseg.data
+        MetadataCatalog.get("test_cpd_other").set(evaluator_type="something_else")
+        assert mapper_name_for_dataset(cfg, "test_cpd_other") == "test_cpd_custom"
     finally:
         MAPPER_REGISTRY._obj_map.pop("test_cpd_custom")
 

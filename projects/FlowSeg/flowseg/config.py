@@ -22,6 +22,8 @@ def add_flowseg_config(cfg: CN) -> CN:
     # Referring / reasoning: resize the long side to IMAGE_SIZE (SAM's protocol), pad in the model.
     cfg.INPUT.REFER_RANDOM_FLIP = False  # left/right words make flipping unsafe by default
 
+    cfg.INPUT.CONVERSATION_MAX_TURNS = 1  # conversation mapper: human/gpt pairs kept (<= 0: all)
+
     cfg.DATALOADER.TASK_RATIOS = []  # stage-3 mixed data: one ratio per entry of DATASETS.TRAIN
 
     cfg.SOLVER.OPTIMIZER = "ADAMW"

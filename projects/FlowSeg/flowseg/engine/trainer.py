@@ -56,6 +56,7 @@ class FlowSegTrainer(DefaultTrainer):
     """See the module docstring. ``train_net.Trainer`` subclasses it."""
 
     def __init__(self, cfg: CfgNode) -> None:
+        check_num_classes(cfg, cfg.DATASETS.TEST)  # before training, not when the final eval starts
         super().__init__(cfg)
         # Same model / loader / optimizer, in a loop that checks the loss on every rank.
         old = self._trainer

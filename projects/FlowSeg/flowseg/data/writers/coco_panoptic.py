@@ -184,7 +184,8 @@ def register_coco_panoptic_folder(
     """
     paths = coco_panoptic_paths(root, split)
     if categories is None:
-        categories = read_annotation_json(paths["panoptic_json"]).get("categories")
+        info = read_annotation_json(paths["panoptic_json"])
+        categories = info.get("categories") if isinstance(info, dict) else None
         if not categories:
             raise ValueError(f"{paths['panoptic_json']}: no 'categories' list")
     register_coco_panoptic_dataset(

@@ -1,0 +1,309 @@
+"""The analysis tools of ``tools/analysis`` (paper Tables 5-8, 12, Figs. 6-7).
+
+Table 5/6 tools on hand-made ``per_expression.json`` files with known numbers; the model-based
+tools on a tiny untrained referring FlowSeg saved with ``DetectionCheckpointer`` and a few
+synthetic samples."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+from flowseg import add_flowseg_config
+from flowseg.data.synthetic import generate_synthetic_datasets, register_synthetic_datasets
+from flowseg.utils.tiny_models import make_tiny_llm_dir, tiny_llm_cfg_overrides
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOLS = os.path.join(ROOT, "tools", "analysis")
+CONFIG = os.path.join(ROOT, "configs", "tiny", "flowseg_refer_tiny.yaml")
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"flowseg_analysis_{name}", os.path.join(TOOLS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+oracle = _load("oracle_vs_selected")
+rescue = _load("failure_rescue")
+drift = _load("condition_drift")
+gates = _load("gate_distribution")
+attention = _load("attention_maps")
+bar = _load("boundary_eval")
+common = _load("common")
+
+
+# ------------------------------------------------------------------------------ hand-made records
+def _rec(image_id, ref_id, sent_id, inter, union, o_inter=None, o_union=None, expression="x"):
+    r = {
+        "image_id": image_id,
+        "ref_id": ref_id,
+        "sentence_id": sent_id,
+        "expression": expression,
+        "intersection": inter,
+        "union": union,
+        "iou": inter / union if union else 1.0,
+        "oracle_iou": None,
+    }
+    if o_inter is not None:
+        r.update(
+            oracle_intersection=o_inter,
+            oracle_union=o_union,
+            oracle_iou=o_inter / o_union if o_union else 1.0,
+        )
+    return r
+
+
+def _write(path, records):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(records, f)
+    return str(path)
+
+
+TABLE5_RECORDS = [
+    _rec(1, 1, 1, 50, 100, 80, 100),  # success
+    _rec(1, 2, 2, 10, 100, 60, 100),  # failure, good candidate existed: misaligned
+    _rec(2, 3, 3, 0, 50, 20, 100),  # failure, no good candidate
+    _rec(3, 4, 4, 0, 0, 0, 0),  # empty prediction and target: IoU 1
+]
+
+
+def test_oracle_vs_selected_exact_numbers(tmp_path):
+    a = _write(tmp_path / "a" / "per_expression.json", TABLE5_RECORDS)
+    b = _write(tmp_path / "b" / "per_expression.json", TABLE5_RECORDS[:2])
+    out = oracle.oracle_vs_selected([a, str(tmp_path / "b")], ["A", "B"], output_dir=str(tmp_path / "out"))
+    ra, rb = out["rows"]
+    assert ra["label"] == "A" and ra["num_samples"] == 4
+    assert ra["cIoU"] == pytest.approx(100 * 60 / 250)
+    assert ra["gIoU"] == pytest.approx(100 * (0.5 + 0.1 + 0.0 + 1.0) / 4)
+    assert ra["oracle_cIoU"] == pytest.approx(100 * 160 / 300)
+    assert ra["oracle_gIoU"] == pytest.approx(100 * (0.8 + 0.6 + 0.2 + 1.0) / 4)
+    assert ra["oracle_gap_cIoU"] == pytest.approx(100 * 160 / 300 - 24.0)
+    assert (ra["num_failures"], ra["num_misaligned"]) == (2, 1)
+    assert ra["misalignment_share"] == pytest.approx(50.0)
+    assert rb["cIoU"] == pytest.approx(100 * 60 / 200) and rb["oracle_cIoU"] == pytest.approx(70.0)
+    assert rb["misalignment_share"] == pytest.approx(100.0)
+    with open(tmp_path / "out" / "oracle_vs_selected.json") as f:
+        assert json.load(f)[0]["oracle_cIoU"] == pytest.approx(100 * 160 / 300)
+    md = (tmp_path / "out" / "oracle_vs_selected.md").read_text()
+    assert "| A | 4 | 24.00 | 40.00 | 53.33 | 65.00 | 29.33 | 2 | 50.00 |" in md
+
+
+def test_oracle_vs_selected_without_candidates_and_bad_file(tmp_path):
+    recs = [_rec(1, 1, 1, 30, 100), _rec(1, 2, 2, 70, 100, 90, 100)]
+    row = oracle.summarize_records(recs)
+    assert row["cIoU"] == pytest.approx(50.0) and row["num_with_oracle"] == 1
+    assert row["oracle_cIoU"] == pytest.approx(90.0) and row["misalignment_share"] is None
+    bad = _write(tmp_path / "bad.json", [{"iou": 0.3}])
+    with pytest.raises(ValueError, match="lacks"):
+        oracle.oracle_vs_selected([bad])
+
+
+def _rescue_records():
+    base = [(1, 10, 0.10, 100), (2, 20, 0.30, 100), (3, 30, 0.60, 100), (4, 40, 0.0, 50), (5, 50, 0.15, 100)]
+    model = {1: 0.7, 2: 0.4, 3: 0.9, 4: 0.5, 5: 0.1}
+    a = [_rec(i, r, i, round(iou * u), u) for i, r, iou, u in base]
+    b = [_rec(i, r, i, round(model[i] * u), u) for i, r, _, u in base]
+    return a, b
+
+
+def test_failure_rescue_exact_numbers():
+    a, b = _rescue_records()
+    res = rescue.failure_rescue(a, b, thresholds=(0.5, 0.2))
+    s5, s2 = res["subsets"]
+    assert s5["num_failures"] == 4 and s2["num_failures"] == 3
+    assert s5["baseline_cIoU"] == pytest.approx(100 * 55 / 350)
+    assert s5["baseline_gIoU"] == pytest.approx(100 * (0.1 + 0.3 + 0.0 + 0.15) / 4)
+    assert s5["model_cIoU"] == pytest.approx(100 * 145 / 350)
+    assert s5["model_gIoU"] == pytest.approx(42.5)
+    assert s5["delta_cIoU"] == pytest.approx(100 * 90 / 350)
+    assert (s5["num_rescued"], s5["rescue_rate"]) == (2, pytest.approx(50.0))
+    assert s2["baseline_cIoU"] == pytest.approx(10.0) and s2["model_cIoU"] == pytest.approx(42.0)
+    assert s2["model_gIoU"] == pytest.approx(100 * 1.3 / 3)
+    assert s2["rescue_rate"] == pytest.approx(100 * 2 / 3)
+
+
+def test_failure_rescue_joins_on_expression_and_averages(tmp_path):
+    a, b = _rescue_records()
+    for r in a + b:  # no sentence ids: the expression disambiguates
+        r["sentence_id"] = None
+        r["expression"] = f"object {r['image_id']}"
+    b = list(reversed(b))  # the join does not depend on order
+    fa = _write(tmp_path / "a.json", a)
+    fb = _write(tmp_path / "b.json", b)
+    out = rescue.failure_rescue_files([fa, fa], [fb, fb], ["D1", "D2"], output_dir=str(tmp_path / "o"))
+    avg = out["average"][0]
+    assert avg["model_cIoU"] == pytest.approx(100 * 145 / 350) and avg["rescue_rate"] == pytest.approx(50.0)
+    assert "| Baseline (IoU<0.5) cIoU | 15.7 | 15.7 | 15.7 |" in out["markdown"]
+    assert (tmp_path / "o" / "failure_rescue.json").is_file()
+
+
+def test_failure_rescue_names_missing_samples(tmp_path, capsys):
+    a, b = _rescue_records()
+    b = [r for r in b if r["ref_id"] != 30]
+    with pytest.raises(ValueError, match=r"1 sample\(s\) of baseline are missing from model: \(image_id=3, ref_id=30"):
+        rescue.failure_rescue(a, b)
+    fa, fb = _write(tmp_path / "a.json", a), _write(tmp_path / "b.json", b)
+    assert rescue.main(["--baseline", fa, "--model", fb]) == 1
+    assert "ref_id=30" in capsys.readouterr().err
+    dup = a + a[:1]
+    with pytest.raises(ValueError, match="share the sample id"):
+        rescue.failure_rescue(dup, dup)
+
+
+def test_oracle_cli_smoke(tmp_path):
+    f = _write(tmp_path / "r" / "per_expression.json", TABLE5_RECORDS)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(TOOLS, "oracle_vs_selected.py"), "--inputs", f, "--labels", "M",
+         "--output-dir", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=str(tmp_path),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| M | 4 | 24.00 |" in proc.stdout
+    with open(tmp_path / "out" / "oracle_vs_selected.json") as f:
+        assert json.load(f)[0]["misalignment_share"] == pytest.approx(50.0)
+
+
+# ------------------------------------------------------------------------------ tiny model
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Tiny LLM files, 2+2+2 synthetic images registered under a temporary
+    $DETECTRON2_DATASETS, and a saved untrained referring model (SR, CR and BAR on)."""
+    tmp = tmp_path_factory.mktemp("analysis")
+    llm = make_tiny_llm_dir(tmp / "llm")
+    d2 = tmp / "datasets"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DETECTRON2_DATASETS", str(d2))
+        generate_synthetic_datasets(str(d2 / "synthetic"), {"train": 2, "val": 2, "test": 2}, seed=0, image_size=64)
+        register_synthetic_datasets(str(d2 / "synthetic"))
+        opts = [str(o) for o in tiny_llm_cfg_overrides(llm)]
+        opts += ["MODEL.LLM.LORA.ENABLED", "False", "DATASETS.TEST", '("synthref_test",)']
+        cfg = get_cfg()
+        add_flowseg_config(cfg)
+        cfg.merge_from_file(CONFIG)
+        cfg.merge_from_list(opts)
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        DetectionCheckpointer(model, save_dir=str(tmp)).save("tiny_refer")
+        yield {"tmp": tmp, "opts": opts, "weights": str(tmp / "tiny_refer.pth")}
+    register_synthetic_datasets()  # back to the default root for the tests that follow
+
+
+def _args(tool, setup, *extra, opts=()):
+    return tool.parse_args(
+        ["--config-file", CONFIG, "--weights", setup["weights"], "--max-samples", "3", *extra,
+         "--opts", *setup["opts"], *opts]
+    )
+
+
+def test_condition_drift_is_one_without_refinement_and_moves_with_it(setup):
+    off = drift.run(_args(drift, setup, opts=["MODEL.FLOWSEG.CONDITION_REFINEMENT", "False"]))
+    assert off["condition_refinement"] is False and off["layers"] == [1, 2, 3]
+    assert off["num_samples"] == 3 and off["num_conditions"] == 3
+    for v in off["mean_cosine"] + off["min_cosine"]:
+        assert abs(v - 1.0) < 1e-6
+    out_dir = setup["tmp"] / "drift"
+    on = drift.run(_args(drift, setup, "--output-dir", str(out_dir)))
+    assert on["condition_refinement"] is True
+    assert min(on["mean_cosine"]) < 1.0 - 1e-4
+    assert all(-1.0 <= v <= 1.0 for v in on["mean_cosine"])
+    assert all(m <= v + 1e-12 for m, v in zip(on["min_cosine"], on["mean_cosine"]))
+    with open(out_dir / "condition_drift.json") as f:
+        assert json.load(f)["mean_cosine"] == pytest.approx(on["mean_cosine"])
+
+
+def test_gate_distribution_stats_and_png(setup):
+    out_dir = setup["tmp"] / "gates"
+    res = gates.run(_args(gates, setup, "--output-dir", str(out_dir)))
+    assert (out_dir / "gate_distribution.png").stat().st_size > 1000
+    assert len(res["layers"]) == 3 and res["num_samples"] == 3
+    # exact mean over every gate value of the same 3 samples
+    cfg = common.setup_cfg(CONFIG, setup["weights"], setup["opts"])
+    model = common.load_model(cfg)
+    inputs = [x for _, x in common.iterate_dataset(cfg, "synthref_test", 3)]
+    direct = [[] for _ in range(3)]
+    for x in inputs:
+        outputs, _, _ = common.run_head_with_intermediates(model, [x])
+        for i, g in enumerate(outputs["gates"]):
+            direct[i].append(g.double().flatten())
+    for layer, values in zip(res["layers"], direct):
+        v = torch.cat(values)
+        assert layer["count"] == v.numel() == 3 * 16 * 64
+        assert layer["mean"] == pytest.approx(float(v.mean()), abs=1e-9)
+        assert layer["std"] == pytest.approx(float(v.std(unbiased=False)), abs=1e-6)
+        assert 0.0 < layer["min"] <= layer["max"] < 1.0
+        q = layer["quantiles"]
+        assert 0.0 < q["0.05"] <= q["0.25"] <= q["0.5"] <= q["0.75"] <= q["0.95"] < 1.0
+        assert q["0.5"] == pytest.approx(float(v.median()), abs=2e-3)
+        assert sum(layer["histogram"]["counts"]) == v.numel()
+    with open(out_dir / "gate_distribution.json") as f:
+        assert json.load(f)["layers"][0]["mean"] == pytest.approx(res["layers"][0]["mean"])
+
+
+def test_attention_maps_pngs_and_normalised_heatmaps(setup):
+    out_dir = setup["tmp"] / "attention"
+    out = attention.run(_args(attention, setup, "--output-dir", str(out_dir)))
+    assert len(out["samples"]) == 3
+    for s in out["samples"]:
+        assert os.path.getsize(s["png"]) > 1000
+    cfg = common.setup_cfg(CONFIG, setup["weights"], setup["opts"])
+    model = common.load_model(cfg)
+    _, x = next(common.iterate_dataset(cfg, "synthref_test", 1))
+    res = attention.attention_maps(model, x)
+    assert res["seg_map"].shape == res["cond_map"].shape == (x["height"], x["width"])
+    for w in (res["seg_weights"], res["cond_weights"]):
+        assert w.shape == (16,) and w.sum() == pytest.approx(1.0, abs=1e-5) and (w >= 0).all()
+    for key in ("seg_map", "cond_map"):
+        assert 0.0 <= res[key].min() and res[key].max() <= 1.0
+    for key in ("seg_heatmap", "cond_heatmap"):
+        assert res[key].min() == pytest.approx(0.0) and res[key].max() == pytest.approx(1.0)
+    # last layer: the hooked query features are the decoder's own output features
+    outputs, cond, _ = common.run_head_with_intermediates(model, [x])
+    q, s = outputs["query_embeds"][0], cond["seg_embed"][0]
+    expected = torch.softmax(q @ s / 8.0, dim=0).numpy()  # sqrt(hidden 64) = 8
+    np.testing.assert_allclose(res["seg_weights"], expected, atol=1e-6)
+    np.testing.assert_allclose(res["cond_weights"], outputs["cond_attn"][-1][0, 0].numpy(), atol=1e-7)
+    first = attention.attention_maps(model, x, layer=1)
+    np.testing.assert_allclose(first["cond_weights"], outputs["cond_attn"][0][0, 0].numpy(), atol=1e-7)
+    with pytest.raises(ValueError, match="layer must be"):
+        attention.attention_maps(model, x, layer=4)
+
+
+def test_boundary_eval_eps_one_equals_bar_disabled(setup):
+    out_dir = setup["tmp"] / "bar"
+    on = bar.run(_args(bar, setup, "--epsilons", "1.0", "0.1", "--output-dir", str(out_dir)))["results"]
+    assert list(on) == ["w/o BAR", "eps=1", "eps=0.1"]
+    assert on["eps=1"] == on["w/o BAR"]
+    for r in on.values():
+        assert r["num_samples"] == 3
+        for m in ("cIoU", "gIoU", "cBIoU", "gBIoU"):
+            assert 0.0 <= r[m] <= 100.0
+    assert (out_dir / "eps=0.1" / "per_expression.json").is_file()
+    off = bar.run(_args(bar, setup, opts=["MODEL.FLOWSEG.BAR.ENABLED", "False"]))["results"]
+    assert list(off) == ["w/o BAR"]
+    assert off["w/o BAR"] == on["eps=1"]
+    # the model's own settings are restored afterwards
+    cfg = common.setup_cfg(CONFIG, setup["weights"], setup["opts"])
+    model = common.load_model(cfg)
+    inputs = [x for _, x in common.iterate_dataset(cfg, "synthref_test", 1)]
+    bar.boundary_eval(model, inputs, "synthref_test", epsilons=[0.2])
+    assert model.refiner is not None and model.refiner.epsilon == pytest.approx(0.1) and model.return_candidates
+
+
+def test_tools_refuse_a_generic_config_and_a_missing_checkpoint(setup, tmp_path):
+    generic = os.path.join(ROOT, "configs", "tiny", "flowseg_coco_panoptic_tiny.yaml")
+    with pytest.raises(ValueError, match="not in referring mode"):
+        drift.run(drift.parse_args(["--config-file", generic]))
+    with pytest.raises(FileNotFoundError, match="checkpoint file not found"):
+        drift.run(drift.parse_args(["--config-file", CONFIG, "--weights", str(tmp_path / "nope.pth"),
+                                    "--opts", *setup["opts"]]))

@@ -1,0 +1,156 @@
+#!/usr/bin/env python
+"""The README's main job: FlowSeg on the built-in synthetic referring benchmark, on CPU.
+
+Steps (each skipped when its output is already there, so a rerun resumes):
+  1. generate the synthetic data (refer / ReasonSeg / COCO-panoptic layouts) under
+     ``$DETECTRON2_DATASETS/synthetic`` (default ``./datasets/synthetic``);
+  2. write a tiny Qwen3 + SigLIP config and a tokenizer trained on the data's words;
+  3. train with ``projects/FlowSeg/train_net.py`` (Detectron2 prints progress with an ETA);
+  4. evaluate the held-out split (``synthref_test``) and the reasoning split through the
+     project's evaluators -> ``OUTPUT_DIR/metrics_all.json``;
+  5. save overlay pictures (image, expression, predicted and true mask) to ``OUTPUT_DIR/vis``.
+
+    python tools/main_job.py [--output-dir output/main] [--iters N] [KEY VALUE ...]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "projects", "FlowSeg"))
+TRAIN_NET = os.path.join(ROOT, "projects", "FlowSeg", "train_net.py")
+T0 = time.time()
+
+
+def log(msg: str) -> None:
+    print(f"[main {time.time() - T0:6.0f}s] {msg}", flush=True)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", default=os.path.join(ROOT, "configs", "synthetic", "flowseg_synthref_cpu.yaml"))
+    p.add_argument("--output-dir", default=os.path.join(ROOT, "output", "main"))
+    p.add_argument("--iters", type=int, default=None, help="SOLVER.MAX_ITER (default: the config's)")
+    p.add_argument("--num-train", type=int, default=2000, help="synthetic training images")
+    p.add_argument("--num-eval", type=int, default=200, help="synthetic val/test images")
+    p.add_argument("--seed", type=int, default=0, help="data seed")
+    p.add_argument("--num-vis", type=int, default=12, help="overlay pictures to save")
+    p.add_argument("--num-gpus", type=int, default=0, help="0: CPU (MODEL.DEVICE cpu)")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="extra KEY VALUE config options")
+    return p.parse_args()
+
+
+def corpus_from_refs(dataset_names) -> list:
+    """Every sentence of the synthetic data plus the prompt templates: the tokenizer's training text."""
+    from detectron2.data import DatasetCatalog
+
+    from flowseg.modeling.language.prompts import DEFAULT_ANSWERS, PROMPT_TEMPLATES
+
+    lines = [d["expression"] for n in dataset_names for d in DatasetCatalog.get(n)]
+    lines += [str(t) for t in PROMPT_TEMPLATES.values()] + [str(a) for a in DEFAULT_ANSWERS.values() if a]
+    return lines
+
+
+def main() -> None:
+    args = parse_args()
+    os.makedirs(args.output_dir, exist_ok=True)
+    os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(ROOT, "datasets"))
+    from flowseg.data.synthetic import generate_synthetic_datasets, register_synthetic_datasets
+    from flowseg.data.synthetic.generate import default_root
+    from flowseg.utils.tiny_models import make_tiny_llm_dir, tiny_llm_cfg_overrides
+
+    log(f"1/5 synthetic data under {default_root()}")
+    sizes = {"train": args.num_train, "val": args.num_eval, "test": args.num_eval}
+    generate_synthetic_datasets(default_root(), sizes, seed=args.seed)
+    register_synthetic_datasets()
+
+    llm_dir = os.path.join(args.output_dir, "tiny_llm")
+    log(f"2/5 tiny language model config + tokenizer in {llm_dir}")
+    if not os.path.isfile(os.path.join(llm_dir, "llm_config.json")):
+        corpus = corpus_from_refs(["synthref_train", "synthreason_train"])
+        make_tiny_llm_dir(llm_dir, corpus=corpus * 2, vocab_size=400)
+    paths = {
+        "llm_config": os.path.join(llm_dir, "llm_config.json"),
+        "tokenizer": os.path.join(llm_dir, "tokenizer"),
+        "vision_config": os.path.join(llm_dir, "siglip_vision_config.json"),
+    }
+    opts = [str(o) for o in tiny_llm_cfg_overrides(paths)]
+    opts += ["MODEL.LLM.LORA.ENABLED", "False", "OUTPUT_DIR", args.output_dir]
+    opts += ["DATASETS.TEST", '("synthref_test", "synthreason_test")']
+    if args.iters:
+        opts += ["SOLVER.MAX_ITER", str(args.iters)]
+    if args.num_gpus:
+        opts += ["MODEL.DEVICE", "cuda"]
+    opts += args.opts
+    base = [sys.executable, TRAIN_NET, "--config-file", args.config_file, "--num-gpus", str(max(args.num_gpus, 1))]
+
+    final = os.path.join(args.output_dir, "model_final.pth")
+    if not os.path.isfile(final):
+        log("3/5 training (train_net.py; resumes from the last checkpoint if interrupted)")
+        subprocess.run(base + ["--resume"] + opts, check=True, cwd=ROOT)
+    else:
+        log(f"3/5 training done already ({final})")
+
+    log("4/5 evaluation on the held-out split")
+    subprocess.run(base + ["--eval-only", "MODEL.WEIGHTS", final] + opts, check=True, cwd=ROOT)
+    with open(os.path.join(args.output_dir, "metrics_all.json")) as f:
+        metrics = json.load(f)["metrics"]
+
+    log("5/5 overlay pictures")
+    vis_dir = os.path.join(args.output_dir, "vis")
+    save_overlays(args.config_file, opts, final, "synthref_test", vis_dir, args.num_vis)
+
+    ref = metrics["synthref_test"]["referring"]
+    rea = metrics["synthreason_test"]["reasoning"]
+    summary = {
+        "held_out_cIoU": ref["cIoU"],
+        "held_out_gIoU": ref["gIoU"],
+        "oracle_cIoU": ref.get("oracle_cIoU"),
+        "reasoning_gIoU": rea["gIoU"],
+        "reasoning_cIoU": rea["cIoU"],
+        "minutes": round((time.time() - T0) / 60, 1),
+    }
+    with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    log(f"done: {json.dumps(summary)}")
+    log(f"metrics: {args.output_dir}/metrics_all.json, pictures: {vis_dir}")
+
+
+def save_overlays(config_file: str, opts: list, weights: str, dataset: str, out_dir: str, n: int) -> None:
+    import cv2
+    import torch
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.config import get_cfg
+    from detectron2.data import DatasetCatalog
+    from detectron2.modeling import build_model
+
+    from flowseg import add_flowseg_config
+    from flowseg.data.build import build_test_mapper
+    from flowseg.evaluation.metrics import intersection_union, iou_from_iu
+    from flowseg.utils.visualize import draw_referring_overlay
+
+    cfg = get_cfg()
+    add_flowseg_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(opts)
+    model = build_model(cfg).eval()
+    DetectionCheckpointer(model).load(weights)
+    mapper = build_test_mapper(cfg, dataset)
+    os.makedirs(out_dir, exist_ok=True)
+    for i, d in enumerate(DatasetCatalog.get(dataset)[:n]):
+        x = mapper(dict(d))
+        with torch.no_grad():
+            ref = model([x])[0]["ref_seg"]
+        pred = ref["mask"].cpu().numpy()
+        iou = iou_from_iu(*intersection_union(pred, x["gt_mask"]))
+        image = cv2.cvtColor(cv2.imread(d["file_name"]), cv2.COLOR_BGR2RGB)
+        pic = draw_referring_overlay(image, d["expression"], pred, x["gt_mask"], ref["score"], iou, scale=3.0)
+        cv2.imwrite(os.path.join(out_dir, f"{i:03d}.png"), cv2.cvtColor(pic, cv2.COLOR_RGB2BGR))
+
+
+if __name__ == "__main__":
+    main()
