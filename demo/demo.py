@@ -36,11 +36,10 @@ from detectron2.config import CfgNode, get_cfg  # noqa: E402
 from detectron2.data import detection_utils as utils  # noqa: E402
 from detectron2.data import transforms as T  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
-from PIL import Image  # noqa: E402
-
 from flowseg import add_flowseg_config  # noqa: E402
 from flowseg.data.dataset_mappers.referring import long_side_shape  # noqa: E402
 from flowseg.utils.visualize import draw_referring_overlay  # noqa: E402
+from PIL import Image  # noqa: E402
 
 logger = logging.getLogger("flowseg.demo")
 
@@ -92,6 +91,15 @@ def list_images(path: str) -> List[str]:
     return [path]
 
 
+def check_image(path: str) -> None:
+    """Cheap header check (no decoding), so that a bad file fails before the slow model load."""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:
+        raise DemoError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
 def read_image(path: str, image_format: str) -> np.ndarray:
     """HxWx3 uint8 in ``image_format`` (EXIF orientation applied, like Detectron2's loaders)."""
     try:
@@ -140,8 +148,10 @@ def run(args: argparse.Namespace) -> List[str]:
     """Run the demo; returns the written files. Raises :class:`DemoError` on user errors."""
     expression = (args.expression or "").strip()
     if not expression:
-        raise DemoError("the expression is empty: pass --expression \"the object to segment\"")
+        raise DemoError('the expression is empty: pass --expression "the object to segment"')
     images = list_images(args.input)  # before the (slow) model build: fail fast on a bad path
+    for path in images:
+        check_image(path)
     cfg = setup_cfg(args.config_file, args.weights, args.opts)
     demo = ReferringDemo(cfg)
     os.makedirs(args.output, exist_ok=True)
@@ -154,7 +164,9 @@ def run(args: argparse.Namespace) -> List[str]:
             msg = f"no target found for {expression!r} in {path}"
             logger.warning(msg)
             print(f"warning: {msg}", file=sys.stderr)
-        pic = draw_referring_overlay(demo.to_rgb(image), expression, mask, score=ref.get("score"), scale=args.scale)
+        pic = draw_referring_overlay(
+            demo.to_rgb(image), expression, mask, score=ref.get("score"), scale=args.scale
+        )
         out = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + ".png")
         if not cv2.imwrite(out, cv2.cvtColor(pic, cv2.COLOR_RGB2BGR)):
             raise DemoError(f"cannot write {out}")
@@ -168,13 +180,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--config-file", required=True, metavar="FILE", help="referring-mode FlowSeg config")
     p.add_argument("--weights", default=None, metavar="FILE", help="checkpoint (sets MODEL.WEIGHTS)")
     p.add_argument("--input", required=True, help="an image file or a folder of images")
-    p.add_argument("--expression", required=True, help="what to segment, e.g. \"the dog on the left\"")
+    p.add_argument("--expression", required=True, help='what to segment, e.g. "the dog on the left"')
     p.add_argument("--output", required=True, help="output folder for the overlay PNGs")
-    p.add_argument("--task", choices=("referring", "reasoning"), default="referring",
-                   help="prompt template: referring expression or reasoning question")
+    p.add_argument(
+        "--task",
+        choices=("referring", "reasoning"),
+        default="referring",
+        help="prompt template: referring expression or reasoning question",
+    )
     p.add_argument("--scale", type=float, default=1.0, help="drawing scale of the overlay")
-    p.add_argument("--opts", default=[], nargs=argparse.REMAINDER, metavar="KEY VALUE",
-                   help="config overrides, e.g. --opts MODEL.DEVICE cpu (must come last)")
+    p.add_argument(
+        "--opts",
+        default=[],
+        nargs=argparse.REMAINDER,
+        metavar="KEY VALUE",
+        help="config overrides, e.g. --opts MODEL.DEVICE cpu (must come last)",
+    )
     return p.parse_args(argv)
 
 

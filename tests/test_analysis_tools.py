@@ -16,7 +16,6 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
-
 from flowseg import add_flowseg_config
 from flowseg.data.synthetic import generate_synthetic_datasets, register_synthetic_datasets
 from flowseg.utils.tiny_models import make_tiny_llm_dir, tiny_llm_cfg_overrides
@@ -27,7 +26,9 @@ CONFIG = os.path.join(ROOT, "configs", "tiny", "flowseg_refer_tiny.yaml")
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"flowseg_analysis_{name}", os.path.join(TOOLS, f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(
+        f"flowseg_analysis_{name}", os.path.join(TOOLS, f"{name}.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -80,7 +81,7 @@ TABLE5_RECORDS = [
 
 def test_oracle_vs_selected_exact_numbers(tmp_path):
     a = _write(tmp_path / "a" / "per_expression.json", TABLE5_RECORDS)
-    b = _write(tmp_path / "b" / "per_expression.json", TABLE5_RECORDS[:2])
+    _write(tmp_path / "b" / "per_expression.json", TABLE5_RECORDS[:2])
     out = oracle.oracle_vs_selected([a, str(tmp_path / "b")], ["A", "B"], output_dir=str(tmp_path / "out"))
     ra, rb = out["rows"]
     assert ra["label"] == "A" and ra["num_samples"] == 4
@@ -151,7 +152,9 @@ def test_failure_rescue_joins_on_expression_and_averages(tmp_path):
 def test_failure_rescue_names_missing_samples(tmp_path, capsys):
     a, b = _rescue_records()
     b = [r for r in b if r["ref_id"] != 30]
-    with pytest.raises(ValueError, match=r"1 sample\(s\) of baseline are missing from model: \(image_id=3, ref_id=30"):
+    with pytest.raises(
+        ValueError, match=r"1 sample\(s\) of baseline are missing from model: \(image_id=3, ref_id=30"
+    ):
         rescue.failure_rescue(a, b)
     fa, fb = _write(tmp_path / "a.json", a), _write(tmp_path / "b.json", b)
     assert rescue.main(["--baseline", fa, "--model", fb]) == 1
@@ -164,9 +167,19 @@ def test_failure_rescue_names_missing_samples(tmp_path, capsys):
 def test_oracle_cli_smoke(tmp_path):
     f = _write(tmp_path / "r" / "per_expression.json", TABLE5_RECORDS)
     proc = subprocess.run(
-        [sys.executable, os.path.join(TOOLS, "oracle_vs_selected.py"), "--inputs", f, "--labels", "M",
-         "--output-dir", str(tmp_path / "out")],
-        capture_output=True, text=True, cwd=str(tmp_path),
+        [
+            sys.executable,
+            os.path.join(TOOLS, "oracle_vs_selected.py"),
+            "--inputs",
+            f,
+            "--labels",
+            "M",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=str(tmp_path),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| M | 4 | 24.00 |" in proc.stdout
@@ -184,7 +197,9 @@ def setup(tmp_path_factory):
     d2 = tmp / "datasets"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DETECTRON2_DATASETS", str(d2))
-        generate_synthetic_datasets(str(d2 / "synthetic"), {"train": 2, "val": 2, "test": 2}, seed=0, image_size=64)
+        generate_synthetic_datasets(
+            str(d2 / "synthetic"), {"train": 2, "val": 2, "test": 2}, seed=0, image_size=64
+        )
         register_synthetic_datasets(str(d2 / "synthetic"))
         opts = [str(o) for o in tiny_llm_cfg_overrides(llm)]
         opts += ["MODEL.LLM.LORA.ENABLED", "False", "DATASETS.TEST", '("synthref_test",)']
@@ -201,8 +216,18 @@ def setup(tmp_path_factory):
 
 def _args(tool, setup, *extra, opts=()):
     return tool.parse_args(
-        ["--config-file", CONFIG, "--weights", setup["weights"], "--max-samples", "3", *extra,
-         "--opts", *setup["opts"], *opts]
+        [
+            "--config-file",
+            CONFIG,
+            "--weights",
+            setup["weights"],
+            "--max-samples",
+            "3",
+            *extra,
+            "--opts",
+            *setup["opts"],
+            *opts,
+        ]
     )
 
 
@@ -297,7 +322,9 @@ def test_boundary_eval_eps_one_equals_bar_disabled(setup):
     model = common.load_model(cfg)
     inputs = [x for _, x in common.iterate_dataset(cfg, "synthref_test", 1)]
     bar.boundary_eval(model, inputs, "synthref_test", epsilons=[0.2])
-    assert model.refiner is not None and model.refiner.epsilon == pytest.approx(0.1) and model.return_candidates
+    assert (
+        model.refiner is not None and model.refiner.epsilon == pytest.approx(0.1) and model.return_candidates
+    )
 
 
 def test_tools_refuse_a_generic_config_and_a_missing_checkpoint(setup, tmp_path):
@@ -305,5 +332,8 @@ def test_tools_refuse_a_generic_config_and_a_missing_checkpoint(setup, tmp_path)
     with pytest.raises(ValueError, match="not in referring mode"):
         drift.run(drift.parse_args(["--config-file", generic]))
     with pytest.raises(FileNotFoundError, match="checkpoint file not found"):
-        drift.run(drift.parse_args(["--config-file", CONFIG, "--weights", str(tmp_path / "nope.pth"),
-                                    "--opts", *setup["opts"]]))
+        drift.run(
+            drift.parse_args(
+                ["--config-file", CONFIG, "--weights", str(tmp_path / "nope.pth"), "--opts", *setup["opts"]]
+            )
+        )

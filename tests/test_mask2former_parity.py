@@ -6,7 +6,6 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_sem_seg_head
-
 from flowseg import add_flowseg_config
 from flowseg.checkpoint import convert_hf_mask2former, convert_mask2former_checkpoint
 

@@ -7,7 +7,6 @@ from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Instances
-
 from flowseg import add_flowseg_config
 from flowseg.utils.tiny_models import make_tiny_llm_dir, tiny_llm_cfg_overrides
 

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from flowseg.data.synthetic import generate_synthetic_datasets
 from flowseg.utils.tiny_models import make_tiny_llm_dir, tiny_llm_cfg_overrides
 

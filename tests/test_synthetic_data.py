@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 from detectron2.data import DatasetCatalog
-
 from flowseg.data.dataset_mappers.referring import gt_masks_from_dict
 from flowseg.data.synthetic import generate_scene, generate_synthetic_datasets, register_synthetic_datasets
 from flowseg.data.synthetic.scenes import COLOURS, resolve
@@ -27,7 +26,9 @@ def test_expressions_unique_and_resolve_to_their_target(scenes):
 def test_every_object_has_a_distractor(scenes):
     for scene in scenes:
         for i, o in enumerate(scene.objects):
-            assert any(j != i and (p.shape == o.shape or p.colour == o.colour) for j, p in enumerate(scene.objects))
+            assert any(
+                j != i and (p.shape == o.shape or p.colour == o.colour) for j, p in enumerate(scene.objects)
+            )
 
 
 def test_all_expression_kinds_and_implicit_queries_occur(scenes):
@@ -80,7 +81,9 @@ def test_written_formats_round_trip_through_the_real_loaders(tmp_path):
     for d in reason:
         gt, ignore = gt_masks_from_dict(d)
         i = int(d["image_id"].rsplit("_", 1)[1])
-        ious = [(gt.astype(bool) & o.mask).sum() / (gt.astype(bool) | o.mask).sum() for o in scenes[i].objects]
+        ious = [
+            (gt.astype(bool) & o.mask).sum() / (gt.astype(bool) | o.mask).sum() for o in scenes[i].objects
+        ]
         assert max(ious) > 0.9  # polygons traced from the mask
         assert not ignore.any()
 

@@ -32,7 +32,9 @@ def log(msg: str) -> None:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", default=os.path.join(ROOT, "configs", "synthetic", "flowseg_synthref_cpu.yaml"))
+    p.add_argument(
+        "--config-file", default=os.path.join(ROOT, "configs", "synthetic", "flowseg_synthref_cpu.yaml")
+    )
     p.add_argument("--output-dir", default=os.path.join(ROOT, "output", "main"))
     p.add_argument("--iters", type=int, default=None, help="SOLVER.MAX_ITER (default: the config's)")
     p.add_argument("--num-train", type=int, default=2000, help="synthetic training images")
@@ -47,7 +49,6 @@ def parse_args() -> argparse.Namespace:
 def corpus_from_refs(dataset_names) -> list:
     """Every sentence of the synthetic data plus the prompt templates: the tokenizer's training text."""
     from detectron2.data import DatasetCatalog
-
     from flowseg.modeling.language.prompts import DEFAULT_ANSWERS, PROMPT_TEMPLATES
 
     lines = [d["expression"] for n in dataset_names for d in DatasetCatalog.get(n)]
@@ -86,7 +87,14 @@ def main() -> None:
     if args.num_gpus:
         opts += ["MODEL.DEVICE", "cuda"]
     opts += args.opts
-    base = [sys.executable, TRAIN_NET, "--config-file", args.config_file, "--num-gpus", str(max(args.num_gpus, 1))]
+    base = [
+        sys.executable,
+        TRAIN_NET,
+        "--config-file",
+        args.config_file,
+        "--num-gpus",
+        str(max(args.num_gpus, 1)),
+    ]
 
     final = os.path.join(args.output_dir, "model_final.pth")
     if not os.path.isfile(final):
@@ -127,7 +135,6 @@ def save_overlays(config_file: str, opts: list, weights: str, dataset: str, out_
     from detectron2.config import get_cfg
     from detectron2.data import DatasetCatalog
     from detectron2.modeling import build_model
-
     from flowseg import add_flowseg_config
     from flowseg.data.build import build_test_mapper
     from flowseg.evaluation.metrics import intersection_union, iou_from_iu

@@ -102,7 +102,9 @@ def attention_maps(
         )
     n_valid = int(cond["condition_mask"][0].sum())
     if not 0 <= condition_index < n_valid:
-        raise ValueError(f"condition_index {condition_index} out of range: the sample has {n_valid} condition(s)")
+        raise ValueError(
+            f"condition_index {condition_index} out of range: the sample has {n_valid} condition(s)"
+        )
     if "seg_embed" not in cond or not bool(cond["seg_mask"][0]):
         raise ValueError("the prompt has no <SEG> token: no segmentation embedding to visualise")
 
@@ -115,7 +117,10 @@ def attention_maps(
     q = predictor.decoder_norm(captured["queries"])[:, 0].float()  # [Q,h]
     seg_w = torch.softmax(q @ s / math.sqrt(q.shape[-1]), dim=0)
 
-    height, width = int(x.get("height", images.image_sizes[0][0])), int(x.get("width", images.image_sizes[0][1]))
+    height, width = (
+        int(x.get("height", images.image_sizes[0][0])),
+        int(x.get("width", images.image_sizes[0][1])),
+    )
     seg_map = _to_image(seg_w, masks, images, height, width)
     cond_map = _to_image(cond_w, masks, images, height, width)
     prob = outputs["pred_logits"][0].softmax(-1)[:, condition_index]
@@ -153,7 +158,9 @@ def _label(panel: np.ndarray, text: str, font_scale: float) -> np.ndarray:
     panel = panel.copy()
     (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
     cv2.rectangle(panel, (0, 0), (tw + 6, th + 8), (0, 0, 0), -1)
-    cv2.putText(panel, text, (3, th + 3), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255), 1, cv2.LINE_AA)
+    cv2.putText(
+        panel, text, (3, th + 3), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255), 1, cv2.LINE_AA
+    )
     return panel
 
 
@@ -170,7 +177,10 @@ def render_attention(
     scale = max(1.0, min_side / max(1, min(h, w)))  # small images are enlarged for legibility
     size = (int(round(w * scale)), int(round(h * scale)))
     image = cv2.resize(image_rgb, size, interpolation=cv2.INTER_LINEAR)
-    heats = [cv2.resize(m.astype(np.float32), size, interpolation=cv2.INTER_LINEAR) for m in (seg_heatmap, cond_heatmap)]
+    heats = [
+        cv2.resize(m.astype(np.float32), size, interpolation=cv2.INTER_LINEAR)
+        for m in (seg_heatmap, cond_heatmap)
+    ]
     fs = 0.45
     panels = [
         _label(image, "image", fs),
@@ -183,7 +193,9 @@ def render_attention(
     line_h = cv2.getTextSize("Ag", cv2.FONT_HERSHEY_SIMPLEX, title_fs, 1)[0][1] + 10
     strip = np.full((line_h * len(lines) + 8, body.shape[1], 3), 255, np.uint8)
     for i, line in enumerate(lines):
-        cv2.putText(strip, line, (6, line_h * (i + 1)), cv2.FONT_HERSHEY_SIMPLEX, title_fs, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(
+            strip, line, (6, line_h * (i + 1)), cv2.FONT_HERSHEY_SIMPLEX, title_fs, (0, 0, 0), 1, cv2.LINE_AA
+        )
     return np.concatenate([strip, body], axis=0)
 
 
@@ -227,7 +239,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layer", type=int, default=-1, help="decoder layer 1..L (negative: from the end; default last)")
+    p.add_argument(
+        "--layer", type=int, default=-1, help="decoder layer 1..L (negative: from the end; default last)"
+    )
     p.add_argument("--condition-index", type=int, default=0, help="which <p> span's condition (default 0)")
     p.add_argument("--output-dir", required=True, help="folder for the PNGs and attention_maps.json")
     add_model_args(p)
@@ -240,7 +254,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging()
     out = run(parse_args(argv))
-    print(f"{len(out['samples'])} attention pictures in {os.path.dirname(out['samples'][0]['png']) if out['samples'] else '-'}")
+    print(
+        f"{len(out['samples'])} attention pictures in {os.path.dirname(out['samples'][0]['png']) if out['samples'] else '-'}"
+    )
     return 0
 
 

@@ -42,7 +42,6 @@ from common import (  # noqa: E402
     write_json,
     write_text,
 )
-
 from flowseg.evaluation import ReferringEvaluator  # noqa: E402
 
 logger = logging.getLogger("flowseg.analysis.bar")
@@ -54,11 +53,15 @@ OFF = "w/o BAR"
 METRICS = ("cIoU", "gIoU", "cBIoU", "gBIoU")
 
 
-def bar_settings(model: torch.nn.Module, epsilons: Sequence[float], include_off: bool = True) -> List[Tuple[str, Optional[float]]]:
+def bar_settings(
+    model: torch.nn.Module, epsilons: Sequence[float], include_off: bool = True
+) -> List[Tuple[str, Optional[float]]]:
     """``[(name, epsilon or None for "refiner skipped")]`` applicable to ``model``."""
     if model.refiner is None:
         if epsilons:
-            logger.warning("the model has no refiner (MODEL.FLOWSEG.BAR.ENABLED False): only '%s' is evaluated", OFF)
+            logger.warning(
+                "the model has no refiner (MODEL.FLOWSEG.BAR.ENABLED False): only '%s' is evaluated", OFF
+            )
         return [(OFF, None)]
     settings: List[Tuple[str, Optional[float]]] = [(OFF, None)] if include_off else []
     settings += [(f"eps={float(e):g}", float(e)) for e in epsilons]
@@ -85,7 +88,9 @@ def boundary_eval(
     settings = bar_settings(model, epsilons, include_off)
     evaluators = {
         name: ReferringEvaluator(
-            dataset_name, output_dir=os.path.join(output_dir, _slug(name)) if output_dir else None, distributed=False
+            dataset_name,
+            output_dir=os.path.join(output_dir, _slug(name)) if output_dir else None,
+            distributed=False,
         )
         for name, _ in settings
     }
@@ -115,8 +120,10 @@ def boundary_eval(
 
 
 def table(results: Dict[str, Dict[str, float]]) -> str:
-    return markdown_table(["Setting", *METRICS, "N"], [[n, *(r.get(m) for m in METRICS), r.get("num_samples")]
-                                                       for n, r in results.items()])
+    return markdown_table(
+        ["Setting", *METRICS, "N"],
+        [[n, *(r.get(m) for m in METRICS), r.get("num_samples")] for n, r in results.items()],
+    )
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
@@ -128,18 +135,28 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     )
     out = {"dataset": dataset, "weights": cfg.MODEL.WEIGHTS, "results": results, "markdown": table(results)}
     if args.output_dir:
-        write_json(os.path.join(args.output_dir, "boundary_eval.json"), {k: v for k, v in out.items() if k != "markdown"})
+        write_json(
+            os.path.join(args.output_dir, "boundary_eval.json"),
+            {k: v for k, v in out.items() if k != "markdown"},
+        )
         write_text(os.path.join(args.output_dir, "boundary_eval.md"), out["markdown"])
     return out
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epsilons", nargs="*", type=float, default=list(DEFAULT_EPSILONS),
-                   help="boundary thresholds to evaluate (1.0 = no refinement)")
+    p.add_argument(
+        "--epsilons",
+        nargs="*",
+        type=float,
+        default=list(DEFAULT_EPSILONS),
+        help="boundary thresholds to evaluate (1.0 = no refinement)",
+    )
     p.add_argument("--no-off-row", action="store_true", help="leave out the 'refiner skipped' row")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--output-dir", default=None, help="write boundary_eval.{json,md} and per-setting files here")
+    p.add_argument(
+        "--output-dir", default=None, help="write boundary_eval.{json,md} and per-setting files here"
+    )
     add_model_args(p)
     return p.parse_args(argv)
 

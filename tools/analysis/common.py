@@ -37,7 +37,6 @@ from detectron2.config import CfgNode, get_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.file_io import PathManager  # noqa: E402
-
 from flowseg import add_flowseg_config  # noqa: E402
 from flowseg.data.build import build_test_mapper  # noqa: E402
 
@@ -73,11 +72,16 @@ def add_model_args(parser: argparse.ArgumentParser, dataset: bool = True) -> arg
     """``--config-file``, ``--weights``, (``--dataset``, ``--max-samples``), ``--opts KEY VALUE ...``."""
     parser.add_argument("--config-file", required=True, metavar="FILE", help="FlowSeg yaml config")
     parser.add_argument(
-        "--weights", default=None, metavar="FILE", help="checkpoint (sets MODEL.WEIGHTS; default: the config's)"
+        "--weights",
+        default=None,
+        metavar="FILE",
+        help="checkpoint (sets MODEL.WEIGHTS; default: the config's)",
     )
     if dataset:
         parser.add_argument(
-            "--dataset", default=None, help="registered data set name (default: the config's DATASETS.TEST[0])"
+            "--dataset",
+            default=None,
+            help="registered data set name (default: the config's DATASETS.TEST[0])",
         )
         parser.add_argument(
             "--max-samples", type=int, default=None, help="only the first N samples (default: all)"
@@ -191,7 +195,9 @@ def batched(items: Iterable[Any], batch_size: int) -> Iterator[List[Any]]:
 
 
 @torch.no_grad()
-def run_head_with_intermediates(model: torch.nn.Module, inputs: List[Dict[str, Any]]) -> Tuple[Dict, Dict, Any]:
+def run_head_with_intermediates(
+    model: torch.nn.Module, inputs: List[Dict[str, Any]]
+) -> Tuple[Dict, Dict, Any]:
     """``(decoder outputs with BSF intermediates, condition-head outputs, ImageList)``."""
     images = model.preprocess_image(inputs)
     outputs, cond = model.run_head(inputs, images, return_intermediates=True)

@@ -61,7 +61,9 @@ def condition_cosines(conditions: Sequence[torch.Tensor], condition_mask: torch.
 
 
 @torch.no_grad()
-def condition_drift(model: torch.nn.Module, inputs: Iterable[Dict[str, Any]], batch_size: int = 1) -> Dict[str, Any]:
+def condition_drift(
+    model: torch.nn.Module, inputs: Iterable[Dict[str, Any]], batch_size: int = 1
+) -> Dict[str, Any]:
     """Mean / std / min cosine(C(0), C(l)) per layer over ``inputs`` (model inputs from a test mapper)."""
     sums: Optional[torch.Tensor] = None
     sq_sums: Optional[torch.Tensor] = None
@@ -70,7 +72,7 @@ def condition_drift(model: torch.nn.Module, inputs: Iterable[Dict[str, Any]], ba
     num_samples = 0
     for batch in batched(inputs, batch_size):
         outputs, cond, _ = run_head_with_intermediates(model, batch)
-        cos = condition_cosines(outputs.get("conditions", []), cond["condition_mask"])  # [L, N]
+        cos = condition_cosines(outputs.get("conditions", []), cond["condition_mask"]).cpu()  # [L, N]
         if cos.shape[1] == 0:
             continue
         if sums is None:
@@ -101,7 +103,11 @@ def table(result: Dict[str, Any]) -> str:
     headers = ["Layer l", *[str(layer) for layer in result["layers"]]]
     return markdown_table(
         headers,
-        [["Cosine Sim.", *result["mean_cosine"]], ["std", *result["std_cosine"]], ["min", *result["min_cosine"]]],
+        [
+            ["Cosine Sim.", *result["mean_cosine"]],
+            ["std", *result["std_cosine"]],
+            ["min", *result["min_cosine"]],
+        ],
         digits=3,
     )
 
@@ -116,8 +122,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if not result["condition_refinement"]:
         logger.info("CONDITION_REFINEMENT is off: the conditions are not updated, cosines are 1")
     if args.output_dir:
-        write_json(os.path.join(args.output_dir, "condition_drift.json"), {k: v for k, v in result.items()
-                                                                         if k != "markdown"})
+        write_json(
+            os.path.join(args.output_dir, "condition_drift.json"),
+            {k: v for k, v in result.items() if k != "markdown"},
+        )
         write_text(os.path.join(args.output_dir, "condition_drift.md"), result["markdown"])
     return result
 
@@ -139,4 +147,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

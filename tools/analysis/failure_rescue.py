@@ -38,7 +38,6 @@ from common import (  # noqa: E402
     write_json,
     write_text,
 )
-
 from flowseg.evaluation.metrics import cumulative_iou, mean_iou  # noqa: E402
 
 logger = logging.getLogger("flowseg.analysis.rescue")
@@ -64,7 +63,9 @@ def index_records(records: Sequence[Dict[str, Any]], name: str = "records") -> D
     for r in records:
         key = sample_key(r)
         if key in index:
-            raise ValueError(f"{name}: two records share the sample id {_key_str(key)}; the join would be ambiguous")
+            raise ValueError(
+                f"{name}: two records share the sample id {_key_str(key)}; the join would be ambiguous"
+            )
         index[key] = r
     return index
 
@@ -79,7 +80,9 @@ def _check_same_samples(a: Dict[Tuple, Any], b: Dict[Tuple, Any], name_a: str, n
         if missing:
             named = ", ".join(_key_str(k) for k in missing[:_MAX_NAMED])
             more = f" and {len(missing) - _MAX_NAMED} more" if len(missing) > _MAX_NAMED else ""
-            parts.append(f"{len(missing)} sample(s) of {present_in} are missing from {absent_from}: {named}{more}")
+            parts.append(
+                f"{len(missing)} sample(s) of {present_in} are missing from {absent_from}: {named}{more}"
+            )
     raise ValueError("the two results files do not cover the same samples: " + "; ".join(parts))
 
 
@@ -169,7 +172,9 @@ def failure_rescue_files(
 ) -> Dict[str, Any]:
     """:func:`failure_rescue` for each (baseline file, model file) pair, plus the Avg. column."""
     if len(baseline) != len(model):
-        raise ValueError(f"{len(baseline)} baseline files but {len(model)} model files: give one pair per dataset")
+        raise ValueError(
+            f"{len(baseline)} baseline files but {len(model)} model files: give one pair per dataset"
+        )
     if labels is not None and len(labels) != len(baseline):
         raise ValueError(f"{len(labels)} labels for {len(baseline)} dataset pairs")
     results = []
@@ -191,8 +196,15 @@ def failure_rescue_files(
             "threshold": results[0]["subsets"][j]["threshold"],
             **{
                 k: _mean([r["subsets"][j][k] for r in results])
-                for k in ("baseline_cIoU", "model_cIoU", "delta_cIoU", "baseline_gIoU", "model_gIoU",
-                          "delta_gIoU", "rescue_rate")
+                for k in (
+                    "baseline_cIoU",
+                    "model_cIoU",
+                    "delta_cIoU",
+                    "baseline_gIoU",
+                    "model_gIoU",
+                    "delta_gIoU",
+                    "rescue_rate",
+                )
             },
         }
         for j in range(len(thresholds))
@@ -200,7 +212,9 @@ def failure_rescue_files(
     table = _table(results, names, baseline_name, model_name)
     out = {"datasets": results, "average": average, "markdown": table}
     if output_dir:
-        write_json(os.path.join(output_dir, "failure_rescue.json"), {k: v for k, v in out.items() if k != "markdown"})
+        write_json(
+            os.path.join(output_dir, "failure_rescue.json"), {k: v for k, v in out.items() if k != "markdown"}
+        )
         write_text(os.path.join(output_dir, "failure_rescue.md"), table)
     return out
 
@@ -214,10 +228,14 @@ def _single(path: str) -> List[str]:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--baseline", nargs="+", required=True, help="baseline per_expression.json (one per dataset)")
+    p.add_argument(
+        "--baseline", nargs="+", required=True, help="baseline per_expression.json (one per dataset)"
+    )
     p.add_argument("--model", nargs="+", required=True, help="model per_expression.json, same order")
     p.add_argument("--labels", nargs="+", default=None, help="dataset names (columns)")
-    p.add_argument("--thresholds", nargs="+", type=float, default=[0.5, 0.2], help="failure: baseline IoU < t")
+    p.add_argument(
+        "--thresholds", nargs="+", type=float, default=[0.5, 0.2], help="failure: baseline IoU < t"
+    )
     p.add_argument("--success-threshold", type=float, default=0.5, help="rescued: model IoU >= this")
     p.add_argument("--baseline-name", default="Baseline")
     p.add_argument("--model-name", default="FlowSeg")
@@ -230,8 +248,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         out = failure_rescue_files(
-            args.baseline, args.model, args.labels, args.thresholds, args.success_threshold,
-            args.baseline_name, args.model_name, args.output_dir,
+            args.baseline,
+            args.model,
+            args.labels,
+            args.thresholds,
+            args.success_threshold,
+            args.baseline_name,
+            args.model_name,
+            args.output_dir,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

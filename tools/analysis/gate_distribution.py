@@ -169,15 +169,22 @@ def plot_gate_distribution(result: Dict[str, Any], path: str, title: Optional[st
                 "fliers": [],
             }
         )
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(stats), 3.6), dpi=120)
-    ax.bxp(stats, showmeans=True, showfliers=False, patch_artist=True,
-           boxprops={"facecolor": "#9ecae1"}, medianprops={"color": "#08519c"})
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.0 + 0.6 * len(stats)), 3.6), dpi=120)
+    ax.bxp(
+        stats,
+        showmeans=True,
+        showfliers=False,
+        patch_artist=True,
+        boxprops={"facecolor": "#9ecae1"},
+        medianprops={"color": "#08519c"},
+    )
     ax.axhline(0.5, color="gray", lw=0.8, ls="--")  # balanced visual / semantic mix
     ax.set_ylim(0.0, 1.0)
     ax.set_xlabel("decoder layer")
-    ax.set_ylabel("fusion gate g (1 = visual, 0 = semantic)")
-    ax.set_title(title or f"Fusion gates ({result['num_samples']} samples, per {result['granularity']})",
-                 fontsize=9)
+    ax.set_ylabel("gate g  (1: visual, 0: semantic)")
+    ax.set_title(
+        title or f"Fusion gates ({result['num_samples']} samples, per {result['granularity']})", fontsize=9
+    )
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
@@ -199,8 +206,12 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--granularity", choices=("element", "query"), default="element",
-                   help="pool every gate channel (element) or each query's channel mean (query)")
+    p.add_argument(
+        "--granularity",
+        choices=("element", "query"),
+        default="element",
+        help="pool every gate channel (element) or each query's channel mean (query)",
+    )
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--output-dir", default=None, help="write gate_distribution.{json,png} here")
     add_model_args(p)
@@ -212,8 +223,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result = run(parse_args(argv))
     for layer in result["layers"]:
         q = layer["quantiles"]
-        print(f"layer {layer['layer']}: mean {layer['mean']:.3f} std {layer['std']:.3f} "
-              f"median {q['0.5']:.3f} [5%, 95%] = [{q['0.05']:.3f}, {q['0.95']:.3f}]")
+        print(
+            f"layer {layer['layer']}: mean {layer['mean']:.3f} std {layer['std']:.3f} "
+            f"median {q['0.5']:.3f} [5%, 95%] = [{q['0.05']:.3f}, {q['0.95']:.3f}]"
+        )
     return 0
 
 

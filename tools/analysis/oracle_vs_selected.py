@@ -34,7 +34,6 @@ from common import (  # noqa: E402
     write_json,
     write_text,
 )
-
 from flowseg.evaluation.metrics import cumulative_iou, mean_iou  # noqa: E402
 
 logger = logging.getLogger("flowseg.analysis.oracle")
@@ -103,13 +102,31 @@ def oracle_vs_selected(
                 label = f"{label}/{os.path.relpath(os.path.dirname(f), path)}"
             row = {"label": label, "file": f, **summarize_records(load_per_expression(f), fail_threshold)}
             rows.append(row)
-    headers = ["Model", "N", "cIoU", "gIoU", "oracle cIoU", "oracle gIoU", "gap", "failures",
-               f"misaligned (oracle>={fail_threshold:g}) %"]
+    headers = [
+        "Model",
+        "N",
+        "cIoU",
+        "gIoU",
+        "oracle cIoU",
+        "oracle gIoU",
+        "gap",
+        "failures",
+        f"misaligned (oracle>={fail_threshold:g}) %",
+    ]
     table = markdown_table(
         headers,
         [
-            [r["label"], r["num_samples"], r["cIoU"], r["gIoU"], r["oracle_cIoU"], r["oracle_gIoU"],
-             r["oracle_gap_cIoU"], r["num_failures"], r["misalignment_share"]]
+            [
+                r["label"],
+                r["num_samples"],
+                r["cIoU"],
+                r["gIoU"],
+                r["oracle_cIoU"],
+                r["oracle_gIoU"],
+                r["oracle_gap_cIoU"],
+                r["num_failures"],
+                r["misalignment_share"],
+            ]
             for r in rows
         ],
     )

@@ -39,5 +39,6 @@ def draw_referring_overlay(
     strip_h = max(18, int(22 * scale))
     canvas = np.full((strip_h, body.shape[1], 3), 255, np.uint8)
     cap = Visualizer(canvas, scale=1.0)
-    cap.draw_text(title, (4, strip_h // 2), horizontal_alignment="left", color="black", font_size=8)
+    # the panels' Visualizer multiplies font sizes by `scale`; this canvas is already at output size
+    cap.draw_text(title, (4, strip_h // 2), horizontal_alignment="left", color="black", font_size=8 * scale)
     return np.concatenate([body, cap.get_output().get_image()], axis=0)
