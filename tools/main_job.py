@@ -5,7 +5,10 @@ Steps (each skipped when its output is already there, so a rerun resumes):
   1. generate the synthetic data (refer / ReasonSeg / COCO-panoptic layouts) under
      ``$DETECTRON2_DATASETS/synthetic`` (default ``./datasets/synthetic``);
   2. write a tiny Qwen3 + SigLIP config and a tokenizer trained on the data's words;
-  3. train with ``projects/FlowSeg/train_net.py`` (Detectron2 prints progress with an ETA);
+  3. train with ``projects/FlowSeg/train_net.py`` (Detectron2 prints progress with an ETA) in
+     two stages, the paper's recipe in miniature: stage 1 = the segmentor alone on the synthetic
+     panoptic data (queries learn to propose every object), stage 3 = FlowSeg (LLM conditions,
+     BSF, BAR) on referring + panoptic batches, starting from the stage-1 weights;
   4. evaluate the held-out split (``synthref_test``) and the reasoning split through the
      project's evaluators -> ``OUTPUT_DIR/metrics_all.json``;
   5. save overlay pictures (image, expression, predicted and true mask) to ``OUTPUT_DIR/vis``.
@@ -34,6 +37,12 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--config-file", default=os.path.join(ROOT, "configs", "synthetic", "flowseg_synthref_cpu.yaml")
+    )
+    p.add_argument(
+        "--stage1-config", default=os.path.join(ROOT, "configs", "synthetic", "stage1_synthpan_cpu.yaml")
+    )
+    p.add_argument(
+        "--stage1-iters", type=int, default=None, help="stage-1 SOLVER.MAX_ITER (default: config's)"
     )
     p.add_argument("--output-dir", default=os.path.join(ROOT, "output", "main"))
     p.add_argument("--iters", type=int, default=None, help="SOLVER.MAX_ITER (default: the config's)")
@@ -96,10 +105,27 @@ def main() -> None:
         str(max(args.num_gpus, 1)),
     ]
 
+    stage1_dir = os.path.join(args.output_dir, "stage1")
+    stage1 = os.path.join(stage1_dir, "model_final.pth")
+    if not os.path.isfile(stage1):
+        log("3a/5 stage 1: segmentor on synthetic panoptic data (resumes if interrupted)")
+        s1 = [
+            sys.executable,
+            TRAIN_NET,
+            "--config-file",
+            args.stage1_config,
+            "--resume",
+            "OUTPUT_DIR",
+            stage1_dir,
+        ]
+        s1 += ["DATASETS.TEST", "()"] + (
+            ["SOLVER.MAX_ITER", str(args.stage1_iters)] if args.stage1_iters else []
+        )
+        subprocess.run(s1 + (["MODEL.DEVICE", "cuda"] if args.num_gpus else []), check=True, cwd=ROOT)
     final = os.path.join(args.output_dir, "model_final.pth")
     if not os.path.isfile(final):
-        log("3/5 training (train_net.py; resumes from the last checkpoint if interrupted)")
-        subprocess.run(base + ["--resume"] + opts, check=True, cwd=ROOT)
+        log("3b/5 stage 3: FlowSeg on referring + panoptic batches (resumes if interrupted)")
+        subprocess.run(base + ["--resume", "MODEL.WEIGHTS", stage1] + opts, check=True, cwd=ROOT)
     else:
         log(f"3/5 training done already ({final})")
 

@@ -24,13 +24,13 @@ if importlib.util.find_spec("flowseg") is None:  # a checkout without `pip insta
 
 import flowseg  # noqa: F401,E402  (registers FlowSeg's models, datasets and mappers)
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import DatasetEvaluator, verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from flowseg import add_flowseg_config
+from flowseg.checkpoint import FlowSegCheckpointer
 from flowseg.engine import FlowSegTrainer, build_evaluator, build_optimizer, resolve_amp
 
 
@@ -82,7 +82,7 @@ def main(args: Any) -> Any:
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        FlowSegCheckpointer(model, save_dir=cfg.OUTPUT_DIR, cfg=cfg).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)

@@ -120,6 +120,9 @@ def add_flowseg_config(cfg: CN) -> CN:
     cfg.MODEL.FLOWSEG.VISUAL_CROSS_ATTN_CONTROL = False
     cfg.MODEL.FLOWSEG.ADD_SEG_EMBED_TO_QUERIES = True  # Q(0) <- Q(0) + S
     cfg.MODEL.FLOWSEG.LOGIT_SCALE_INIT = 2.659260036932778  # ln(1/0.07), learnable
+    # module-name prefixes allowed to train (stage 2: the two projectors); [] = all, each part
+    # still following its own FREEZE switch
+    cfg.MODEL.FLOWSEG.TRAINABLE = []
     cfg.MODEL.FLOWSEG.LLM_LOSS_WEIGHT = 1.0  # L = L_llm + L_seg (eq. 8)
     cfg.MODEL.FLOWSEG.SEG_LOSS_WEIGHT = 1.0
 

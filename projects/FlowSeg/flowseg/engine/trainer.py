@@ -28,8 +28,10 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.events import EventWriter, TensorboardXWriter, get_event_storage, has_event_storage
 
+from ..checkpoint.checkpointer import FlowSegCheckpointer
 from ..data.build import build_test_mapper, build_train_mapper
 from .evaluation import build_evaluator, check_num_classes, write_metrics_json
+from .freezing import apply_stage_freezing
 from .hooks import CheckedAMPTrainer, CheckedSimpleTrainer, NonFiniteLossError, SafePeriodicCheckpointer
 from .optimizer import build_optimizer
 
@@ -72,7 +74,16 @@ class FlowSegTrainer(DefaultTrainer):
             self._trainer = CheckedSimpleTrainer(old.model, old.data_loader, old.optimizer)
         old.concurrent_executor.shutdown(wait=False)
 
+    @classmethod
+    def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
+        model = super().build_model(cfg)
+        apply_stage_freezing(model, cfg)  # MODEL.FLOWSEG.TRAINABLE, before the optimizer is built
+        return model
+
     def build_hooks(self) -> List[hooks.HookBase]:
+        # FlowSeg's checkpointer: converts SAM / Mask2Former / earlier-stage checkpoints and
+        # reports missing keys by component (DefaultTrainer made a plain one just before)
+        self.checkpointer = FlowSegCheckpointer.from_checkpointer(self.checkpointer, cfg=self.cfg)
         ret = super().build_hooks()
         for i, h in enumerate(ret):
             if type(h) is hooks.PeriodicCheckpointer:

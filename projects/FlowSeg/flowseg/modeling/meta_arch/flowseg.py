@@ -146,25 +146,31 @@ class FlowSeg(nn.Module):
             padding_constraints=getattr(self.backbone, "padding_constraints", None),
         )
 
-    def _class_names(self) -> List[str]:
-        names = getattr(self.metadata, "stuff_classes", None) or getattr(self.metadata, "thing_classes", None)
+    def _class_names(self, dataset_name: Optional[str] = None) -> List[str]:
+        """Category names of a sample's data set (``dataset_name``, set by the mixed-task loader),
+        else of the model's evaluation data set."""
+        meta = MetadataCatalog.get(dataset_name) if dataset_name else self.metadata
+        names = getattr(meta, "stuff_classes", None) or getattr(meta, "thing_classes", None)
         if not names:
             raise ValueError(
                 "generic segmentation with an LLM needs the category names of the data set "
-                f"(metadata '{self.metadata.name}' has no stuff_classes/thing_classes)"
+                f"(metadata '{meta.name}' has no stuff_classes/thing_classes)"
             )
         return list(names)
 
     def encode_conditions(self, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
-        """Run the condition head; in generic mode every category name is one ``<p>`` span."""
+        """Run the condition head. Generic samples (generic mode, or panoptic batches of mixed
+        stage-3 training in referring mode) get every category name as one ``<p>`` span, so
+        condition k is class k."""
         if self.condition_head is None:
             return {}
-        if self.mode == "generic":
-            names = self._class_names()
-            batched_inputs = [
-                {**x, "task": "generic", "class_names": x.get("class_names", names)} for x in batched_inputs
-            ]
-        cond = self.condition_head(batched_inputs)
+        inputs = []
+        for x in batched_inputs:
+            if self.mode == "generic" or x.get("task") == "generic":
+                names = x.get("class_names") or self._class_names(x.get("dataset_name"))
+                x = {**x, "task": "generic", "class_names": names}
+            inputs.append(x)
+        cond = self.condition_head(inputs)
         if self.mode == "referring" and not bool(cond["condition_mask"].any(dim=1).all()):
             raise ValueError("a referring/reasoning sample produced no condition embedding (empty <p> span?)")
         return cond
@@ -188,6 +194,14 @@ class FlowSeg(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, batched_inputs: List[Dict]) -> object:
+        if self.training and all(x.get("task") == "conversation" for x in batched_inputs):
+            # stage 2 / conversation batches of stage 3: language modelling only (eq. 9)
+            if self.condition_head is None:
+                raise ValueError(
+                    "conversation data needs a language model (MODEL.LLM.PATH or MODEL.LLM.CONFIG)"
+                )
+            loss = self.condition_head(batched_inputs, compute_loss=True)["loss_llm"]
+            return {"loss_llm": loss * self.llm_loss_weight}
         images = self.preprocess_image(batched_inputs)
         outputs, cond = self.run_head(batched_inputs, images)
         if self.training:
