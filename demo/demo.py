@@ -31,13 +31,10 @@ if os.path.join(ROOT, "projects", "FlowSeg") not in sys.path:
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.config import CfgNode, get_cfg  # noqa: E402
+from detectron2.config import CfgNode  # noqa: E402
 from detectron2.data import detection_utils as utils  # noqa: E402
-from detectron2.data import transforms as T  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
-from flowseg import add_flowseg_config  # noqa: E402
-from flowseg.data.dataset_mappers.referring import long_side_shape  # noqa: E402
+from flowseg.data.dataset_mappers.referring import resize_long_side  # noqa: E402
+from flowseg.utils.inference import add_opts_argument, build_cfg, check_cfg_args, load_model  # noqa: E402
 from flowseg.utils.visualize import draw_referring_overlay  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -53,17 +50,11 @@ class DemoError(RuntimeError):
 
 
 def setup_cfg(config_file: str, weights: Optional[str], opts: Sequence[Any] = ()) -> CfgNode:
-    if not os.path.isfile(config_file):
-        raise DemoError(f"config file not found: {config_file}")
-    cfg = get_cfg()
-    add_flowseg_config(cfg)
-    cfg.merge_from_file(config_file)
-    opts = [str(o) for o in opts]
-    if len(opts) % 2:
-        raise DemoError(f"--opts needs KEY VALUE pairs, got an odd number of items: {opts}")
-    cfg.merge_from_list(opts)
-    if weights is not None:
-        cfg.MODEL.WEIGHTS = weights
+    try:
+        check_cfg_args(config_file, opts)
+    except (FileNotFoundError, ValueError) as e:
+        raise DemoError(str(e)) from e
+    cfg = build_cfg(config_file, weights, opts)
     if cfg.MODEL.FLOWSEG.MODE != "referring":
         raise DemoError(
             f"the model config {config_file} is not in referring mode (MODEL.FLOWSEG.MODE is "
@@ -113,19 +104,14 @@ class ReferringDemo:
 
     def __init__(self, cfg: CfgNode) -> None:
         self.cfg = cfg
-        self.model = build_model(cfg).eval()
-        if cfg.MODEL.WEIGHTS:
-            DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
-        else:
-            logger.warning("MODEL.WEIGHTS is empty: the model is randomly initialised")
+        self.model = load_model(cfg, logger)
         self.image_format = cfg.INPUT.FORMAT
         self.image_size = int(cfg.INPUT.IMAGE_SIZE)
 
     def model_input(self, image: np.ndarray, expression: str, task: str = "referring") -> Dict[str, Any]:
         height, width = image.shape[:2]
         # Same geometry as ReferringDatasetMapper at test time: long side -> INPUT.IMAGE_SIZE.
-        new_h, new_w = long_side_shape(height, width, self.image_size)
-        resized = T.ResizeTransform(height, width, new_h, new_w, Image.BILINEAR).apply_image(image)
+        resized = resize_long_side(image, self.image_size)
         return {
             "image": torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1))),
             "height": height,
@@ -189,13 +175,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="prompt template: referring expression or reasoning question",
     )
     p.add_argument("--scale", type=float, default=1.0, help="drawing scale of the overlay")
-    p.add_argument(
-        "--opts",
-        default=[],
-        nargs=argparse.REMAINDER,
-        metavar="KEY VALUE",
-        help="config overrides, e.g. --opts MODEL.DEVICE cpu (must come last)",
-    )
+    add_opts_argument(p, "MODEL.DEVICE cpu")
     return p.parse_args(argv)
 
 

@@ -4,6 +4,7 @@ import math
 
 import torch
 from flowseg.modeling.transformer_decoder import BSFTransformerDecoder
+from hf_tiny import bsf_decoder, decoder_inputs
 from torch import nn
 
 HIDDEN, HEADS, LAYERS, QUERIES, K = 32, 4, 3, 6, 3
@@ -11,29 +12,14 @@ HIDDEN, HEADS, LAYERS, QUERIES, K = 32, 4, 3, 6, 3
 
 def _decoder(seed: int = 0, **kw) -> BSFTransformerDecoder:
     torch.manual_seed(seed)
-    args = dict(
-        in_channels=HIDDEN,
-        num_classes=5,
-        hidden_dim=HIDDEN,
-        num_queries=QUERIES,
-        nheads=HEADS,
-        dim_feedforward=64,
-        dec_layers=LAYERS,
-        pre_norm=False,
-        mask_dim=HIDDEN,
-        enforce_input_project=False,
-        condition_logits=True,
+    kw.setdefault("condition_logits", True)
+    return bsf_decoder(
+        hidden=HIDDEN, heads=HEADS, queries=QUERIES, classes=5, layers=LAYERS, feedforward=64, **kw
     )
-    args.update(kw)
-    return BSFTransformerDecoder(**args).eval()
 
 
 def _inputs(b: int = 2, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x = [torch.randn(b, HIDDEN, h, w, generator=g) for h, w in ((2, 3), (4, 6), (8, 12))]
-    mask_features = torch.randn(b, HIDDEN, 16, 24, generator=g)
-    cond = torch.randn(b, K, HIDDEN, generator=g)
-    return x, mask_features, cond
+    return decoder_inputs(b, HIDDEN, HIDDEN, seed, conditions=K)
 
 
 def _mha_by_hand(attn: nn.MultiheadAttention, q, k, v, key_padding_mask=None):
@@ -296,19 +282,8 @@ def test_every_parameter_gets_a_gradient():
 
 # ---------------------------------------------------------------------------- parameters (paper §4.1)
 def _paper_decoder(**kw) -> BSFTransformerDecoder:
-    return BSFTransformerDecoder(
-        in_channels=256,
-        num_classes=133,
-        hidden_dim=256,
-        num_queries=200,
-        nheads=8,
-        dim_feedforward=2048,
-        dec_layers=9,
-        pre_norm=False,
-        mask_dim=256,
-        enforce_input_project=False,
-        condition_logits=True,
-        **kw,
+    return bsf_decoder(
+        hidden=256, heads=8, queries=200, classes=133, layers=9, feedforward=2048, condition_logits=True, **kw
     )
 
 

@@ -23,6 +23,7 @@ from flowseg.checkpoint import (
 )
 from flowseg.engine.freezing import add_stage_config
 from flowseg.utils.tiny_models import make_tiny_llm_dir, tiny_llm_cfg_overrides
+from hf_tiny import tiny_hf_mask2former
 
 REFER_TINY = "configs/tiny/flowseg_refer_tiny.yaml"
 PANOPTIC_TINY = "configs/tiny/flowseg_coco_panoptic_tiny.yaml"
@@ -347,31 +348,9 @@ def test_mask2former_d2_pkl_and_class_count_mismatch(tmp_path, caplog) -> None:
 
 
 def test_hugging_face_mask2former_state_dict(tmp_path) -> None:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    swin = transformers.SwinConfig(
-        image_size=64,
-        patch_size=4,
-        embed_dim=16,
-        depths=[1, 1, 1, 1],
-        num_heads=[1, 1, 2, 2],
-        window_size=2,
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-    )
-    config = transformers.Mask2FormerConfig(  # the tiny FlowSeg head's sizes
-        backbone_config=swin,
-        feature_size=64,
-        mask_feature_size=64,
-        hidden_dim=64,
-        encoder_feedforward_dim=128,
-        encoder_layers=1,
-        decoder_layers=4,  # HF: D -> D - 1 = 3 layers
-        num_attention_heads=4,
-        dim_feedforward=128,
-        num_queries=16,
-        num_labels=6,
-    )
-    hf = transformers.Mask2FormerForUniversalSegmentation(config)
+    pytest.importorskip("transformers")
+    # the tiny FlowSeg head's sizes; HF: decoder_layers D -> D - 1 = 3 layers
+    hf = tiny_hf_mask2former(hidden=64, heads=4, queries=16, classes=6, decoder_layers=4, encoder_layers=1)
     hf.save_pretrained(tmp_path / "m2f_hf")  # a Hugging Face model folder (model.safetensors)
     converted = convert_hf_mask2former(hf.state_dict())
     for source in (tmp_path / "m2f_hf", tmp_path / "m2f_hf" / "model.safetensors"):

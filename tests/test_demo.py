@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
-from flowseg import add_flowseg_config
+from flowseg.utils.inference import build_cfg
 from flowseg.utils.tiny_models import make_tiny_llm_dir, tiny_llm_cfg_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,10 +35,7 @@ def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("demo")
     opts = [str(o) for o in tiny_llm_cfg_overrides(make_tiny_llm_dir(tmp / "llm"))]
     opts += ["MODEL.LLM.LORA.ENABLED", "False"]
-    cfg = get_cfg()
-    add_flowseg_config(cfg)
-    cfg.merge_from_file(CONFIG)
-    cfg.merge_from_list(opts)
+    cfg = build_cfg(CONFIG, opts=opts)
     torch.manual_seed(0)
     model = build_model(cfg)
     DetectionCheckpointer(model, save_dir=str(tmp)).save("tiny")

@@ -8,38 +8,24 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_sem_seg_head
 from flowseg import add_flowseg_config
 from flowseg.checkpoint import convert_hf_mask2former, convert_mask2former_checkpoint
+from hf_tiny import tiny_hf_mask2former
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
 HIDDEN, HEADS, QUERIES, CLASSES, LAYERS = 32, 4, 6, 5, 3
 
 
 @pytest.fixture(scope="module")
 def hf_model_and_output():
-    torch.manual_seed(0)
-    swin = transformers.SwinConfig(
-        image_size=64,
-        patch_size=4,
-        embed_dim=16,
-        depths=[1, 1, 1, 1],
-        num_heads=[1, 1, 2, 2],
-        window_size=2,
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-    )
-    config = transformers.Mask2FormerConfig(
-        backbone_config=swin,
-        feature_size=HIDDEN,
-        mask_feature_size=HIDDEN,
-        hidden_dim=HIDDEN,
-        encoder_feedforward_dim=64,
+    # HF: decoder_layers D -> D-1 layers
+    model = tiny_hf_mask2former(
+        hidden=HIDDEN,
+        heads=HEADS,
+        queries=QUERIES,
+        classes=CLASSES,
+        decoder_layers=LAYERS + 1,
         encoder_layers=2,
-        decoder_layers=LAYERS + 1,  # HF: D -> D-1 layers
-        num_attention_heads=HEADS,
-        dim_feedforward=64,
-        num_queries=QUERIES,
-        num_labels=CLASSES,
     )
-    model = transformers.Mask2FormerForUniversalSegmentation(config).eval()
     with torch.no_grad():
         for p in model.parameters():  # HF's init leaves some tensors at zero: randomise all
             p.add_(torch.randn_like(p) * 0.02)

@@ -16,6 +16,7 @@ from flowseg.modeling.pixel_decoder import (
 )
 from flowseg.modeling.registry import PIXEL_DECODER_REGISTRY
 from flowseg.modeling.transformer_decoder.position_encoding import PositionEmbeddingSine
+from hf_tiny import tiny_hf_mask2former
 
 
 # ----------------------------------------------------------------------------- naive reference
@@ -248,31 +249,18 @@ def test_forward_from_cfg_nonsquare_batch_and_gradients():
 # ----------------------------------------------------------------------------- Hugging Face parity
 @pytest.fixture(scope="module")
 def hf_model():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    swin = transformers.SwinConfig(
-        image_size=64,
-        patch_size=4,
-        embed_dim=16,
-        depths=[1, 1, 1, 1],
-        num_heads=[1, 1, 2, 2],
-        window_size=2,
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-    )
-    config = transformers.Mask2FormerConfig(
-        backbone_config=swin,
-        feature_size=32,
-        mask_feature_size=16,
-        hidden_dim=32,
-        encoder_feedforward_dim=48,
-        encoder_layers=2,
+    pytest.importorskip("transformers")
+    model = tiny_hf_mask2former(
+        hidden=32,
+        mask_hidden=16,
+        encoder_feedforward=48,
+        heads=2,
+        queries=5,
+        classes=3,
         decoder_layers=2,
-        num_attention_heads=2,
-        dim_feedforward=64,
-        num_queries=5,
-        num_labels=3,
+        encoder_layers=2,
+        universal=False,
     )
-    model = transformers.Mask2FormerModel(config).eval()
     # Random weights everywhere in the decoder, so that non-uniform attention, real offsets and
     # non-trivial norms are exercised (HF's init zeroes the attention and offset weights).
     with torch.no_grad():

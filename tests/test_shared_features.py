@@ -150,7 +150,7 @@ def test_interleaved_images_keep_input_order(reference):
     _assert_same_outputs(expected, got)
 
 
-@pytest.mark.parametrize("opts", [("tokenizer_chat",), ("none",), ("siglip2",)])
+@pytest.mark.parametrize("opts", [("tokenizer_chat",), ("none",), ("siglip2",), ("lora",)])
 def test_prefix_shared_conditions_equal_the_heads(setup, opts):
     paths = setup["llm"]
     extra = []
@@ -159,6 +159,8 @@ def test_prefix_shared_conditions_equal_the_heads(setup, opts):
     cfg = _cfg(paths, *extra)
     if opts[0] in ("none", "siglip2"):
         cfg.merge_from_list(tiny_llm_cfg_overrides(paths, lora=False, vision=opts[0]))
+    if opts[0] == "lora":  # peft-wrapped LLM: the decoder stack is reached through the base model
+        cfg.merge_from_list(["MODEL.LLM.LORA.ENABLED", True, "MODEL.LLM.FREEZE", True])
     head = _model(cfg).condition_head
     image = torch.randint(0, 255, (3, 40, 56), dtype=torch.uint8)
     texts = ["the red circle", "the blue square on the left", "<p>the dog</p> and <p>the cat</p>"]

@@ -19,32 +19,26 @@ from flowseg.modeling.transformer_decoder import (
     BSFTransformerDecoder,
     build_transformer_decoder,
 )
+from hf_tiny import bsf_decoder, decoder_inputs, tiny_hf_mask2former
 
 HIDDEN, HEADS, QUERIES, CLASSES = 32, 4, 7, 5
 
 
 def _decoder(in_channels: int = HIDDEN, layers: int = 4, **kw) -> BSFTransformerDecoder:
-    args = dict(
+    return bsf_decoder(
+        hidden=HIDDEN,
+        heads=HEADS,
+        queries=QUERIES,
+        classes=CLASSES,
+        layers=layers,
+        feedforward=64,
         in_channels=in_channels,
-        num_classes=CLASSES,
-        hidden_dim=HIDDEN,
-        num_queries=QUERIES,
-        nheads=HEADS,
-        dim_feedforward=64,
-        dec_layers=layers,
-        pre_norm=False,
-        mask_dim=HIDDEN,
-        enforce_input_project=False,
+        **kw,
     )
-    args.update(kw)
-    return BSFTransformerDecoder(**args).eval()
 
 
 def _inputs(b: int = 2, c: int = HIDDEN, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x = [torch.randn(b, c, h, w, generator=g) for h, w in ((2, 3), (4, 6), (8, 12))]
-    mask_features = torch.randn(b, HIDDEN, 16, 24, generator=g)
-    return x, mask_features
+    return decoder_inputs(b, c, HIDDEN, seed)
 
 
 def _original_predictor_keys(num_layers: int, input_proj: bool) -> set:
@@ -73,33 +67,17 @@ def _original_predictor_keys(num_layers: int, input_proj: bool) -> set:
 # ---------------------------------------------------------------------------- HF parity
 @pytest.fixture(scope="module", params=[False, True], ids=["post_norm", "pre_norm"])
 def hf_run(request):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    backbone = transformers.SwinConfig(
-        image_size=64,
-        patch_size=4,
-        embed_dim=16,
-        depths=[1, 1, 1, 1],
-        num_heads=[1, 1, 2, 2],
-        window_size=2,
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-    )
+    pytest.importorskip("transformers")
     # HF counts decoder layers like Mask2Former's yamls: decoder_layers=5 -> 4 layers.
-    config = transformers.Mask2FormerConfig(
-        backbone_config=backbone,
-        feature_size=HIDDEN,
-        mask_feature_size=HIDDEN,
-        hidden_dim=HIDDEN,
-        encoder_feedforward_dim=64,
-        encoder_layers=1,
+    model = tiny_hf_mask2former(
+        hidden=HIDDEN,
+        heads=HEADS,
+        queries=QUERIES,
+        classes=CLASSES,
         decoder_layers=5,
-        num_attention_heads=HEADS,
-        dim_feedforward=64,
-        num_queries=QUERIES,
-        num_labels=CLASSES,
+        encoder_layers=1,
         pre_norm=request.param,
     )
-    model = transformers.Mask2FormerForUniversalSegmentation(config).eval()
     with torch.no_grad():
         # Shift one mask-feature channel so that some queries' masks are empty at some level:
         # exercises the "all-masked row -> attend everywhere" rule as well as partial masks.

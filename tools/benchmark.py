@@ -167,16 +167,58 @@ def build_config(variant: str, args: argparse.Namespace, files: Dict[str, str]):
         from flowseg.utils.tiny_models import TINY_IMAGE_SIZE
 
         cfg.MODEL.VANILLA_ENCODER.IMAGE_SIZE = TINY_IMAGE_SIZE
+    elif args.vision == "patch14-384":
+        # so400m-patch14-384 reads 384 px as 27x27 patches (the stride-14 conv drops 6 px);
+        # VanillaEncoder wants a multiple of the patch: 378 = 27 x 14 gives the same 729 tokens.
+        cfg.MODEL.VANILLA_ENCODER.IMAGE_SIZE = 378
     return cfg
 
 
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Every parameter registered inside lives on the ``meta`` device (shapes, no memory), like
+    ``accelerate.init_empty_weights``: ``torch.device("meta")`` itself cannot build the model
+    (Detectron2's ViT reads ``.item()`` of a tensor at construction)."""
+    register = torch.nn.Module.register_parameter
+
+    def to_meta(module: torch.nn.Module, name: str, param: Optional[torch.nn.Parameter]) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            p = module._parameters[name]
+            kwargs = dict(p.__dict__, requires_grad=p.requires_grad)
+            module._parameters[name] = type(p)(p.to("meta"), **kwargs)
+
+    from torch.fx.experimental import _config as fx_config
+
+    # Data-dependent ops at build time (boolean-mask indexing of the embedding rows) need a
+    # shape on meta: any shape will do, nothing is read.
+    nonzero = fx_config.meta_nonzero_assume_all_nonzero
+    torch.nn.Module.register_parameter = to_meta
+    fx_config.meta_nonzero_assume_all_nonzero = True
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+        fx_config.meta_nonzero_assume_all_nonzero = nonzero
+
+
 def build(cfg, device: str) -> torch.nn.Module:
-    """``build_model`` with every tensor created on ``device`` directly (a 4B-parameter random
-    init on the GPU takes seconds, on the CPU minutes); ``meta`` builds shapes only."""
+    """``build_model`` with every tensor created on ``device`` directly (a random init of 4B
+    parameters takes seconds on the GPU, minutes on the CPU); ``meta``: shapes only."""
+    import logging
+
     from detectron2.modeling import build_model
 
     torch.manual_seed(0)
-    with torch.device(device):
+    if device == "meta":
+        with parameters_on_meta():
+            return build_model(cfg)  # cfg.MODEL.DEVICE "meta" moves the buffers too
+    try:
+        with torch.device(device):
+            return build_model(cfg)
+    except Exception as e:  # a build step that needs CPU tensors: build there, then move
+        logging.getLogger(__name__).warning("building on %s failed (%s); building on the CPU", device, e)
+        torch.manual_seed(0)
         return build_model(cfg)
 
 
@@ -263,7 +305,12 @@ def measure(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int)
         _sync(device)
         times.append(1e3 * (time.perf_counter() - t0))
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return {"ms": statistics.median(times), "ms_min": min(times), "reps": len(times), "peak_memory_bytes": peak}
+    return {
+        "ms": statistics.median(times),
+        "ms_min": min(times),
+        "reps": len(times),
+        "peak_memory_bytes": peak,
+    }
 
 
 def _sdpa_flop_jit(inputs: List[Any], outputs: List[Any]):
@@ -284,7 +331,9 @@ def _conv_mode_flop_jit(inputs: List[Any], outputs: List[Any]):
 
     from fvcore.nn.jit_handles import conv_flop_count, get_shape
 
-    return Counter({"conv": conv_flop_count(get_shape(inputs[0]), get_shape(inputs[1]), get_shape(outputs[0]))})
+    return Counter(
+        {"conv": conv_flop_count(get_shape(inputs[0]), get_shape(inputs[1]), get_shape(outputs[0]))}
+    )
 
 
 COMPONENTS = {
@@ -307,7 +356,10 @@ def flop_count(model: torch.nn.Module, inputs: List[Dict[str, Any]], device, dty
     with torch.no_grad(), autocast(device, dtype):
         analysis = FlopCountAnalysis(model, inputs)
         analysis.set_op_handle(
-            "aten::scaled_dot_product_attention", _sdpa_flop_jit, "aten::_convolution_mode", _conv_mode_flop_jit
+            "aten::scaled_dot_product_attention",
+            _sdpa_flop_jit,
+            "aten::_convolution_mode",
+            _conv_mode_flop_jit,
         )
         analysis.unsupported_ops_warnings(False)
         analysis.uncalled_modules_warnings(False)
@@ -357,14 +409,16 @@ def train_step(model, cfg, batch, device, dtype: str, reps: int, warmup: int) ->
         res = {"oom": True, "error": str(e).splitlines()[0]}
     finally:
         optimizer.zero_grad(set_to_none=True)
-        del optimizer
+        optimizer.state.clear()  # AdamW moments: 8 bytes per trainable parameter
         model.eval()
         _free(device)
     res["batch"] = len(batch)
     return res
 
 
-def shared_eval(model, k: int, image_hw, orig_hw, device, dtype: str, reps: int, warmup: int) -> Dict[str, Any]:
+def shared_eval(
+    model, k: int, image_hw, orig_hw, device, dtype: str, reps: int, warmup: int
+) -> Dict[str, Any]:
     """ms per expression for K expressions of one image: per expression vs shared features."""
     from flowseg.engine.shared_features import SharedImageFeatureInference
 
@@ -392,6 +446,8 @@ def shared_eval(model, k: int, image_hw, orig_hw, device, dtype: str, reps: int,
 # ----------------------------------------------------------------------------------- driver
 def bench_variant(variant: str, args, files, device: torch.device) -> Dict[str, Any]:
     cfg = build_config(variant, args, files)
+    if args.count_only:
+        cfg.MODEL.DEVICE = "meta"  # build_model moves the model there
     t0 = time.perf_counter()
     model = build(cfg, "meta" if args.count_only else args.device)
     res: Dict[str, Any] = {"build_s": time.perf_counter() - t0, "params": param_counts(model)}
@@ -413,13 +469,13 @@ def bench_variant(variant: str, args, files, device: torch.device) -> Dict[str, 
         except Exception as e:  # tracing is best effort: report, do not lose the other numbers
             res["flops"] = {"error": f"{type(e).__name__}: {e}"}
     if args.k > 0:
-        res["shared_eval"] = shared_eval(model, args.k, image_hw, orig_hw, device, args.dtype, args.reps, args.warmup)
+        res["shared_eval"] = shared_eval(
+            model, args.k, image_hw, orig_hw, device, args.dtype, args.reps, args.warmup
+        )
     if args.train_batch > 0:
         batch = train_inputs(args.train_batch, image_hw)
         res["train"] = train_step(model, cfg, batch, device, args.dtype, args.train_reps, 1)
-    del model
-    _free(device)
-    return res
+    return res  # the model goes with this frame; main() frees the cache
 
 
 def _m(n: Optional[float]) -> str:
@@ -445,7 +501,9 @@ def markdown(result: Dict[str, Any]) -> str:
 
     def row(name: str, key: Callable[[Dict], Optional[float]], fmt: Callable[[float], str], pct: bool = True):
         vb, vf = key(b), key(f)
-        rows.append((name, "-" if vb is None else fmt(vb), "-" if vf is None else fmt(vf), _delta(vb, vf, fmt, pct)))
+        rows.append(
+            (name, "-" if vb is None else fmt(vb), "-" if vf is None else fmt(vf), _delta(vb, vf, fmt, pct))
+        )
 
     def get(*path):
         def read(d: Dict) -> Optional[float]:
@@ -463,7 +521,7 @@ def markdown(result: Dict[str, Any]) -> str:
     row("BAR params", get("params", "bar"), lambda v: f"{v / 1e3:.1f}K", pct=False)
     row("Inference memory (peak)", get("inference", "peak_memory_bytes"), _g)
     row("Latency (ms/sample)", get("inference", "ms"), lambda v: f"{v:.2f}")
-    row("GFLOPs (fvcore, MACs)", get("flops", "gflops"), lambda v: f"{v:.2f}")
+    row("GFLOPs (fvcore, MACs)", get("flops", "gflops"), lambda v: f"{v:.3f}")
     tb = b.get("train", {}).get("batch")
     row(f"Train step ms ({tb}/device)", get("train", "ms"), lambda v: f"{v:.1f}")
     row(f"Train peak memory ({tb}/device)", get("train", "peak_memory_bytes"), _g)
@@ -473,7 +531,11 @@ def markdown(result: Dict[str, Any]) -> str:
         ("shared_encoders_and_llm_prefix", "shared encoders + LLM prefix"),
     ):
         k = b.get("shared_eval", {}).get("k")
-        row(f"Eval ms/expression, K={k}, {label}", get("shared_eval", name, "ms_per_expression"), lambda v: f"{v:.2f}")
+        row(
+            f"Eval ms/expression, K={k}, {label}",
+            get("shared_eval", name, "ms_per_expression"),
+            lambda v: f"{v:.2f}",
+        )
     lines = ["| " + " | ".join(r) + " |" for r in rows]
     lines.insert(1, "|" + "---|" * len(rows[0]))
     out = "\n".join(lines)
@@ -494,19 +556,27 @@ def markdown(result: Dict[str, Any]) -> str:
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument(
+        "--dtype", default=None, choices=["bfloat16", "float32"], help="default: bf16 on CUDA, fp32 on CPU"
+    )
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="test-size models (CPU, seconds)")
     p.add_argument("--count-only", action="store_true", help="parameter counts only (models built on 'meta')")
     p.add_argument("--vision", default="patch14-384", choices=["patch14-384", "patch16-naflex"])
-    p.add_argument("--k", type=int, default=10, help="expressions per image for the shared-feature eval (0: skip)")
-    p.add_argument("--train-batch", type=int, default=8, help="samples per device of the training step (0: skip)")
+    p.add_argument(
+        "--k", type=int, default=10, help="expressions per image for the shared-feature eval (0: skip)"
+    )
+    p.add_argument(
+        "--train-batch", type=int, default=8, help="samples per device of the training step (0: skip)"
+    )
     p.add_argument("--train-reps", type=int, default=3)
     p.add_argument("--sam-act-checkpoint", action="store_true", help="MODEL.SAM_VIT.USE_ACT_CHECKPOINT")
     p.add_argument("--skip-flops", action="store_true")
     p.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"), help="model input")
-    p.add_argument("--orig-size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"), help="output size")
+    p.add_argument(
+        "--orig-size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"), help="output size"
+    )
     p.add_argument("--output", default="", help="also write the JSON here")
     args = p.parse_args(argv)
     if args.dtype is None:
@@ -532,6 +602,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         files = write_model_files(workdir, args.tiny, args.vision)
         for variant in VARIANTS:
             result[variant] = bench_variant(variant, args, files, device)
+            _free(device)
     pb, pf = result["baseline"]["params"], result["flowseg"]["params"]
     result["deltas"] = {
         "bsf_params": pf["decoder"] - pb["decoder"],

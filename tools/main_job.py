@@ -44,6 +44,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--stage1-iters", type=int, default=None, help="stage-1 SOLVER.MAX_ITER (default: config's)"
     )
+    p.add_argument(
+        "--stage1-weights", default=None, help="use this stage-1 checkpoint instead of training one"
+    )
     p.add_argument("--output-dir", default=os.path.join(ROOT, "output", "main"))
     p.add_argument("--iters", type=int, default=None, help="SOLVER.MAX_ITER (default: the config's)")
     p.add_argument("--num-train", type=int, default=2000, help="synthetic training images")
@@ -106,7 +109,9 @@ def main() -> None:
     ]
 
     stage1_dir = os.path.join(args.output_dir, "stage1")
-    stage1 = os.path.join(stage1_dir, "model_final.pth")
+    stage1 = args.stage1_weights or os.path.join(stage1_dir, "model_final.pth")
+    if args.stage1_weights and not os.path.isfile(stage1):
+        raise FileNotFoundError(f"--stage1-weights: no such checkpoint: {stage1}")
     if not os.path.isfile(stage1):
         log("3a/5 stage 1: segmentor on synthetic panoptic data (resumes if interrupted)")
         s1 = [
@@ -134,9 +139,10 @@ def main() -> None:
     with open(os.path.join(args.output_dir, "metrics_all.json")) as f:
         metrics = json.load(f)["metrics"]
 
-    log("5/5 overlay pictures")
     vis_dir = os.path.join(args.output_dir, "vis")
-    save_overlays(args.config_file, opts, final, "synthref_test", vis_dir, args.num_vis)
+    if args.num_vis > 0:
+        log("5/5 overlay pictures")
+        save_overlays(args.config_file, opts, final, "synthref_test", vis_dir, args.num_vis)
 
     ref = metrics["synthref_test"]["referring"]
     rea = metrics["synthreason_test"]["reasoning"]

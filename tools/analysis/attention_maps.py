@@ -43,9 +43,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from common import (  # noqa: E402
     add_model_args,
-    default_dataset,
-    iterate_dataset,
-    model_from_args,
+    model_and_dataset_from_args,
     run_head_with_intermediates,
     setup_logging,
     write_json,
@@ -205,11 +203,10 @@ def _top(weights: np.ndarray, k: int = 5) -> List[List[float]]:
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
-    cfg, model = model_from_args(args)
-    dataset = default_dataset(cfg, args.dataset)
+    cfg, model, dataset, samples = model_and_dataset_from_args(args)
     os.makedirs(args.output_dir, exist_ok=True)
     records = []
-    for i, (d, x) in enumerate(iterate_dataset(cfg, dataset, args.max_samples)):
+    for i, (d, x) in enumerate(samples):
         res = attention_maps(model, x, args.layer, args.condition_index)
         image = cv2.imread(d["file_name"], cv2.IMREAD_COLOR)
         if image is None:

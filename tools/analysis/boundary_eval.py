@@ -34,13 +34,10 @@ import torch  # noqa: E402
 from common import (  # noqa: E402
     add_model_args,
     batched,
-    default_dataset,
-    iterate_dataset,
     markdown_table,
-    model_from_args,
+    model_and_dataset_from_args,
     setup_logging,
-    write_json,
-    write_text,
+    write_report,
 )
 from flowseg.evaluation import ReferringEvaluator  # noqa: E402
 
@@ -127,19 +124,13 @@ def table(results: Dict[str, Dict[str, float]]) -> str:
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
-    cfg, model = model_from_args(args)
-    dataset = default_dataset(cfg, args.dataset)
-    inputs = (x for _, x in iterate_dataset(cfg, dataset, args.max_samples))
+    cfg, model, dataset, samples = model_and_dataset_from_args(args)
+    inputs = (x for _, x in samples)
     results = boundary_eval(
         model, inputs, dataset, args.epsilons, not args.no_off_row, args.output_dir, args.batch_size
     )
     out = {"dataset": dataset, "weights": cfg.MODEL.WEIGHTS, "results": results, "markdown": table(results)}
-    if args.output_dir:
-        write_json(
-            os.path.join(args.output_dir, "boundary_eval.json"),
-            {k: v for k, v in out.items() if k != "markdown"},
-        )
-        write_text(os.path.join(args.output_dir, "boundary_eval.md"), out["markdown"])
+    write_report(args.output_dir, "boundary_eval", out)
     return out
 
 

@@ -1,15 +1,18 @@
 """Shared pieces of the analysis tools in ``tools/analysis``.
 
 * config + model: :func:`setup_cfg` (``--config-file``, ``--weights``, ``--opts KEY VALUE ...``)
-  and :func:`load_model` (``build_model`` + ``DetectionCheckpointer``, eval mode);
+  and :func:`load_model` (``build_model`` + ``DetectionCheckpointer``, eval mode), both on top of
+  :mod:`flowseg.utils.inference`;
 * data: :func:`iterate_dataset` runs a registered data set through the project's test mapper
   (the same inputs ``train_net.py --eval-only`` feeds the model), optionally only the first
-  ``max_samples`` samples, and :func:`batched` groups them;
+  ``max_samples`` samples, and :func:`batched` groups them; :func:`model_and_dataset_from_args`
+  is the config, model and samples of a model tool's command line;
 * :func:`run_head_with_intermediates`: the decoder outputs with the BSF intermediates
   (gates, conditions C(0)..C(L), attention weights);
 * per-sample result files: :func:`load_per_expression` reads the ``per_expression.json`` that
   ``ReferringEvaluator`` writes, :func:`resolve_per_expression` finds it in an output folder;
-* output: :func:`write_json`, :func:`markdown_table`.
+* metrics: :func:`pct`, :func:`region_metrics` (cIoU / gIoU of per-sample records, percent);
+* output: :func:`write_json`, :func:`write_text`, :func:`write_report`, :func:`markdown_table`.
 
 The tools are importable as modules (``sys.path`` gets ``tools/analysis``) and runnable as
 scripts; both find the ``flowseg`` package without installing it.
@@ -32,13 +35,12 @@ if _PROJECT not in sys.path:
     sys.path.insert(0, _PROJECT)
 
 import torch  # noqa: E402
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.config import CfgNode, get_cfg  # noqa: E402
+from detectron2.config import CfgNode  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.file_io import PathManager  # noqa: E402
-from flowseg import add_flowseg_config  # noqa: E402
 from flowseg.data.build import build_test_mapper  # noqa: E402
+from flowseg.evaluation.metrics import cumulative_iou, mean_iou  # noqa: E402
+from flowseg.utils import inference  # noqa: E402
 
 __all__ = [
     "ROOT",
@@ -48,14 +50,18 @@ __all__ = [
     "require_referring",
     "load_model",
     "model_from_args",
+    "model_and_dataset_from_args",
     "default_dataset",
     "iterate_dataset",
     "batched",
     "run_head_with_intermediates",
     "load_per_expression",
     "resolve_per_expression",
+    "pct",
+    "region_metrics",
     "write_json",
     "write_text",
+    "write_report",
     "markdown_table",
     "fmt",
     "setup_logging",
@@ -86,29 +92,14 @@ def add_model_args(parser: argparse.ArgumentParser, dataset: bool = True) -> arg
         parser.add_argument(
             "--max-samples", type=int, default=None, help="only the first N samples (default: all)"
         )
-    parser.add_argument(
-        "--opts",
-        default=[],
-        nargs=argparse.REMAINDER,
-        metavar="KEY VALUE",
-        help="config overrides, e.g. --opts MODEL.DEVICE cuda (must come last)",
-    )
+    inference.add_opts_argument(parser)
     return parser
 
 
 def setup_cfg(config_file: str, weights: Optional[str] = None, opts: Sequence[Any] = ()) -> CfgNode:
-    """Detectron2 config with FlowSeg's keys, ``config_file`` merged, then ``opts``, then ``weights``."""
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"config file not found: {config_file}")
-    cfg = get_cfg()
-    add_flowseg_config(cfg)
-    cfg.merge_from_file(config_file)
-    opts = [str(o) for o in opts]
-    if len(opts) % 2:
-        raise ValueError(f"--opts needs KEY VALUE pairs, got an odd number of items: {opts}")
-    cfg.merge_from_list(opts)
-    if weights is not None:
-        cfg.MODEL.WEIGHTS = weights
+    """Detectron2 config with FlowSeg's keys, ``config_file`` merged, then ``opts``, then ``weights``;
+    frozen (:func:`flowseg.utils.inference.build_cfg`)."""
+    cfg = inference.build_cfg(config_file, weights, opts)
     cfg.freeze()
     return cfg
 
@@ -142,12 +133,7 @@ def require_referring(cfg: CfgNode, config_file: str = "") -> None:
 def load_model(cfg: CfgNode) -> torch.nn.Module:
     """``build_model(cfg)`` with ``cfg.MODEL.WEIGHTS`` loaded (Detectron2's non-strict load), eval mode."""
     check_weights(cfg.MODEL.WEIGHTS)
-    model = build_model(cfg)
-    if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    else:
-        logger.warning("MODEL.WEIGHTS is empty: the model is randomly initialised")
-    return model.eval()
+    return inference.load_model(cfg, logger)
 
 
 def model_from_args(args: argparse.Namespace, referring: bool = True) -> Tuple[CfgNode, torch.nn.Module]:
@@ -155,6 +141,16 @@ def model_from_args(args: argparse.Namespace, referring: bool = True) -> Tuple[C
     if referring:
         require_referring(cfg, args.config_file)
     return cfg, load_model(cfg)
+
+
+def model_and_dataset_from_args(
+    args: argparse.Namespace,
+) -> Tuple[CfgNode, torch.nn.Module, str, Iterator[Tuple[Dict[str, Any], Dict[str, Any]]]]:
+    """``(cfg, referring model, data set name, (dataset dict, model input) iterator)`` of a model
+    tool's :func:`add_model_args` arguments (``--dataset`` default: the config's first test set)."""
+    cfg, model = model_from_args(args)
+    dataset = default_dataset(cfg, args.dataset)
+    return cfg, model, dataset, iterate_dataset(cfg, dataset, args.max_samples)
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -237,6 +233,21 @@ def load_per_expression(path: str) -> List[Dict[str, Any]]:
     return records
 
 
+# ---------------------------------------------------------------------------------------- metrics
+def pct(x: float) -> Optional[float]:
+    """``100 * x``; NaN (no samples) -> None."""
+    return None if x != x else 100.0 * float(x)
+
+
+def region_metrics(records: Sequence[Dict[str, Any]]) -> Tuple[Optional[float], Optional[float]]:
+    """``(cIoU, gIoU)`` in percent of per-sample records (``intersection`` / ``union``): ΣI / ΣU and
+    the mean per-sample IoU; None for no records."""
+    i = [r["intersection"] for r in records]
+    u = [r["union"] for r in records]
+    return pct(cumulative_iou(i, u)), pct(mean_iou(i, u))
+
+
+# ---------------------------------------------------------------------------------------- output
 def _clean(x: Any) -> Any:
     """NaN -> None (strict JSON) recursively."""
     if isinstance(x, float) and math.isnan(x):
@@ -260,6 +271,17 @@ def write_text(path: str, text: str) -> str:
     with open(path, "w") as f:
         f.write(text)
     return path
+
+
+def write_report(output_dir: Optional[str], name: str, result: Dict[str, Any], data: Any = None) -> None:
+    """With an ``output_dir``: ``<name>.json`` (``data``; default ``result`` without its
+    ``"markdown"``) and ``<name>.md`` (``result["markdown"]``). Nothing without one."""
+    if not output_dir:
+        return
+    if data is None:
+        data = {k: v for k, v in result.items() if k != "markdown"}
+    write_json(os.path.join(output_dir, f"{name}.json"), data)
+    write_text(os.path.join(output_dir, f"{name}.md"), result["markdown"])
 
 
 def fmt(x: Any, digits: int = 2) -> str:

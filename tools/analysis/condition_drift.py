@@ -29,14 +29,11 @@ import torch.nn.functional as F  # noqa: E402
 from common import (  # noqa: E402
     add_model_args,
     batched,
-    default_dataset,
-    iterate_dataset,
     markdown_table,
-    model_from_args,
+    model_and_dataset_from_args,
     run_head_with_intermediates,
     setup_logging,
-    write_json,
-    write_text,
+    write_report,
 )
 
 logger = logging.getLogger("flowseg.analysis.drift")
@@ -113,20 +110,14 @@ def table(result: Dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
-    cfg, model = model_from_args(args)
-    dataset = default_dataset(cfg, args.dataset)
-    inputs = (x for _, x in iterate_dataset(cfg, dataset, args.max_samples))
+    cfg, model, dataset, samples = model_and_dataset_from_args(args)
+    inputs = (x for _, x in samples)
     result = condition_drift(model, inputs, args.batch_size)
     result.update(dataset=dataset, weights=cfg.MODEL.WEIGHTS)
     result["markdown"] = table(result)
     if not result["condition_refinement"]:
         logger.info("CONDITION_REFINEMENT is off: the conditions are not updated, cosines are 1")
-    if args.output_dir:
-        write_json(
-            os.path.join(args.output_dir, "condition_drift.json"),
-            {k: v for k, v in result.items() if k != "markdown"},
-        )
-        write_text(os.path.join(args.output_dir, "condition_drift.md"), result["markdown"])
+    write_report(args.output_dir, "condition_drift", result)
     return result
 
 

@@ -33,12 +33,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     load_per_expression,
     markdown_table,
+    region_metrics,
     resolve_per_expression,
     setup_logging,
-    write_json,
-    write_text,
+    write_report,
 )
-from flowseg.evaluation.metrics import cumulative_iou, mean_iou  # noqa: E402
 
 logger = logging.getLogger("flowseg.analysis.rescue")
 
@@ -86,16 +85,6 @@ def _check_same_samples(a: Dict[Tuple, Any], b: Dict[Tuple, Any], name_a: str, n
     raise ValueError("the two results files do not cover the same samples: " + "; ".join(parts))
 
 
-def _pct(x: float) -> Optional[float]:
-    return None if x != x else 100.0 * float(x)
-
-
-def _region(records: Sequence[Dict[str, Any]]) -> Tuple[Optional[float], Optional[float]]:
-    i = [r["intersection"] for r in records]
-    u = [r["union"] for r in records]
-    return _pct(cumulative_iou(i, u)), _pct(mean_iou(i, u))
-
-
 def failure_rescue(
     baseline_records: Sequence[Dict[str, Any]],
     model_records: Sequence[Dict[str, Any]],
@@ -113,8 +102,8 @@ def failure_rescue(
         keys = [k for k, r in a.items() if float(r["iou"]) < t]
         sub_a = [a[k] for k in keys]
         sub_b = [b[k] for k in keys]
-        a_c, a_g = _region(sub_a)
-        b_c, b_g = _region(sub_b)
+        a_c, a_g = region_metrics(sub_a)
+        b_c, b_g = region_metrics(sub_b)
         rescued = sum(1 for r in sub_b if float(r["iou"]) >= success_threshold)
         out["subsets"].append(
             {
@@ -211,11 +200,7 @@ def failure_rescue_files(
     ]
     table = _table(results, names, baseline_name, model_name)
     out = {"datasets": results, "average": average, "markdown": table}
-    if output_dir:
-        write_json(
-            os.path.join(output_dir, "failure_rescue.json"), {k: v for k, v in out.items() if k != "markdown"}
-        )
-        write_text(os.path.join(output_dir, "failure_rescue.md"), table)
+    write_report(output_dir, "failure_rescue", out)
     return out
 
 

@@ -31,9 +31,7 @@ import torch  # noqa: E402
 from common import (  # noqa: E402
     add_model_args,
     batched,
-    default_dataset,
-    iterate_dataset,
-    model_from_args,
+    model_and_dataset_from_args,
     run_head_with_intermediates,
     setup_logging,
     write_json,
@@ -193,9 +191,8 @@ def plot_gate_distribution(result: Dict[str, Any], path: str, title: Optional[st
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
-    cfg, model = model_from_args(args)
-    dataset = default_dataset(cfg, args.dataset)
-    inputs = (x for _, x in iterate_dataset(cfg, dataset, args.max_samples))
+    cfg, model, dataset, samples = model_and_dataset_from_args(args)
+    inputs = (x for _, x in samples)
     result = gate_distribution(model, inputs, args.granularity, args.batch_size)
     result.update(dataset=dataset, weights=cfg.MODEL.WEIGHTS)
     if args.output_dir:

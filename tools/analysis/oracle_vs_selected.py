@@ -29,29 +29,23 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     load_per_expression,
     markdown_table,
+    pct,
+    region_metrics,
     resolve_per_expression,
     setup_logging,
-    write_json,
-    write_text,
+    write_report,
 )
-from flowseg.evaluation.metrics import cumulative_iou, mean_iou  # noqa: E402
+from flowseg.evaluation.metrics import cumulative_iou  # noqa: E402
 
 logger = logging.getLogger("flowseg.analysis.oracle")
 
 __all__ = ["summarize_records", "oracle_vs_selected", "main"]
 
 
-def _pct(x: float) -> Optional[float]:
-    return None if x != x else 100.0 * float(x)  # NaN (no samples) -> None
-
-
 def summarize_records(records: Sequence[Dict[str, Any]], fail_threshold: float = 0.5) -> Dict[str, Any]:
     """Selected / oracle cIoU, gIoU and the misalignment share of one results file (percent)."""
-    out: Dict[str, Any] = {
-        "num_samples": len(records),
-        "cIoU": _pct(cumulative_iou([r["intersection"] for r in records], [r["union"] for r in records])),
-        "gIoU": _pct(mean_iou([r["intersection"] for r in records], [r["union"] for r in records])),
-    }
+    c_iou, g_iou = region_metrics(records)
+    out: Dict[str, Any] = {"num_samples": len(records), "cIoU": c_iou, "gIoU": g_iou}
     with_oracle = [r for r in records if r.get("oracle_iou") is not None]
     out["num_with_oracle"] = len(with_oracle)
     if len(with_oracle) < len(records):
@@ -61,7 +55,7 @@ def summarize_records(records: Sequence[Dict[str, Any]], fail_threshold: float =
             len(records),
         )
     if with_oracle:
-        out["oracle_cIoU"] = _pct(
+        out["oracle_cIoU"] = pct(
             cumulative_iou(
                 [r["oracle_intersection"] for r in with_oracle], [r["oracle_union"] for r in with_oracle]
             )
@@ -131,9 +125,7 @@ def oracle_vs_selected(
         ],
     )
     result = {"rows": rows, "markdown": table}
-    if output_dir:
-        write_json(os.path.join(output_dir, "oracle_vs_selected.json"), rows)
-        write_text(os.path.join(output_dir, "oracle_vs_selected.md"), table)
+    write_report(output_dir, "oracle_vs_selected", result, rows)
     return result
 
 

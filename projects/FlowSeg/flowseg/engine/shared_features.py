@@ -434,7 +434,9 @@ class SharedImageFeatureInference(nn.Module):
     def _conditions(self, feats: SharedImageFeatures, inputs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
         m = self.model
         cond = None
-        if self.share_llm_prefix and m.condition_head is not None and len(inputs) > 1:
+        # generic samples get their category names from FlowSeg.encode_conditions: not shared here
+        plain = all(x.get("task", "referring") in ("referring", "reasoning") for x in inputs)
+        if self.share_llm_prefix and plain and m.condition_head is not None and len(inputs) > 1:
             cond = conditions_with_shared_prefix(m.condition_head, inputs, feats.vision_tokens)
             if cond is not None and not bool(cond["condition_mask"].any(dim=1).all()):
                 # same check as FlowSeg.encode_conditions

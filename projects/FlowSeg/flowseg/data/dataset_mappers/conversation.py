@@ -29,12 +29,10 @@ import numpy as np
 import torch
 from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
-from detectron2.data import transforms as T
-from PIL import Image
 
 from ..build import MAPPER_REGISTRY
 from ..datasets.conversation import IMAGE_PLACEHOLDER, validate_conversation
-from .referring import long_side_shape
+from .referring import resize_long_side
 
 __all__ = ["ConversationDatasetMapper", "strip_image_placeholder", "TEXT_ONLY_IMAGE_SIZE"]
 
@@ -70,8 +68,12 @@ class ConversationDatasetMapper:
         self.image_format = image_format
         self.image_size = int(image_size)
         self.max_turns = int(max_turns)
-        logger.info("ConversationDatasetMapper(train=%s): long side -> %d, max turns: %s",
-                    is_train, self.image_size, self.max_turns if self.max_turns > 0 else "all")
+        logger.info(
+            "ConversationDatasetMapper(train=%s): long side -> %d, max turns: %s",
+            is_train,
+            self.image_size,
+            self.max_turns if self.max_turns > 0 else "all",
+        )
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True) -> Dict[str, Any]:
@@ -92,10 +94,7 @@ class ConversationDatasetMapper:
         except OSError as e:  # PIL's UnidentifiedImageError is an OSError
             raise ValueError(f"{where}: cannot read image {file_name}: {e}") from e
         height, width = image.shape[:2]
-        new_h, new_w = long_side_shape(height, width, self.image_size)
-        if (new_h, new_w) != (height, width):
-            image = T.ResizeTransform(height, width, new_h, new_w, Image.BILINEAR).apply_image(image)
-        return image, height, width
+        return resize_long_side(image, self.image_size), height, width
 
     def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
         out = copy.deepcopy(dataset_dict)  # the dataset owns its dicts; don't modify them
@@ -105,8 +104,10 @@ class ConversationDatasetMapper:
         if self.max_turns > 0:
             turns = turns[: 2 * self.max_turns]
         kept: List[Dict[str, str]] = [
-            {"from": t["from"], "value": strip_image_placeholder(t["value"]) if t["from"] == "human"
-             else t["value"]}
+            {
+                "from": t["from"],
+                "value": strip_image_placeholder(t["value"]) if t["from"] == "human" else t["value"],
+            }
             for t in turns
         ]
 

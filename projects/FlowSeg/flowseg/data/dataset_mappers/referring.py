@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -31,6 +31,8 @@ __all__ = [
     "gt_masks_from_dict",
     "swap_left_right",
     "long_side_shape",
+    "long_side_resize_transform",
+    "resize_long_side",
 ]
 
 logger = logging.getLogger(__name__)
@@ -77,8 +79,12 @@ def rasterize_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
         if isinstance(counts, list):  # uncompressed RLE: pycocotools compresses it
             encoded.append(mask_util.frPyObjects(rle, height, width))
         else:
-            encoded.append({"size": [height, width],
-                            "counts": counts.encode("ascii") if isinstance(counts, str) else counts})
+            encoded.append(
+                {
+                    "size": [height, width],
+                    "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
+                }
+            )
     return mask_util.decode(mask_util.merge(encoded) if len(encoded) > 1 else encoded[0])
 
 
@@ -109,8 +115,9 @@ def gt_masks_from_dict(dataset_dict: Dict[str, Any]) -> Tuple[np.ndarray, np.nda
         return reasonseg_masks(dataset_dict["target_polygons"], dataset_dict.get("ignore_polygons", []), h, w)
     if "segmentation" in dataset_dict:
         return rasterize_segmentation(dataset_dict["segmentation"], h, w), np.zeros((h, w), dtype=bool)
-    raise KeyError(f"{dataset_dict.get('file_name')}: dataset dict has neither 'segmentation' "
-                   "nor 'target_polygons'")
+    raise KeyError(
+        f"{dataset_dict.get('file_name')}: dataset dict has neither 'segmentation' nor 'target_polygons'"
+    )
 
 
 _LR_PATTERN = re.compile(r"\b(left|right)(most|ward|wards|hand|side)?\b", re.IGNORECASE)
@@ -135,6 +142,21 @@ def long_side_shape(height: int, width: int, long_side: int) -> Tuple[int, int]:
     """Output (h, w) when the long side is resized to ``long_side`` (SAM's ResizeLongestSide rounding)."""
     scale = long_side / max(height, width)
     return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+
+def long_side_resize_transform(height: int, width: int, long_side: int) -> T.ResizeTransform:
+    """Bilinear resize of a ``height`` x ``width`` image to long side ``long_side`` (:func:`long_side_shape`)."""
+    new_h, new_w = long_side_shape(height, width, long_side)
+    return T.ResizeTransform(height, width, new_h, new_w, Image.BILINEAR)
+
+
+def resize_long_side(image: np.ndarray, long_side: int) -> np.ndarray:
+    """``image`` (HxWxC uint8) with its long side resized to ``long_side``; as is when already that size."""
+    height, width = image.shape[:2]
+    resize = long_side_resize_transform(height, width, long_side)
+    if (resize.new_h, resize.new_w) == (height, width):
+        return image
+    return resize.apply_image(image)
 
 
 def _sample_id(d: Dict[str, Any]) -> str:
@@ -171,8 +193,12 @@ class ReferringDatasetMapper:
         # Flipping changes what "left"/"right" refer to; the expression is rewritten when it happens.
         self.random_flip = bool(random_flip) and is_train
         self.flip_prob = float(flip_prob)
-        logger.info("ReferringDatasetMapper(train=%s): long side -> %d, random flip: %s",
-                    is_train, self.image_size, self.random_flip)
+        logger.info(
+            "ReferringDatasetMapper(train=%s): long side -> %d, random flip: %s",
+            is_train,
+            self.image_size,
+            self.random_flip,
+        )
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True) -> Dict[str, Any]:
@@ -183,9 +209,10 @@ class ReferringDatasetMapper:
             "random_flip": cfg.INPUT.REFER_RANDOM_FLIP,
         }
 
-    def _augmentations(self, height: int, width: int) -> List[T.Augmentation]:
-        new_h, new_w = long_side_shape(height, width, self.image_size)
-        augs: List[T.Augmentation] = [T.Resize((new_h, new_w), interp=Image.BILINEAR)]
+    def _augmentations(self, height: int, width: int) -> List[Union[T.Augmentation, T.Transform]]:
+        augs: List[Union[T.Augmentation, T.Transform]] = [
+            long_side_resize_transform(height, width, self.image_size)
+        ]
         if self.random_flip:
             augs.append(T.RandomFlip(prob=self.flip_prob, horizontal=True, vertical=False))
         return augs
@@ -219,8 +246,10 @@ class ReferringDatasetMapper:
             if not gt_mask.any():
                 raise ValueError(f"empty target mask after rasterisation: {_sample_id(dataset_dict)}")
             if not target.any():
-                raise ValueError(f"target mask vanishes when resized to long side {self.image_size}: "
-                                 f"{_sample_id(dataset_dict)}")
+                raise ValueError(
+                    f"target mask vanishes when resized to long side {self.image_size}: "
+                    f"{_sample_id(dataset_dict)}"
+                )
             instances = Instances(image.shape[:2])
             instances.gt_classes = torch.zeros(1, dtype=torch.int64)
             instances.gt_masks = target

@@ -1,0 +1,110 @@
+"""``tools/benchmark.py``: the tiny run works end to end on CPU and its parameter deltas are exact;
+the paper-size parameter counts (built on the meta device) match the paper's Table 9."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from flowseg import add_flowseg_config
+from flowseg.utils.tiny_models import make_tiny_llm_dir, tiny_llm_cfg_overrides
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location(
+        "flowseg_benchmark", os.path.join(ROOT, "tools", "benchmark.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_runs_and_reports_exact_deltas(bench, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = [
+        "--tiny",
+        "--device",
+        "cpu",
+        "--reps",
+        "1",
+        "--warmup",
+        "0",
+        "--k",
+        "2",
+        "--image-size",
+        "64",
+        "96",
+    ]
+    result = bench.main(argv + ["--train-batch", "1", "--train-reps", "1", "--output", str(out)])
+    printed = capsys.readouterr().out
+    assert json.loads(out.read_text())["deltas"] == result["deltas"]
+
+    # The two models, built here from the tiny config with the switches of each variant.
+    llm = make_tiny_llm_dir(tmp_path / "llm")
+    models = {}
+    for name, on in (("baseline", False), ("flowseg", True)):
+        cfg = get_cfg()
+        add_flowseg_config(cfg)
+        cfg.merge_from_file(os.path.join(ROOT, "configs", "tiny", "flowseg_refer_tiny.yaml"))
+        cfg.merge_from_list(tiny_llm_cfg_overrides(llm))
+        cfg.merge_from_list(
+            ["MODEL.FLOWSEG.SEMANTIC_REFINEMENT", on, "MODEL.FLOWSEG.CONDITION_REFINEMENT", on]
+            + ["MODEL.FLOWSEG.BAR.ENABLED", on]
+        )
+        models[name] = build_model(cfg)
+    base, flow = models["baseline"], models["flowseg"]
+    bsf = _count(flow.sem_seg_head.predictor) - _count(base.sem_seg_head.predictor)
+    assert bsf > 0 and result["deltas"]["bsf_params"] == bsf
+    assert result["deltas"]["total_params"] == _count(flow) - _count(base) == bsf + _count(flow.refiner)
+    assert f"+{bsf / 1e6:.2f}M ({bsf:,})" in printed and "| Latency (ms/sample) |" in printed
+
+    for variant in ("baseline", "flowseg"):
+        r = result[variant]
+        assert r["inference"]["ms"] > 0 and r["inference"]["peak_memory_bytes"] is None  # CPU
+        assert r["train"]["batch"] == 1 and r["train"]["ms"] > 0 and not r["train"].get("oom")
+        flops = r["flops"]
+        assert "error" not in flops, flops
+        # attention is counted (fvcore has no rule for SDPA: the tool adds one) ...
+        assert flops["by_operator"]["scaled_dot_product_attention"] > 0
+        assert not {"aten::scaled_dot_product_attention", "aten::_convolution_mode"} & set(
+            flops["not_counted_ops"]
+        )
+        comps = flops["by_component"]
+        assert comps["segmentation encoder (SAM-ViT)"] > 0 and comps["LLM"] > 0
+        assert sum(comps.values()) <= flops["gflops"] + 1e-9
+        shared = r["shared_eval"]
+        assert shared["k"] == 2
+        for key in ("per_expression", "shared_encoders", "shared_encoders_and_llm_prefix"):
+            assert shared[key]["ms_per_expression"] > 0
+    # ... and BSF adds decoder compute, BAR a little more
+    decoder = "transformer decoder (BSF)"
+    assert (
+        result["flowseg"]["flops"]["by_component"][decoder]
+        > result["baseline"]["flops"]["by_component"][decoder]
+    )
+    assert (
+        result["baseline"]["flops"]["by_component"]["BAR"]
+        == 0
+        < result["flowseg"]["flops"]["by_component"]["BAR"]
+    )
+
+
+def test_paper_size_parameter_counts_match_table_9(bench):
+    torch.manual_seed(0)
+    result = bench.main(["--count-only"])  # Qwen3-4B + SigLIP2-so400m + SAM-L, on the meta device
+    d, flow = result["deltas"], result["flowseg"]["params"]
+    assert abs(d["bsf_params"] - 5.93e6) < 0.005e6  # paper: +5.93M
+    assert abs(flow["total"] - 4816.7e6) / 4816.7e6 < 0.01  # paper: 4816.7M
+    assert abs(flow["segmentor"] - 334.8e6) / 334.8e6 < 0.03  # paper: 334.8M
+    assert 4.0e9 < flow["llm"] < 4.05e9 and 0.4e9 < flow["vision_tower"] < 0.45e9
