@@ -32,6 +32,12 @@ def add_flowseg_config(cfg: CN) -> CN:
     cfg.SOLVER.LLM_MULTIPLIER = 1.0
 
     cfg.TEST.SAVE_METRICS_JSON = True
+    # Referring evaluation: image encoders (and the LLM's image prefix) run once per image and are
+    # shared by its expressions (flowseg.engine.shared_features); outputs equal the per-expression
+    # loop up to float reduction order.
+    cfg.TEST.SHARED_IMAGE_FEATURES = True
+    cfg.TEST.SHARED_LLM_PREFIX = True
+    cfg.TEST.EXPRESSIONS_PER_PASS = 16  # K of one LLM + decoder pass (memory bound)
 
     # ---------------------------------------------------------------- segmentation encoder
     cfg.MODEL.SAM_VIT = CN()

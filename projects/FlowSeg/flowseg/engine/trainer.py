@@ -17,23 +17,27 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import weakref
 from typing import Any, Dict, List, Optional
 
 import torch
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, hooks
-from detectron2.engine.train_loop import AMPTrainer
+from detectron2.engine import DefaultTrainer, TrainerBase, create_ddp_model, hooks
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.events import EventWriter, TensorboardXWriter, get_event_storage, has_event_storage
+from detectron2.utils.logger import setup_logger
 
 from ..checkpoint.checkpointer import FlowSegCheckpointer
 from ..data.build import build_test_mapper, build_train_mapper
+from .efficiency import ddp_kwargs
 from .evaluation import build_evaluator, check_num_classes, write_metrics_json
 from .freezing import apply_stage_freezing
 from .hooks import CheckedAMPTrainer, CheckedSimpleTrainer, NonFiniteLossError, SafePeriodicCheckpointer
 from .optimizer import build_optimizer
+from .shared_features import SharedImageFeatureInference, build_grouped_test_loader
 
 __all__ = ["FlowSegTrainer", "resolve_amp"]
 
@@ -54,25 +58,34 @@ def resolve_amp(cfg: CfgNode) -> CfgNode:
     return cfg
 
 
+def _shares_image_features(cfg: CfgNode) -> bool:
+    return cfg.MODEL.FLOWSEG.MODE == "referring" and cfg.TEST.get("SHARED_IMAGE_FEATURES", False)
+
+
 class FlowSegTrainer(DefaultTrainer):
     """See the module docstring. ``train_net.Trainer`` subclasses it."""
 
     def __init__(self, cfg: CfgNode) -> None:
         check_num_classes(cfg, cfg.DATASETS.TEST)  # before training, not when the final eval starts
-        super().__init__(cfg)
-        # Same model / loader / optimizer, in a loop that checks the loss on every rank.
-        old = self._trainer
-        if isinstance(old, AMPTrainer):
-            self._trainer = CheckedAMPTrainer(
-                old.model,
-                old.data_loader,
-                old.optimizer,
-                grad_scaler=old.grad_scaler,
-                precision=old.precision,
-            )
-        else:
-            self._trainer = CheckedSimpleTrainer(old.model, old.data_loader, old.optimizer)
-        old.concurrent_executor.shutdown(wait=False)
+        # DefaultTrainer.__init__ with FlowSeg's DDP arguments (flowseg.engine.efficiency.ddp_kwargs:
+        # find_unused_parameters only where a part can miss a step's graph, device_ids=None on
+        # CPU/gloo) and the loops that check the loss on every rank.
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, **ddp_kwargs(cfg, model))
+        loop = CheckedAMPTrainer if cfg.SOLVER.AMP.ENABLED else CheckedSimpleTrainer
+        self._trainer = loop(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())  # build_hooks swaps in FlowSegCheckpointer
 
     @classmethod
     def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
@@ -123,6 +136,9 @@ class FlowSegTrainer(DefaultTrainer):
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str) -> Any:
         check_num_classes(cfg, [dataset_name])
+        if _shares_image_features(cfg):
+            # one image's expressions per batch (same samples, mapper and sharding)
+            return build_grouped_test_loader(cfg, dataset_name)
         return build_detection_test_loader(cfg, dataset_name, mapper=build_test_mapper(cfg, dataset_name))
 
     @classmethod
@@ -135,6 +151,12 @@ class FlowSegTrainer(DefaultTrainer):
     def test(
         cls, cfg: CfgNode, model: torch.nn.Module, evaluators: Optional[List[DatasetEvaluator]] = None
     ) -> Dict:
+        if _shares_image_features(cfg):
+            model = SharedImageFeatureInference(
+                model,
+                max_expressions_per_pass=cfg.TEST.EXPRESSIONS_PER_PASS,
+                share_llm_prefix=cfg.TEST.SHARED_LLM_PREFIX,
+            )
         results = super().test(cfg, model, evaluators)
         names = list(cfg.DATASETS.TEST)
         if comm.is_main_process() and cfg.TEST.SAVE_METRICS_JSON and names:

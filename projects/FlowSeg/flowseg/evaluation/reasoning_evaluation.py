@@ -8,12 +8,9 @@ every (input, output) pair given to :meth:`process` is one sample.
 """
 
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
-import numpy as np
-
-from .metrics import cumulative_iou, mean_iou
-from .referring_evaluation import MaskRecordEvaluator
+from .referring_evaluation import MaskRecordEvaluator, SampleMasks, ciou_giou
 
 __all__ = ["ReasoningEvaluator"]
 
@@ -24,25 +21,14 @@ class ReasoningEvaluator(MaskRecordEvaluator):
 
     task_key = "reasoning"
 
-    def __init__(self, dataset_name: str, output_dir: Optional[str] = None, distributed: bool = True) -> None:
-        super().__init__(dataset_name, output_dir=output_dir, distributed=distributed)
-
-    def _extra_fields(
-        self,
-        inp: Dict[str, Any],
-        ref: Dict[str, Any],
-        pred: np.ndarray,
-        gt: np.ndarray,
-        ignore: Optional[np.ndarray],
-    ) -> Dict[str, Any]:
+    def _extra_fields(self, inp: Dict[str, Any], ref: Dict[str, Any], masks: SampleMasks) -> Dict[str, Any]:
         is_sentence = inp.get("is_sentence")
         return {"is_sentence": None if is_sentence is None else bool(is_sentence)}
 
     def _summarize(self, records: List[Dict[str, Any]]) -> Dict[str, float]:
         def both(rs: List[Dict[str, Any]]) -> Dict[str, float]:
-            i = [r["intersection"] for r in rs]
-            u = [r["union"] for r in rs]
-            return {"gIoU": 100.0 * mean_iou(i, u), "cIoU": 100.0 * cumulative_iou(i, u)}
+            c_iou, g_iou = ciou_giou(rs)
+            return {"gIoU": g_iou, "cIoU": c_iou}
 
         res: Dict[str, float] = OrderedDict(both(records))
         for name, flag in (("short", False), ("long", True)):

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 from detectron2.evaluation import DatasetEvaluator
@@ -36,7 +36,7 @@ from .metrics import (
     precision_at,
 )
 
-__all__ = ["ReferringEvaluator", "MaskRecordEvaluator"]
+__all__ = ["ReferringEvaluator", "MaskRecordEvaluator", "SampleMasks", "ciou_giou"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,25 @@ def _jsonable(x: Any) -> Any:
 def _first(inp: Dict[str, Any], keys: Tuple[str, ...]) -> Any:
     """Value of the first of ``keys`` present in ``inp`` (None if none is)."""
     return next((inp[k] for k in keys if k in inp), None)
+
+
+def _iu(records: List[Dict[str, Any]], prefix: str = "") -> Tuple[List[int], List[int]]:
+    """The records' ``{prefix}intersection`` and ``{prefix}union`` fields."""
+    return [r[f"{prefix}intersection"] for r in records], [r[f"{prefix}union"] for r in records]
+
+
+def ciou_giou(records: List[Dict[str, Any]], prefix: str = "") -> Tuple[float, float]:
+    """``(cIoU, gIoU)`` in percent of the records' ``{prefix}intersection`` / ``{prefix}union``."""
+    inter, union = _iu(records, prefix)
+    return 100.0 * cumulative_iou(inter, union), 100.0 * mean_iou(inter, union)
+
+
+class SampleMasks(NamedTuple):
+    """One sample's masks at the original resolution (HxW bool); ``ignore`` is None without one."""
+
+    pred: np.ndarray
+    gt: np.ndarray
+    ignore: Optional[np.ndarray]
 
 
 def _expression(inp: Dict[str, Any]) -> Optional[str]:
@@ -111,17 +130,10 @@ class MaskRecordEvaluator(DatasetEvaluator):
             "union": union,
             "iou": float(iou_from_iu(inter, union)),
         }
-        record.update(self._extra_fields(inp, ref, pred, gt, ignore))
+        record.update(self._extra_fields(inp, ref, SampleMasks(pred, gt, ignore)))
         return record
 
-    def _extra_fields(
-        self,
-        inp: Dict[str, Any],
-        ref: Dict[str, Any],
-        pred: np.ndarray,
-        gt: np.ndarray,
-        ignore: Optional[np.ndarray],
-    ) -> Dict[str, Any]:
+    def _extra_fields(self, inp: Dict[str, Any], ref: Dict[str, Any], masks: SampleMasks) -> Dict[str, Any]:
         return {}
 
     # ------------------------------------------------------------------ aggregate
@@ -183,14 +195,8 @@ class ReferringEvaluator(MaskRecordEvaluator):
         super().__init__(dataset_name, output_dir=output_dir, distributed=distributed)
         self._boundary_dilation_ratio = boundary_dilation_ratio
 
-    def _extra_fields(
-        self,
-        inp: Dict[str, Any],
-        ref: Dict[str, Any],
-        pred: np.ndarray,
-        gt: np.ndarray,
-        ignore: Optional[np.ndarray],
-    ) -> Dict[str, Any]:
+    def _extra_fields(self, inp: Dict[str, Any], ref: Dict[str, Any], masks: SampleMasks) -> Dict[str, Any]:
+        pred, gt, ignore = masks
         b_inter, b_union = boundary_intersection_union(pred, gt, self._boundary_dilation_ratio, ignore)
         fields: Dict[str, Any] = {
             "b_intersection": b_inter,
@@ -211,24 +217,16 @@ class ReferringEvaluator(MaskRecordEvaluator):
         return fields
 
     def _summarize(self, records: List[Dict[str, Any]]) -> Dict[str, float]:
-        inter = [r["intersection"] for r in records]
-        union = [r["union"] for r in records]
-        b_inter = [r["b_intersection"] for r in records]
-        b_union = [r["b_union"] for r in records]
         res: Dict[str, float] = OrderedDict()
-        res["cIoU"] = 100.0 * cumulative_iou(inter, union)
-        res["gIoU"] = 100.0 * mean_iou(inter, union)
-        res["cBIoU"] = 100.0 * cumulative_iou(b_inter, b_union)
-        res["gBIoU"] = 100.0 * mean_iou(b_inter, b_union)
+        res["cIoU"], res["gIoU"] = ciou_giou(records)
+        res["cBIoU"], res["gBIoU"] = ciou_giou(records, "b_")
         with_cand = [r for r in records if r.get("oracle_iou") is not None]
         if with_cand:
             if len(with_cand) < len(records):
                 logger.warning(
                     f"oracle cIoU over the {len(with_cand)} of {len(records)} samples that have candidates"
                 )
-            res["oracle_cIoU"] = 100.0 * cumulative_iou(
-                [r["oracle_intersection"] for r in with_cand], [r["oracle_union"] for r in with_cand]
-            )
+            res["oracle_cIoU"] = 100.0 * cumulative_iou(*_iu(with_cand, "oracle_"))
         for t, p in precision_at([r["iou"] for r in records], PR_THRESHOLDS).items():
             res[f"Pr@{t}"] = 100.0 * p
         res["num_samples"] = len(records)

@@ -200,8 +200,14 @@ class LLMConditionHead(nn.Module):
         *,
         compute_loss: bool | None = None,
         return_hidden_states: bool = False,
+        image_tokens: torch.Tensor | None = None,
     ) -> dict[str, Any]:
-        """See the class docstring. ``compute_loss`` defaults to ``self.training``."""
+        """See the class docstring. ``compute_loss`` defaults to ``self.training``.
+
+        ``image_tokens``: the vision encoder's output for these inputs (``[B, N, D_vis]``, or
+        ``[1, N, D_vis]`` when all inputs show one image), e.g. computed once per image and shared
+        by its expressions in evaluation; the encoder is then not run.
+        """
         compute_loss = self.training if compute_loss is None else compute_loss
         device = self.device
         encoded = self.encode(batched_inputs)
@@ -210,13 +216,17 @@ class LLMConditionHead(nn.Module):
         flat_ids = torch.tensor([t for e in encoded for t in e.input_ids], dtype=torch.long, device=device)
         text_embeds = embed(flat_ids).split(lengths)
 
-        image_tokens = None
         if self.vision_encoder is not None:
-            try:
-                images = [x["image"] for x in batched_inputs]
-            except KeyError:
-                raise ValueError("the vanilla encoder is enabled but a sample has no 'image'") from None
-            image_tokens = self.vis_projector(self.vision_encoder(images)).to(text_embeds[0].dtype)
+            if image_tokens is None:
+                try:
+                    images = [x["image"] for x in batched_inputs]
+                except KeyError:
+                    raise ValueError("the vanilla encoder is enabled but a sample has no 'image'") from None
+                image_tokens = self.vision_encoder(images)
+            image_tokens = self.vis_projector(image_tokens).to(text_embeds[0].dtype)
+            image_tokens = image_tokens.expand(len(encoded), -1, -1)
+        else:
+            image_tokens = None
 
         seqs, seq_labels, span_positions, seg_positions = [], [], [], []
         for b, enc in enumerate(encoded):

@@ -72,13 +72,21 @@ class VanillaEncoder(nn.Module):
         if freeze:
             for p in self.tower.parameters():
                 p.requires_grad_(False)
+        # FlowSeg reads last_hidden_state only: SigLIP's attention-pooling head (pooler_output)
+        # would run for nothing and, trainable, leave parameters without a gradient (DDP error).
+        if getattr(self.tower, "use_head", False):
+            self.tower.use_head = False
+        if isinstance(getattr(self.tower, "head", None), nn.Module):
+            self.tower.head.requires_grad_(False)
         params = inspect.signature(self.tower.forward).parameters
         self.naflex = "spatial_shapes" in params
         self._interpolate_kw = "interpolate_pos_encoding" in params
         cfg = self.tower.config
         self.patch_size = int(cfg.patch_size)
         self.out_dim = int(cfg.hidden_size)
-        if self.image_size % self.patch_size:
+        # NaFlex patchifies exactly; fixed-resolution towers use a stride-p conv that drops the
+        # remainder (so400m-patch14-384: 384 px -> 27 x 27 patches).
+        if self.naflex and self.image_size % self.patch_size:
             raise ValueError(f"IMAGE_SIZE {self.image_size} is not a multiple of patch {self.patch_size}")
 
     @property
