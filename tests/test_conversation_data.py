@@ -143,7 +143,11 @@ def test_mapper_all_turns_and_bgr(tmp_path):
     mapper = ConversationDatasetMapper(cfg, is_train=True)
     out = mapper(dicts[0])
     assert [t["value"] for t in out["conversations"]] == [
-        "What is in the picture?", "A red square.", "Is it  big?", "No."]
+        "What is in the picture?",
+        "A red square.",
+        "Is it  big?",
+        "No.",
+    ]
     assert out["expression"] == "What is in the picture?" and out["answer"] == "A red square."
     assert np.allclose(out["image"][:, 10, 16].tolist(), [10, 30, 200], atol=6)  # BGR
 
@@ -157,18 +161,40 @@ def _conv(*pairs):
     [
         ({"id": "noconv", "image": "img_a.jpg"}, ValueError, ["noconv", "conversations"]),
         ({"id": "emptyconv", "conversations": []}, ValueError, ["emptyconv", "conversations"]),
-        ({"id": "twohumans", "conversations": _conv(("human", "a"), ("human", "b"))}, ValueError,
-         ["twohumans", "alternate"]),
-        ({"id": "gptfirst", "conversations": _conv(("gpt", "a"), ("human", "b"))}, ValueError,
-         ["gptfirst", "alternate"]),
-        ({"id": "noanswer", "conversations": _conv(("human", "a"), ("gpt", "b"), ("human", "c"))},
-         ValueError, ["noanswer", "gpt"]),
-        ({"id": "emptyvalue", "conversations": _conv(("human", "a"), ("gpt", "  "))}, ValueError,
-         ["emptyvalue", "empty"]),
-        ({"id": "noimage", "image": "missing.jpg", "conversations": _conv(("human", "a"), ("gpt", "b"))},
-         FileNotFoundError, ["noimage", "missing.jpg"]),
-        ({"id": "imagelist", "image": ["a.jpg", "b.jpg"],
-          "conversations": _conv(("human", "a"), ("gpt", "b"))}, ValueError, ["imagelist", "image"]),
+        (
+            {"id": "twohumans", "conversations": _conv(("human", "a"), ("human", "b"))},
+            ValueError,
+            ["twohumans", "alternate"],
+        ),
+        (
+            {"id": "gptfirst", "conversations": _conv(("gpt", "a"), ("human", "b"))},
+            ValueError,
+            ["gptfirst", "alternate"],
+        ),
+        (
+            {"id": "noanswer", "conversations": _conv(("human", "a"), ("gpt", "b"), ("human", "c"))},
+            ValueError,
+            ["noanswer", "gpt"],
+        ),
+        (
+            {"id": "emptyvalue", "conversations": _conv(("human", "a"), ("gpt", "  "))},
+            ValueError,
+            ["emptyvalue", "empty"],
+        ),
+        (
+            {"id": "noimage", "image": "missing.jpg", "conversations": _conv(("human", "a"), ("gpt", "b"))},
+            FileNotFoundError,
+            ["noimage", "missing.jpg"],
+        ),
+        (
+            {
+                "id": "imagelist",
+                "image": ["a.jpg", "b.jpg"],
+                "conversations": _conv(("human", "a"), ("gpt", "b")),
+            },
+            ValueError,
+            ["imagelist", "image"],
+        ),
     ],
 )
 def test_loader_errors_name_file_and_id(tmp_path, sample, exc, words):

@@ -126,8 +126,9 @@ def test_boundary_iou_shifted_square():
 
 # ---------------------------------------------------------------------- ReferringEvaluator
 def _run_referring(tmp_path=None, with_empty=False, distributed=False, candidates=True):
-    ev = ReferringEvaluator("refcoco_val_test", output_dir=None if tmp_path is None else str(tmp_path),
-                            distributed=distributed)
+    ev = ReferringEvaluator(
+        "refcoco_val_test", output_dir=None if tmp_path is None else str(tmp_path), distributed=distributed
+    )
     ev.reset()
     c = {
         "A": [PRED_A, GT_A, EMPTY] if candidates else None,  # best: GT itself -> I=2, U=2

@@ -173,8 +173,14 @@ def test_mappers_resolved_from_evaluator_type(tmp_path):
     img.parent.mkdir(parents=True)
     Image.fromarray(np.zeros((20, 40, 3), np.uint8)).save(img)
     samples = [
-        {"id": i, "image": "x.jpg", "conversations": [{"from": "human", "value": f"<image>\nQ{i}"},
-                                                      {"from": "gpt", "value": f"A{i}"}]}
+        {
+            "id": i,
+            "image": "x.jpg",
+            "conversations": [
+                {"from": "human", "value": f"<image>\nQ{i}"},
+                {"from": "gpt", "value": f"A{i}"},
+            ],
+        }
         for i in range(6)
     ]
     (tmp_path / "llava.json").write_text(json.dumps(samples))

@@ -46,17 +46,31 @@ def _samples() -> list:
     img = lambda h, w: rng.integers(0, 255, (h, w, 3), dtype=np.uint8)  # noqa: E731
     return [
         # two targets (merged into one mask) and a separate ignore region
-        {"name": "a_two_targets", "image": img(40, 60), "is_sentence": False,
-         "texts": ["the two boxes", "both squares"],
-         "target_polygons": [_rect(5, 5, 15, 20), _rect(30, 10, 50, 30)],
-         "ignore_polygons": [_rect(52, 32, 58, 38)]},
+        {
+            "name": "a_two_targets",
+            "image": img(40, 60),
+            "is_sentence": False,
+            "texts": ["the two boxes", "both squares"],
+            "target_polygons": [_rect(5, 5, 15, 20), _rect(30, 10, 50, 30)],
+            "ignore_polygons": [_rect(52, 32, 58, 38)],
+        },
         # long query, target given as a mask (traced to polygons by the writer)
-        {"name": "b_sentence", "image": img(50, 70), "is_sentence": True,
-         "texts": ["What would you sit on if you were tired after a long walk?", "q2", "q3"],
-         "target_mask": _ellipse_mask()},
+        {
+            "name": "b_sentence",
+            "image": img(50, 70),
+            "is_sentence": True,
+            "texts": ["What would you sit on if you were tired after a long walk?", "q2", "q3"],
+            "target_mask": _ellipse_mask(),
+        },
         # an ignore region inside a larger target: LISA paints the smaller shape last, so it wins
-        {"name": "c_nested", "image": img(30, 20), "is_sentence": False, "texts": ["the frame"],
-         "target_polygons": [_rect(2, 2, 18, 28)], "ignore_polygons": [_rect(6, 6, 12, 12)]},
+        {
+            "name": "c_nested",
+            "image": img(30, 20),
+            "is_sentence": False,
+            "texts": ["the frame"],
+            "target_polygons": [_rect(2, 2, 18, 28)],
+            "ignore_polygons": [_rect(6, 6, 12, 12)],
+        },
     ]
 
 
@@ -85,8 +99,13 @@ def test_writer_layout_is_labelme(reasonseg):
         anno = json.load(f)
     assert anno["text"] == ["the two boxes", "both squares"] and anno["is_sentence"] is False
     assert [s["label"] for s in anno["shapes"]] == ["target", "target", "ignore"]
-    assert anno["shapes"][0] == {"label": "target", "group_id": None, "shape_type": "polygon", "flags": {},
-                                 "points": [[5.0, 5.0], [15.0, 5.0], [15.0, 20.0], [5.0, 20.0]]}
+    assert anno["shapes"][0] == {
+        "label": "target",
+        "group_id": None,
+        "shape_type": "polygon",
+        "flags": {},
+        "points": [[5.0, 5.0], [15.0, 5.0], [15.0, 20.0], [5.0, 20.0]],
+    }
 
 
 def test_first_query_vs_all_queries(reasonseg):
@@ -98,8 +117,18 @@ def test_first_query_vs_all_queries(reasonseg):
     assert [d["query_index"] for d in every] == [0, 1, 0, 1, 2, 0]
     assert [d["is_sentence"] for d in first] == [False, True, False]
     d = first[0]
-    assert set(d) == {"file_name", "height", "width", "image_id", "expression", "is_sentence", "task",
-                      "target_polygons", "ignore_polygons", "query_index"}
+    assert set(d) == {
+        "file_name",
+        "height",
+        "width",
+        "image_id",
+        "expression",
+        "is_sentence",
+        "task",
+        "target_polygons",
+        "ignore_polygons",
+        "query_index",
+    }
     assert (d["image_id"], d["height"], d["width"], d["task"]) == ("a_two_targets", 40, 60, "reasoning")
     assert d["file_name"] == os.path.join(reasonseg["folder"], "a_two_targets.jpg")
     assert d["target_polygons"][1] == [30.0, 10.0, 50.0, 10.0, 50.0, 30.0, 30.0, 30.0]
@@ -138,8 +167,9 @@ def test_mapper_eval_merges_targets_and_fills_ignore(reasonseg):
 
     out = mapper(first[2])  # nested: the smaller ignore shape is painted last
     assert np.array_equal(out["ignore_mask"], _box_mask(30, 20, (6, 6, 12, 12)))
-    assert np.array_equal(out["gt_mask"].astype(bool),
-                          _box_mask(30, 20, (2, 2, 18, 28)) & ~_box_mask(30, 20, (6, 6, 12, 12)))
+    assert np.array_equal(
+        out["gt_mask"].astype(bool), _box_mask(30, 20, (2, 2, 18, 28)) & ~_box_mask(30, 20, (6, 6, 12, 12))
+    )
     # evaluators can rebuild the same ground truth from the dataset dict alone
     gt, ign = gt_masks_from_dict(first[2])
     assert np.array_equal(gt, out["gt_mask"]) and np.array_equal(ign, out["ignore_mask"])

@@ -71,8 +71,10 @@ def _write(root: str, name: str = "refcoco", split_by: str = "unc") -> dict:
         # a polygon wholly outside the image: rasterises to an empty mask
         {"image_index": 2, "polygons": [[-9.0, -9.0, -2.0, -9.0, -2.0, -2.0]], "category_id": 1, "id": 505},
     ]
-    cats = [{"id": 1, "name": "blob", "supercategory": "shape"},
-            {"id": 2, "name": "box", "supercategory": "shape"}]
+    cats = [
+        {"id": 1, "name": "blob", "supercategory": "shape"},
+        {"id": 2, "name": "box", "supercategory": "shape"},
+    ]
     return write_refer_dataset(str(root), name, split_by, _images(), anns, REFS, cats)
 
 
@@ -150,8 +152,20 @@ def test_one_sample_per_expression_and_split_filter(refer):
     assert [d["expression"] for d in DatasetCatalog.get(n["testA"])] == REFS[3]["sentences"]
     assert [d["ann_id"] for d in DatasetCatalog.get(n["testB"])] == [501]
     d = train[2]
-    assert set(d) == {"file_name", "height", "width", "image_id", "ref_id", "ann_id", "sent_id",
-                      "expression", "task", "segmentation", "category_id", "split"}
+    assert set(d) == {
+        "file_name",
+        "height",
+        "width",
+        "image_id",
+        "ref_id",
+        "ann_id",
+        "sent_id",
+        "expression",
+        "task",
+        "segmentation",
+        "category_id",
+        "split",
+    }
     assert (d["height"], d["width"], d["image_id"], d["category_id"]) == (60, 40, 2, 2)
     assert d["task"] == "referring" and d["split"] == "train"
     assert d["file_name"].endswith("images/mscoco/images/train2014/COCO_train2014_000000000002.jpg")
@@ -185,8 +199,12 @@ def test_umd_pickle_name(tmp_path):
 def test_mapper_eval_resizes_long_side_and_keeps_gt_at_original_resolution(refer):
     mapper = ReferringDatasetMapper(_cfg(32), is_train=False)
     masks = refer["masks"]
-    for split, idx, expect, exact in (("train", 0, masks[0], False), ("train", 2, masks[1], True),
-                                      ("val", 0, masks[2], True), ("testA", 0, masks[3], False)):
+    for split, idx, expect, exact in (
+        ("train", 0, masks[0], False),
+        ("train", 2, masks[1], True),
+        ("val", 0, masks[2], True),
+        ("testA", 0, masks[3], False),
+    ):
         d = DatasetCatalog.get(refer["names"][split])[idx]
         out = mapper(d)
         h, w = expect.shape
@@ -226,15 +244,17 @@ def test_mapper_train_targets_at_resized_size(refer):
 
 def test_random_flip_swaps_left_right_only_in_training(refer):
     d = DatasetCatalog.get(refer["names"]["train"])[0]  # "the left ellipse"
-    flip = ReferringDatasetMapper(is_train=True, image_format="RGB", image_size=64, random_flip=True,
-                                  flip_prob=1.0)
+    flip = ReferringDatasetMapper(
+        is_train=True, image_format="RGB", image_size=64, random_flip=True, flip_prob=1.0
+    )
     plain = ReferringDatasetMapper(is_train=True, image_format="RGB", image_size=64, random_flip=False)
     a, b = flip(d), plain(d)
     assert a["flipped"] and a["expression"] == "the right ellipse"
     assert torch.equal(a["image"], b["image"].flip(-1))
     assert torch.equal(a["instances"].gt_masks, b["instances"].gt_masks.flip(-1))
-    test = ReferringDatasetMapper(is_train=False, image_format="RGB", image_size=64, random_flip=True,
-                                  flip_prob=1.0)
+    test = ReferringDatasetMapper(
+        is_train=False, image_format="RGB", image_size=64, random_flip=True, flip_prob=1.0
+    )
     assert test(d)["expression"] == "the left ellipse"
     # the config switch reaches the mapper
     cfg = _cfg(64, flip=True)
@@ -243,8 +263,10 @@ def test_random_flip_swaps_left_right_only_in_training(refer):
 
 
 def test_swap_left_right():
-    assert swap_left_right("Left man, rightmost cup, RIGHT-hand side, bright lefty") == \
-        "Right man, leftmost cup, LEFT-hand side, bright lefty"
+    assert (
+        swap_left_right("Left man, rightmost cup, RIGHT-hand side, bright lefty")
+        == "Right man, leftmost cup, LEFT-hand side, bright lefty"
+    )
 
 
 def test_test_mapper_chosen_by_evaluator_type(refer):
@@ -299,13 +321,22 @@ def _set_ann(refs, ref_index, ann_id):
     "edit_refs,edit_inst,pattern",
     [
         (lambda r: _set_ann(r, 1, 999), None, r"ref_id=1 in .*refs\(unc\)\.p.*ann_id=999.*instances\.json"),
-        (lambda r: r[1]["sentences"][2].update(sent="", raw=" "), None,
-         r"sentence 2 \(sent_id=4\) of ref_id=1 in .*refs\(unc\)\.p has no text"),
-        (None, lambda d: d["annotations"][1].pop("segmentation"),
-         r"annotation id=502 in .*instances\.json \(ref_id=1\) has no segmentation"),
+        (
+            lambda r: r[1]["sentences"][2].update(sent="", raw=" "),
+            None,
+            r"sentence 2 \(sent_id=4\) of ref_id=1 in .*refs\(unc\)\.p has no text",
+        ),
+        (
+            None,
+            lambda d: d["annotations"][1].pop("segmentation"),
+            r"annotation id=502 in .*instances\.json \(ref_id=1\) has no segmentation",
+        ),
         (None, lambda d: d["images"].pop(1), r"image id=2 \(ref_id=1, ann_id=502\) .*instances\.json"),
-        (lambda r: [x.update(split="val") for x in r if x["split"] == "train"], None,
-         r"split 'train' has no refs in .*refs\(unc\)\.p"),
+        (
+            lambda r: [x.update(split="val") for x in r if x["split"] == "train"],
+            None,
+            r"split 'train' has no refs in .*refs\(unc\)\.p",
+        ),
     ],
     ids=["ann_missing", "empty_sentence", "no_segmentation", "image_missing", "empty_split"],
 )

@@ -82,8 +82,10 @@ def resolve_task_ratios(ratios: Sequence[float], sizes: Sequence[int]) -> List[f
     """
     weights = [float(r) for r in ratios] if len(ratios) else [float(s) for s in sizes]
     if len(weights) != len(sizes):
-        raise ValueError(f"DATALOADER.TASK_RATIOS has {len(weights)} entries but DATASETS.TRAIN has "
-                         f"{len(sizes)} datasets; give one ratio per dataset (or [] for size-proportional)")
+        raise ValueError(
+            f"DATALOADER.TASK_RATIOS has {len(weights)} entries but DATASETS.TRAIN has "
+            f"{len(sizes)} datasets; give one ratio per dataset (or [] for size-proportional)"
+        )
     if any(not math.isfinite(w) or w < 0 for w in weights):
         raise ValueError(f"DATALOADER.TASK_RATIOS must be finite and >= 0, got {list(ratios)}")
     total = sum(weights)
@@ -141,8 +143,9 @@ class MixedTaskStream(IterableDataset):
         if n == 0:
             raise ValueError("mixed-task loader: no datasets given")
         if not (len(mappers) == len(probs) == n):
-            raise ValueError(f"mixed-task loader: {n} datasets but {len(mappers)} mappers and "
-                             f"{len(probs)} probabilities")
+            raise ValueError(
+                f"mixed-task loader: {n} datasets but {len(mappers)} mappers and {len(probs)} probabilities"
+            )
         if batch_size <= 0:
             raise ValueError(f"mixed-task loader: batch size per rank must be > 0, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -173,8 +176,11 @@ class MixedTaskStream(IterableDataset):
     def schedule(self) -> Iterator[Tuple[int, List[int]]]:
         """Infinite ``(dataset index, sample indices)`` per step for this rank (no mapping)."""
         streams = [
-            iter(_RankTrainingSampler(len(ds), seed=self._dataset_seed(i), rank=self.rank,
-                                      world_size=self.world_size))
+            iter(
+                _RankTrainingSampler(
+                    len(ds), seed=self._dataset_seed(i), rank=self.rank, world_size=self.world_size
+                )
+            )
             for i, ds in enumerate(self.datasets)
         ]
         for d in self.task_indices():
@@ -194,8 +200,10 @@ class MixedTaskStream(IterableDataset):
                 rng = random.Random(f"{self.seed}-{self.rank}-{step}-{slot}")
             index = rng.randrange(len(dataset))
         else:
-            raise RuntimeError(f"mixed-task loader: the mapper of dataset {self.names[d]!r} returned None "
-                               f"for {_MAX_MAPPER_RETRIES} samples in a row")
+            raise RuntimeError(
+                f"mixed-task loader: the mapper of dataset {self.names[d]!r} returned None "
+                f"for {_MAX_MAPPER_RETRIES} samples in a row"
+            )
         if isinstance(out, dict):
             if self.default_tasks[d] is not None:
                 out.setdefault("task", self.default_tasks[d])
@@ -236,8 +244,17 @@ def build_mixed_loader_from_datasets(
         seed = comm.shared_random_seed()
     datasets = [DatasetFromList(ds, copy=False) if isinstance(ds, list) else ds for ds in datasets]
     probs = resolve_task_ratios(ratios, [len(ds) for ds in datasets])
-    stream = MixedTaskStream(datasets, mappers, probs, batch_size=batch_size_per_rank, seed=seed,
-                             rank=rank, world_size=world_size, names=names, default_tasks=default_tasks)
+    stream = MixedTaskStream(
+        datasets,
+        mappers,
+        probs,
+        batch_size=batch_size_per_rank,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        names=names,
+        default_tasks=default_tasks,
+    )
     return DataLoader(
         stream,
         batch_size=None,  # the stream yields whole batches
@@ -286,8 +303,10 @@ def _build_mixed_train_loader(
         raise ValueError("mixed-task loader: DATASETS.TRAIN is empty")
     total = int(cfg.SOLVER.IMS_PER_BATCH)
     if total <= 0 or total % world_size:
-        raise ValueError(f"SOLVER.IMS_PER_BATCH ({total}) must be a positive multiple of the number of "
-                         f"processes ({world_size})")
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH ({total}) must be a positive multiple of the number of "
+            f"processes ({world_size})"
+        )
     mappers = dict(mappers or {})
     built: Dict[str, Mapper] = {}  # one mapper per name, shared by datasets that need it
     datasets, dataset_mappers, default_tasks, mapper_names = [], [], [], []
@@ -306,8 +325,10 @@ def _build_mixed_train_loader(
             if mapper_name not in built:
                 if mapper_name not in MAPPER_REGISTRY:
                     known = sorted(k for k, _ in MAPPER_REGISTRY)
-                    raise KeyError(f"mixed-task loader: dataset {name!r} needs mapper {mapper_name!r}, "
-                                   f"which is not registered (known: {known})")
+                    raise KeyError(
+                        f"mixed-task loader: dataset {name!r} needs mapper {mapper_name!r}, "
+                        f"which is not registered (known: {known})"
+                    )
                 built[mapper_name] = MAPPER_REGISTRY.get(mapper_name)(cfg, True)
             mapper = built[mapper_name]
         dataset_mappers.append(mapper)

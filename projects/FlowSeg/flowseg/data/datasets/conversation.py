@@ -58,40 +58,50 @@ def validate_conversation(conversations: Any, where: str) -> List[Dict[str, str]
     ``value`` is a non-empty string.
     """
     if not isinstance(conversations, list) or not conversations:
-        raise ValueError(f"{where}: has no 'conversations' (expected a non-empty list of "
-                         "{'from': 'human'|'gpt', 'value': str} turns)")
+        raise ValueError(
+            f"{where}: has no 'conversations' (expected a non-empty list of "
+            "{'from': 'human'|'gpt', 'value': str} turns)"
+        )
     turns: List[Dict[str, str]] = []
     for i, turn in enumerate(conversations):
         if not isinstance(turn, dict):
-            raise ValueError(f"{where}: turn {i} is a {type(turn).__name__}, expected a dict with "
-                             "'from' and 'value'")
+            raise ValueError(
+                f"{where}: turn {i} is a {type(turn).__name__}, expected a dict with 'from' and 'value'"
+            )
         role = _ROLE_ALIASES.get(str(turn.get("from", "")).lower())
         expected = "human" if i % 2 == 0 else "gpt"
         if role != expected:
-            raise ValueError(f"{where}: turn {i} is from {turn.get('from')!r}, expected {expected!r} "
-                             "(turns must alternate human/gpt, starting with human)")
+            raise ValueError(
+                f"{where}: turn {i} is from {turn.get('from')!r}, expected {expected!r} "
+                "(turns must alternate human/gpt, starting with human)"
+            )
         value = turn.get("value")
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"{where}: turn {i} ({role}) has an empty or missing 'value'")
         turns.append({"from": role, "value": value})
     if len(turns) % 2:
-        raise ValueError(f"{where}: the last turn is from 'human' with no 'gpt' answer "
-                         "(turns must alternate human/gpt and end with gpt)")
+        raise ValueError(
+            f"{where}: the last turn is from 'human' with no 'gpt' answer "
+            "(turns must alternate human/gpt and end with gpt)"
+        )
     return turns
 
 
 def _read_json_list(json_file: str) -> List[Any]:
     if not os.path.isfile(json_file):
-        raise FileNotFoundError(f"LLaVA conversations: json file not found: {json_file} "
-                                "(expected a list of {'id', 'image', 'conversations'} samples)")
+        raise FileNotFoundError(
+            f"LLaVA conversations: json file not found: {json_file} "
+            "(expected a list of {'id', 'image', 'conversations'} samples)"
+        )
     try:
         with open(json_file, encoding="utf-8") as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"LLaVA conversations: {json_file} is not valid JSON: {e}") from e
     if not isinstance(data, list):
-        raise ValueError(f"LLaVA conversations: {json_file} must hold a list of samples, "
-                         f"got {type(data).__name__}")
+        raise ValueError(
+            f"LLaVA conversations: {json_file} must hold a list of samples, got {type(data).__name__}"
+        )
     return data
 
 
@@ -113,13 +123,16 @@ def load_llava_conversations(
     """
     data = _read_json_list(json_file)
     if any(isinstance(s, dict) and s.get("image") for s in data) and not os.path.isdir(image_root):
-        raise FileNotFoundError(f"LLaVA conversations: image folder not found: {image_root} "
-                                f"(images of {json_file})")
+        raise FileNotFoundError(
+            f"LLaVA conversations: image folder not found: {image_root} (images of {json_file})"
+        )
     dataset_dicts: List[Dict[str, Any]] = []
     for index, sample in enumerate(data):
         if not isinstance(sample, dict):
-            raise ValueError(f"LLaVA conversations: {json_file}: entry {index} is a "
-                             f"{type(sample).__name__}, expected a dict")
+            raise ValueError(
+                f"LLaVA conversations: {json_file}: entry {index} is a "
+                f"{type(sample).__name__}, expected a dict"
+            )
         sample_id = sample.get("id", index)
         where = f"LLaVA conversations: {json_file}: sample id={sample_id!r} (entry {index})"
         turns = validate_conversation(sample.get("conversations"), where)
@@ -131,17 +144,23 @@ def load_llava_conversations(
             file_name = os.path.join(image_root, image)
             if check_images and not os.path.isfile(file_name):
                 raise FileNotFoundError(f"{where}: image not found: {file_name}")
-        dataset_dicts.append({
-            "file_name": file_name,
-            "image_id": sample_id,
-            "task": "conversation",
-            "has_image": file_name is not None,
-            "conversations": turns,
-        })
+        dataset_dicts.append(
+            {
+                "file_name": file_name,
+                "image_id": sample_id,
+                "task": "conversation",
+                "has_image": file_name is not None,
+                "conversations": turns,
+            }
+        )
     if not dataset_dicts:
         raise ValueError(f"LLaVA conversations: {json_file} holds no samples")
-    logger.info("Loaded %d conversations (%d text-only) from %s", len(dataset_dicts),
-                sum(not d["has_image"] for d in dataset_dicts), json_file)
+    logger.info(
+        "Loaded %d conversations (%d text-only) from %s",
+        len(dataset_dicts),
+        sum(not d["has_image"] for d in dataset_dicts),
+        json_file,
+    )
     return dataset_dicts
 
 

@@ -82,11 +82,15 @@ def _shape_polygon(shape: Dict[str, Any], path: str, index: int) -> List[float]:
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise ValueError(f"ReasonSeg: shape {index} (label '{label}') in {path} has malformed points "
-                         "(expected [[x, y], ...])")
+        raise ValueError(
+            f"ReasonSeg: shape {index} (label '{label}') in {path} has malformed points "
+            "(expected [[x, y], ...])"
+        )
     if len(points) < 3:
-        raise ValueError(f"ReasonSeg: shape {index} (label '{label}') in {path} has {len(points)} points; "
-                         "a polygon needs at least 3")
+        raise ValueError(
+            f"ReasonSeg: shape {index} (label '{label}') in {path} has {len(points)} points; "
+            "a polygon needs at least 3"
+        )
     return flat
 
 
@@ -165,8 +169,9 @@ def load_reasonseg_dataset(folder: str, all_queries: bool = False) -> List[Dict[
             raise ValueError(f"ReasonSeg: {path} has no image ({stem}.jpg expected in {folder})")
     for stem, path in images.items():
         if stem not in jsons:
-            raise ValueError(f"ReasonSeg: image {path} has no annotation "
-                             f"({os.path.join(folder, stem + '.json')} expected)")
+            raise ValueError(
+                f"ReasonSeg: image {path} has no annotation ({os.path.join(folder, stem + '.json')} expected)"
+            )
     if not images:
         raise ValueError(f"ReasonSeg: no NAME.jpg + NAME.json pairs in {folder}")
 
@@ -176,18 +181,20 @@ def load_reasonseg_dataset(folder: str, all_queries: bool = False) -> List[Dict[
         height, width = _image_size(images[stem])
         texts = anno["texts"] if all_queries else anno["texts"][:1]
         for q, text in enumerate(texts):
-            dataset_dicts.append({
-                "file_name": images[stem],
-                "height": height,
-                "width": width,
-                "image_id": stem,
-                "expression": text,
-                "is_sentence": anno["is_sentence"],
-                "task": "reasoning",
-                "target_polygons": anno["target_polygons"],
-                "ignore_polygons": anno["ignore_polygons"],
-                "query_index": q,
-            })
+            dataset_dicts.append(
+                {
+                    "file_name": images[stem],
+                    "height": height,
+                    "width": width,
+                    "image_id": stem,
+                    "expression": text,
+                    "is_sentence": anno["is_sentence"],
+                    "task": "reasoning",
+                    "target_polygons": anno["target_polygons"],
+                    "ignore_polygons": anno["ignore_polygons"],
+                    "query_index": q,
+                }
+            )
     logger.info("Loaded %d ReasonSeg samples (%d images) from %s", len(dataset_dicts), len(images), folder)
     return dataset_dicts
 

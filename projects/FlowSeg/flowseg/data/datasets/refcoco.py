@@ -67,8 +67,9 @@ def _load_instances(path: str) -> Dict[str, Any]:
 
 def _load_refs(path: str) -> List[Dict[str, Any]]:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"refer dataset: refs file not found: {path} "
-                                "(expected a pickled list of refs)")
+        raise FileNotFoundError(
+            f"refer dataset: refs file not found: {path} (expected a pickled list of refs)"
+        )
     try:
         try:
             with open(path, "rb") as f:
@@ -130,28 +131,36 @@ def load_refer_dataset(
     split_refs = [r for r in refs if isinstance(r, dict) and r.get("split") == split]
     if not split_refs:
         present = sorted({str(r.get("split")) for r in refs if isinstance(r, dict)})
-        raise ValueError(f"refer dataset: split '{split}' has no refs in {refs_path} "
-                         f"(splits present: {present})")
+        raise ValueError(
+            f"refer dataset: split '{split}' has no refs in {refs_path} (splits present: {present})"
+        )
 
     for ref in split_refs:
         ref_id = ref.get("ref_id")
         ann_id = ref.get("ann_id")
         ann = anns.get(ann_id)
         if ann is None:
-            raise ValueError(f"refer dataset: ref_id={ref_id} in {refs_path} points to ann_id={ann_id}, "
-                             f"which is not in {inst_path}")
+            raise ValueError(
+                f"refer dataset: ref_id={ref_id} in {refs_path} points to ann_id={ann_id}, "
+                f"which is not in {inst_path}"
+            )
         segm = ann.get("segmentation")
         if not segm:  # None, [] or {} are all unusable ground truth
-            raise ValueError(f"refer dataset: annotation id={ann_id} in {inst_path} (ref_id={ref_id}) "
-                             "has no segmentation")
+            raise ValueError(
+                f"refer dataset: annotation id={ann_id} in {inst_path} (ref_id={ref_id}) has no segmentation"
+            )
         image_id = ann.get("image_id", ref.get("image_id"))
         if ref.get("image_id") is not None and ref["image_id"] != image_id:
-            raise ValueError(f"refer dataset: ref_id={ref_id} in {refs_path} has image_id={ref['image_id']} "
-                             f"but its ann_id={ann_id} in {inst_path} has image_id={image_id}")
+            raise ValueError(
+                f"refer dataset: ref_id={ref_id} in {refs_path} has image_id={ref['image_id']} "
+                f"but its ann_id={ann_id} in {inst_path} has image_id={image_id}"
+            )
         img = images.get(image_id)
         if img is None:
-            raise ValueError(f"refer dataset: image id={image_id} (ref_id={ref_id}, ann_id={ann_id}) "
-                             f"is not in the images of {inst_path}")
+            raise ValueError(
+                f"refer dataset: image id={image_id} (ref_id={ref_id}, ann_id={ann_id}) "
+                f"is not in the images of {inst_path}"
+            )
         for key in ("file_name", "height", "width"):
             if key not in img:
                 raise ValueError(f"refer dataset: image id={image_id} in {inst_path} has no '{key}'")
@@ -175,12 +184,21 @@ def load_refer_dataset(
             text = _sentence_text(sent)
             sent_id = sent.get("sent_id") if isinstance(sent, dict) else None
             if text is None:
-                raise ValueError(f"refer dataset: sentence {i} (sent_id={sent_id}) of ref_id={ref_id} "
-                                 f"in {refs_path} has no text")
+                raise ValueError(
+                    f"refer dataset: sentence {i} (sent_id={sent_id}) of ref_id={ref_id} "
+                    f"in {refs_path} has no text"
+                )
             dataset_dicts.append({**base, "sent_id": sent_id, "expression": text})
 
-    logger.info("Loaded %d expressions (%d refs) of %s/%s(%s) from %s",
-                len(dataset_dicts), len(split_refs), dataset, split, split_by, refs_path)
+    logger.info(
+        "Loaded %d expressions (%d refs) of %s/%s(%s) from %s",
+        len(dataset_dicts),
+        len(split_refs),
+        dataset,
+        split,
+        split_by,
+        refs_path,
+    )
     return dataset_dicts
 
 

@@ -294,7 +294,11 @@ class FlowSeg(nn.Module):
             ref = dict(per_cond[0])
             if self.return_candidates:
                 cand = self._upsample(pred_masks[b][None], images)[0]
-                ref["candidates"] = sem_seg_postprocess(cand, image_size, height, width) > 0
+                cand = sem_seg_postprocess(cand, image_size, height, width) > 0
+                # the selected query's candidate is what was output (BAR-refined), so the oracle
+                # (best candidate, Table 5) is an upper bound of the selection by construction
+                cand[ref["query"]] = ref["mask"]
+                ref["candidates"] = cand
             results.append({"ref_seg": ref, "ref_segs": per_cond})
         return results
 
