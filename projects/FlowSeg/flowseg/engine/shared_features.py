@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from typing import Any, Dict, Hashable, Iterator, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from detectron2.config import CfgNode
 from detectron2.data import DatasetFromList, MapDataset, get_detection_dataset_dicts
 from detectron2.data.build import trivial_batch_collator
@@ -234,7 +233,6 @@ def conditions_with_shared_prefix(
     does not support it (no decoder stack exposed, no common prefix, cache API unknown): the
     caller then uses the head's own forward.
     """
-    from ..modeling.language.projector import pool_spans
     from ..modeling.language.prompts import shift_position
 
     decoder = head._decoder() if hasattr(head, "_decoder") else None
@@ -303,33 +301,7 @@ def conditions_with_shared_prefix(
     seg_positions = [
         None if x.seg_position is None else shift_position(x.seg_position, q, n_img) for x in encoded
     ]
-    num_k = max((len(s) for s in span_positions), default=0)
-    proj_dtype = head.llm_projector[0].weight.dtype
-    conditions = hidden.new_zeros(k, num_k, head.hidden_dim, dtype=proj_dtype)
-    condition_mask = torch.zeros(k, num_k, dtype=torch.bool, device=device)
-    seg_embed = hidden.new_zeros(k, head.hidden_dim, dtype=proj_dtype)
-    seg_mask = torch.zeros(k, dtype=torch.bool, device=device)
-    for b in range(k):
-        spans, seg = span_positions[b], seg_positions[b]
-        points = [p for span in spans for p in span] + ([seg] if seg is not None else [])
-        if not points:
-            continue
-        lo, hi = min(points), max(points)
-        proj = head.llm_projector(hidden[b, lo : hi + 1])
-        pooled = pool_spans(proj, [(s - lo, e - lo) for s, e in spans])
-        conditions[b] = F.pad(pooled, (0, 0, 0, num_k - pooled.shape[0]))
-        condition_mask[b, : len(spans)] = True
-        if seg is not None:
-            seg_embed[b] = proj[seg - lo]
-            seg_mask[b] = True
-    return {
-        "conditions": conditions,
-        "condition_mask": condition_mask,
-        "seg_embed": seg_embed,
-        "seg_mask": seg_mask,
-        "span_positions": span_positions,
-        "seg_positions": seg_positions,
-    }
+    return head.pool_outputs(hidden, span_positions, seg_positions)
 
 
 @dataclass

@@ -178,6 +178,49 @@ class LLMConditionHead(nn.Module):
         )
         return out.hidden_states[-1]
 
+    def pool_outputs(
+        self,
+        hidden: torch.Tensor,
+        span_positions: list[list[tuple[int, int]]],
+        seg_positions: list[int | None],
+    ) -> dict:
+        """C and S from the last hidden states [B,T,D]: per sample, the mean of φ_llm over each
+        ``<p>…</p>`` span (markers included; X-SAM's convention) and φ_llm at ``<SEG>`` (eq. 11).
+        Returns ``conditions`` [B,K,h] (zero-padded), ``condition_mask``, ``seg_embed`` [B,h],
+        ``seg_mask``, and the positions."""
+        bsz, device = hidden.shape[0], hidden.device
+        num_k = max((len(s) for s in span_positions), default=0)
+        proj_dtype = self.llm_projector[0].weight.dtype
+        zero_cond = hidden.new_zeros(num_k, self.hidden_dim, dtype=proj_dtype)
+        zero_seg = hidden.new_zeros(self.hidden_dim, dtype=proj_dtype)
+        condition_mask = torch.zeros(bsz, num_k, dtype=torch.bool, device=device)
+        seg_mask = torch.zeros(bsz, dtype=torch.bool, device=device)
+        cond_rows, seg_rows = [], []
+        for b in range(bsz):
+            spans, seg = span_positions[b], seg_positions[b]
+            points = [p for span in spans for p in span] + ([seg] if seg is not None else [])
+            if not points:
+                cond_rows.append(zero_cond)
+                seg_rows.append(zero_seg)
+                continue
+            # Project only the stretch that holds the spans and <SEG> (not the image tokens before it).
+            lo, hi = min(points), max(points)
+            proj = self.llm_projector(hidden[b, lo : hi + 1])
+            pooled = pool_spans(proj, [(s - lo, e - lo) for s, e in spans])
+            cond_rows.append(F.pad(pooled, (0, 0, 0, num_k - pooled.shape[0])))
+            condition_mask[b, : len(spans)] = True
+            seg_rows.append(proj[seg - lo] if seg is not None else zero_seg)
+            seg_mask[b] = seg is not None
+        empty = hidden.new_zeros(0, num_k, self.hidden_dim, dtype=proj_dtype)
+        return {
+            "conditions": torch.stack(cond_rows) if bsz else empty,
+            "condition_mask": condition_mask,
+            "seg_embed": torch.stack(seg_rows) if bsz else empty[:, 0],
+            "seg_mask": seg_mask,
+            "span_positions": span_positions,
+            "seg_positions": seg_positions,
+        }
+
     def lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Next-token CE over positions whose target is an answer token (mean over those tokens).
 
@@ -259,43 +302,7 @@ class LLMConditionHead(nn.Module):
 
         hidden = self._last_hidden(inputs_embeds, attention_mask)
 
-        num_k = max((len(s) for s in span_positions), default=0)
-        proj_dtype = self.llm_projector[0].weight.dtype
-        conditions = hidden.new_zeros(bsz, num_k, self.hidden_dim, dtype=proj_dtype)
-        condition_mask = torch.zeros(bsz, num_k, dtype=torch.bool, device=device)
-        seg_embed = hidden.new_zeros(bsz, self.hidden_dim, dtype=proj_dtype)
-        seg_mask = torch.zeros(bsz, dtype=torch.bool, device=device)
-        cond_rows, seg_rows = [], []
-        for b in range(bsz):
-            spans, seg = span_positions[b], seg_positions[b]
-            points = [p for span in spans for p in span] + ([seg] if seg is not None else [])
-            if not points:
-                cond_rows.append(conditions[b])
-                seg_rows.append(seg_embed[b])
-                continue
-            # Project only the stretch that holds the spans and <SEG> (not the image tokens before it).
-            lo, hi = min(points), max(points)
-            proj = self.llm_projector(hidden[b, lo : hi + 1])
-            pooled = pool_spans(proj, [(s - lo, e - lo) for s, e in spans])
-            cond_rows.append(F.pad(pooled, (0, 0, 0, num_k - pooled.shape[0])))
-            condition_mask[b, : len(spans)] = True
-            if seg is not None:
-                seg_rows.append(proj[seg - lo])
-                seg_mask[b] = True
-            else:
-                seg_rows.append(seg_embed[b])
-        if bsz:
-            conditions = torch.stack(cond_rows)
-            seg_embed = torch.stack(seg_rows)
-
-        out: dict[str, Any] = {
-            "conditions": conditions,
-            "condition_mask": condition_mask,
-            "seg_embed": seg_embed,
-            "seg_mask": seg_mask,
-            "span_positions": span_positions,
-            "seg_positions": seg_positions,
-        }
+        out: dict[str, Any] = self.pool_outputs(hidden, span_positions, seg_positions)
         if compute_loss:
             out["loss_llm"] = self.lm_loss(hidden, labels)
         if return_hidden_states:
