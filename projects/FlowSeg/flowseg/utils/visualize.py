@@ -20,9 +20,9 @@ def draw_referring_overlay(
 ) -> np.ndarray:
     """Image with the expression as a title, the predicted mask (blue) and, when given, the
     ground-truth mask side by side (green). Returns an RGB uint8 array."""
-    title = expression if score is None else f"{expression}  (score {score:.2f})"
+    stats = [] if score is None else [f"score {score:.2f}"]
     if iou is not None:
-        title += f"  IoU {100 * iou:.1f}"
+        stats.append(f"IoU {100 * iou:.1f}")
 
     def panel(mask: np.ndarray, color, label: str) -> np.ndarray:
         vis = Visualizer(image_rgb, scale=scale, instance_mode=ColorMode.IMAGE)
@@ -35,10 +35,13 @@ def draw_referring_overlay(
     if gt_mask is not None:
         panels.append(panel(gt_mask, GT_COLOR, "ground truth"))
     body = np.concatenate(panels, axis=1)
-    # caption strip under the panels, drawn by a second Visualizer on a blank canvas
-    strip_h = max(18, int(22 * scale))
-    canvas = np.full((strip_h, body.shape[1], 3), 255, np.uint8)
+    # caption strip under the panels (expression, then score / IoU), drawn by a second Visualizer
+    # on a blank canvas that is already at output size
+    font = 6 * scale
+    lines = [expression] + (["  ".join(stats)] if stats else [])
+    line_h = int(round(1.6 * font))
+    canvas = np.full((line_h * len(lines) + 4, body.shape[1], 3), 255, np.uint8)
     cap = Visualizer(canvas, scale=1.0)
-    # the panels' Visualizer multiplies font sizes by `scale`; this canvas is already at output size
-    cap.draw_text(title, (4, strip_h // 2), horizontal_alignment="left", color="black", font_size=8 * scale)
+    for i, text in enumerate(lines):
+        cap.draw_text(text, (4, 2 + i * line_h), horizontal_alignment="left", color="black", font_size=font)
     return np.concatenate([body, cap.get_output().get_image()], axis=0)
