@@ -40,6 +40,7 @@ gates = _load("gate_distribution")
 attention = _load("attention_maps")
 bar = _load("boundary_eval")
 common = _load("common")
+probe = _load("attribute_probe")
 
 
 # ------------------------------------------------------------------------------ hand-made records
@@ -202,6 +203,8 @@ def setup(tmp_path_factory):
         register_synthetic_datasets(str(d2 / "synthetic"))
         opts = [str(o) for o in tiny_llm_cfg_overrides(llm)]
         opts += ["MODEL.LLM.LORA.ENABLED", "False", "DATASETS.TEST", '("synthref_test",)']
+        # random (xavier) CR weights stand in for trained ones: zero-init CR would not move C yet
+        opts += ["MODEL.FLOWSEG.CR_ZERO_INIT", "False"]
         cfg = build_cfg(CONFIG, opts=opts)
         torch.manual_seed(0)
         model = build_model(cfg)
@@ -333,3 +336,50 @@ def test_tools_refuse_a_generic_config_and_a_missing_checkpoint(setup, tmp_path)
                 ["--config-file", CONFIG, "--weights", str(tmp_path / "nope.pth"), "--opts", *setup["opts"]]
             )
         )
+
+
+def test_attribute_probe_scores_known_predictions(setup, monkeypatch):
+    """A segmentor that returns every ground-truth segment as a query mask, labelled right or with
+    the shape word swapped: mask recall 1 and colour accuracy 1 in both; shape 1, then 0."""
+    from detectron2.data import MetadataCatalog
+
+    config = os.path.join(ROOT, "configs", "synthetic", "stage1_synthpan_cpu.yaml")
+    cfg = build_cfg(config, None, ["INPUT.IMAGE_SIZE", 64, "MODEL.SAM_VIT.IMG_SIZE", 64])
+    model = build_model(cfg).eval()
+    meta = MetadataCatalog.get("synthpan_val")
+    names = list(meta.stuff_classes)
+    things = list(meta.thing_dataset_id_to_contiguous_id.values())
+    samples = list(common.iterate_dataset(cfg, "synthpan_val"))
+
+    def other_shape(cat):
+        colour, shape = names[cat].split()
+        return next(i for i, n in enumerate(names) if n.startswith(colour + " ") and not n.endswith(shape))
+
+    def probe_with(relabel):
+        queue = [probe.panoptic_segments(d) for d, _ in samples]
+
+        def run_head(inputs, images, **kw):
+            segments = queue.pop(0)
+            q = model.num_queries
+            masks = torch.full((1, q, *images.tensor.shape[-2:]), -10.0)
+            logits = torch.zeros(1, q, len(names) + 1)
+            for j, (gt, cat) in enumerate(segments):
+                masks[0, j, : gt.shape[0], : gt.shape[1]][torch.from_numpy(gt)] = 10.0
+                logits[0, j, relabel(cat) if cat in things else cat] = 10.0
+            return {"pred_masks": masks, "pred_logits": logits}, {}
+
+        monkeypatch.setattr(model, "run_head", run_head)
+        return probe.attribute_probe(model, samples, names, things)
+
+    right = probe_with(lambda c: c)
+    assert right["num_segments"] == sum(
+        1 for d, _ in samples for _, c in probe.panoptic_segments(d) if c in things
+    )
+    assert right["mask_recall"] == 1.0
+    assert right["attributes"]["colour"]["accuracy"] == right["attributes"]["shape"]["accuracy"] == 1.0
+    assert right["attributes"]["shape"]["chance"] == pytest.approx(1 / 5)
+    assert right["attributes"]["colour"]["chance"] == pytest.approx(1 / 6)
+    swapped = probe_with(other_shape)
+    assert swapped["attributes"]["colour"]["accuracy"] == 1.0 and swapped["attributes"]["shape"]["accuracy"] == 0.0
+    with pytest.raises(ValueError, match="class head"):
+        probe.attribute_probe(build_model(build_cfg(CONFIG, None, setup["opts"])).eval(), samples, names, things)

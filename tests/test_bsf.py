@@ -60,7 +60,8 @@ def test_cr_off_keeps_conditions_bitwise():
 
 
 def test_cr_on_matches_eq5_by_hand():
-    dec = _decoder(semantic_refinement=True, condition_refinement=True)
+    # xavier-initialised output projection, so that every layer's update is non-zero
+    dec = _decoder(semantic_refinement=True, condition_refinement=True, cr_zero_init=False)
     x, mf, cond = _inputs()
     q_s = []
     hooks = [_capture(layer, q_s) for layer in dec.transformer_self_attention_layers]
@@ -86,6 +87,29 @@ def test_cr_on_matches_eq5_by_hand():
             )
             assert out["cond_attn"][layer].shape == (2, K, QUERIES)
             torch.testing.assert_close(out["cond_attn"][layer], weights, atol=1e-5, rtol=1e-4)
+
+
+def test_cr_zero_init_starts_at_c0_and_learns():
+    """Default init: C(l) = C(0) at every layer before training (Table 12's cosine 1), yet the
+    output projection gets a gradient, so eq. 5's update can be learned."""
+    dec = _decoder(semantic_refinement=True, condition_refinement=True).train()
+    x, mf, cond = _inputs()
+    out = dec(x, mf, conditions=cond, return_intermediates=True)
+    for c in out["conditions"]:
+        torch.testing.assert_close(c, cond, atol=0, rtol=0)
+    out["pred_logits"][..., 0].sum().backward()
+    grads = [layer.multihead_attn.out_proj.weight.grad for layer in dec.condition_refinement_layers]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_gate_bias_init_sets_the_initial_gate():
+    x, mf, cond = _inputs()
+    for bias, lo, hi in ((0.0, 0.3, 0.7), (4.0, 0.9, 1.0)):
+        dec = _decoder(semantic_refinement=True, gate_bias_init=bias)
+        with torch.no_grad():
+            gates = dec(x, mf, conditions=cond, return_intermediates=True)["gates"]
+        mean = torch.stack([g.mean() for g in gates]).mean().item()
+        assert lo < mean < hi, (bias, mean)
 
 
 # ---------------------------------------------------------------------------- semantic refinement

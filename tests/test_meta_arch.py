@@ -136,6 +136,43 @@ def test_referring_training_loss_has_llm_and_refined_mask_terms(llm_paths):
     assert any(p.grad is not None for p in model.condition_head.parameters())
 
 
+def test_expressions_of_one_image_share_its_encoding(llm_paths):
+    """Consecutive inputs showing the same image run SAM-ViT and the pixel decoder once; the
+    outputs, the losses and the gradients equal those of encoding the image per input."""
+    torch.manual_seed(0)
+    model = _referring_model(llm_paths).train()
+    x = _sample(96, 96, labels=(0,), seed=1)
+    x.update(expression="the small square", task="referring", image_id=7)
+    y = dict(x, expression="the leftmost star")  # same image tensor
+    z = _sample(80, 96, labels=(0,), seed=2)
+    z.update(expression="the red circle", task="referring", image_id=8)
+    shared = [x, y, z]
+    separate = [x, dict(y, image_id=70), z]  # another image id: not grouped
+
+    images, index = model.preprocess_shared_images(shared)
+    assert index.tolist() == [0, 0, 1] and images.tensor.shape[0] == 2
+    assert model.preprocess_shared_images(separate)[1] is None
+    batch_sizes = []
+    hook = model.backbone.register_forward_hook(lambda m, i, o: batch_sizes.append(i[0].shape[0]))
+
+    def run(inputs):
+        model.zero_grad()
+        torch.manual_seed(1)  # the criterion samples points at random
+        losses = model(inputs)
+        sum(losses.values()).backward()
+        grads = [p.grad.clone() for p in model.backbone.parameters() if p.grad is not None]
+        return losses, grads
+
+    (la, ga), (lb, gb) = run(shared), run(separate)
+    hook.remove()
+    assert batch_sizes == [2, 3]
+    for k in la:
+        torch.testing.assert_close(la[k], lb[k], rtol=1e-4, atol=1e-5)
+    assert len(ga) == len(gb) > 0
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+
+
 def test_referring_mode_without_llm_is_a_clear_error():
     cfg = _cfg("configs/tiny/flowseg_refer_tiny.yaml")
     with pytest.raises(ValueError, match="MODEL.LLM.PATH"):

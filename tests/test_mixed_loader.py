@@ -203,3 +203,27 @@ def test_mappers_resolved_from_evaluator_type(tmp_path):
                 assert d["expression"] == f"Q{d['image_id']}" and d["answer"] == f"A{d['image_id']}"
         else:
             assert all(d["src"] == pan and d["dataset_name"] == pan for d in b)
+
+
+def test_expressions_per_image_groups_referring_data():
+    """INPUT.EXPRESSIONS_PER_IMAGE = 2: referring data are read per image and each image's
+    expressions come out consecutively (so the model can share the image encoding); panoptic
+    batches are untouched."""
+    names = _register({"ref": 12, "pan": 10}, {"ref": "refer", "pan": "coco_panoptic_seg"})
+    base = DatasetCatalog.get(names["ref"])
+    DatasetCatalog.remove(names["ref"])  # 12 expressions on 4 images
+    DatasetCatalog.register(names["ref"], lambda: [{**d, "image_id": d["idx"] // 3} for d in base])
+
+    def draw_two(d):  # stands in for ReferringDatasetMapper on a per-image item
+        return [{**e, "task": "referring"} for e in d["expressions"][:2]]
+
+    cfg = _cfg([names["ref"], names["pan"]], ratios=[1, 1], ims_per_batch=2)
+    cfg.INPUT.EXPRESSIONS_PER_IMAGE = 2
+    batches = _batches(cfg, {names["ref"]: draw_two, names["pan"]: functools.partial(_tag, "generic")}, 30)
+    ref = [b for b in batches if _task(b) == "referring"]
+    assert ref and all(len(b) == 2 for b in batches if _task(b) == "generic")
+    for b in ref:
+        assert len(b) == 4  # 2 images x 2 expressions
+        assert b[0]["image_id"] == b[1]["image_id"] != b[2]["image_id"] == b[3]["image_id"]
+        assert b[0]["idx"] != b[1]["idx"]
+    assert {d["image_id"] for b in ref for d in b} == {0, 1, 2, 3}

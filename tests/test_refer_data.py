@@ -17,6 +17,7 @@ from flowseg.config import add_flowseg_config
 from flowseg.data.build import MAPPER_REGISTRY, build_test_mapper, build_train_mapper
 from flowseg.data.dataset_mappers.referring import (
     ReferringDatasetMapper,
+    group_expressions_by_image,
     long_side_shape,
     rasterize_segmentation,
     swap_left_right,
@@ -260,6 +261,66 @@ def test_random_flip_swaps_left_right_only_in_training(refer):
     cfg = _cfg(64, flip=True)
     cfg.INPUT.DATASET_MAPPER_NAME = "referring"
     assert build_train_mapper(cfg).random_flip
+
+
+def test_grouped_training_draws_expressions_of_one_image(refer):
+    """EXPRESSIONS_PER_IMAGE = 2: per-image items; the mapper gives 2 distinct expressions of the
+    image sharing ONE image tensor, each exactly as the per-expression mapper maps it."""
+    dicts = DatasetCatalog.get(refer["names"]["train"])
+    groups = group_expressions_by_image(dicts)
+    assert [len(g["expressions"]) for g in groups] == [2, 3]
+    assert [g["file_name"] for g in groups] == [dicts[0]["file_name"], dicts[2]["file_name"]]
+    cfg = _cfg(64)
+    cfg.INPUT.EXPRESSIONS_PER_IMAGE = 2
+    mapper = ReferringDatasetMapper(cfg, is_train=True)
+    single = ReferringDatasetMapper(_cfg(64), is_train=True)
+    by_sent = {d["sent_id"]: d for d in dicts}
+    seen = set()
+    for _ in range(20):
+        outs = mapper(groups[1])
+        assert len(outs) == 2 and outs[0]["image"] is outs[1]["image"]
+        assert outs[0]["sent_id"] != outs[1]["sent_id"]  # drawn without replacement
+        for o in outs:
+            ref = single(by_sent[o["sent_id"]])
+            assert o["expression"] == ref["expression"] and torch.equal(o["image"], ref["image"])
+            assert torch.equal(o["instances"].gt_masks, ref["instances"].gt_masks)
+            seen.add(o["sent_id"])
+    assert len(seen) == 3  # every expression of the image gets drawn
+    assert len(mapper(groups[0])) == 2
+    # evaluation is per expression whatever the setting
+    assert not isinstance(ReferringDatasetMapper(cfg, is_train=False)(dicts[0]), list)
+    with pytest.raises(ValueError, match="EXPRESSIONS_PER_IMAGE"):
+        ReferringDatasetMapper(is_train=True, image_format="RGB", image_size=32, expressions_per_image=0)
+
+
+def test_packed_training_sample_has_one_span_per_object(refer):
+    """PACK_EXPRESSIONS: one sample per image with k ~ uniform{1..K} expressions of DIFFERENT
+    objects, one <p> span and one target (class j = expression j) each."""
+    from flowseg.modeling.language.prompts import build_instruction
+
+    dicts = DatasetCatalog.get(refer["names"]["train"]) + DatasetCatalog.get(refer["names"]["testA"])
+    group = group_expressions_by_image(dicts)[0]  # image 0: 2 sentences of ann 501, 2 of ann 504
+    assert {d["ann_id"] for d in group["expressions"]} == {501, 504}
+    cfg = _cfg(64)
+    cfg.INPUT.EXPRESSIONS_PER_IMAGE = 3
+    cfg.INPUT.PACK_EXPRESSIONS = True
+    mapper = ReferringDatasetMapper(cfg, is_train=True)
+    single = ReferringDatasetMapper(_cfg(64), is_train=True)
+    by_sent = {d["sent_id"]: d for d in dicts}
+    sizes = set()
+    for _ in range(30):
+        out = mapper(group)
+        k = len(out["expressions"])
+        sizes.add(k)
+        assert len(set(out["ann_id"])) == k  # never two expressions of one object
+        assert out["instances"].gt_classes.tolist() == list(range(k))
+        for j, sent in enumerate(out["sent_id"]):
+            ref = single(by_sent[sent])
+            assert out["expressions"][j] == ref["expression"]
+            assert torch.equal(out["instances"].gt_masks[j], ref["instances"].gt_masks[0])
+        spans = ", ".join(f"<p>{e}</p>" for e in out["expressions"])
+        assert build_instruction(out) == f"Please segment {spans} in this image."
+    assert sizes == {1, 2}  # at most the 2 objects of the image, and single-expression prompts too
 
 
 def test_swap_left_right():

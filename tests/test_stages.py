@@ -45,7 +45,7 @@ STAGE3_NEW = {
 
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Any]:
-    """Tiny stage 1: 3 iterations of the generic segmentor on synthpan_train (6 categories)."""
+    """Tiny stage 1: 3 iterations of the generic segmentor on synthpan_train (31 categories)."""
     tmp = tmp_path_factory.mktemp("stages")
     d2 = tmp / "datasets"
     out = tmp / "stage1"

@@ -21,6 +21,14 @@ def add_flowseg_config(cfg: CN) -> CN:
     cfg.INPUT.SIZE_DIVISIBILITY = -1
     # Referring / reasoning: resize the long side to IMAGE_SIZE (SAM's protocol), pad in the model.
     cfg.INPUT.REFER_RANDOM_FLIP = False  # left/right words make flipping unsafe by default
+    # Training: expressions drawn per referring/reasoning image (LISA-style). > 1 groups the data
+    # set by image; one batch then holds IMS_PER_BATCH images x this many expressions, sharing one
+    # image encoding (SAM-ViT + pixel decoder) per image. 1 = one expression per sample.
+    cfg.INPUT.EXPRESSIONS_PER_IMAGE = 1
+    # With EXPRESSIONS_PER_IMAGE = K > 1: pack k ~ uniform{1..K} expressions of different objects
+    # into ONE prompt (a <p> span = a condition each) instead of K samples; evaluation stays one
+    # expression per prompt.
+    cfg.INPUT.PACK_EXPRESSIONS = False
 
     cfg.INPUT.CONVERSATION_MAX_TURNS = 1  # conversation mapper: human/gpt pairs kept (<= 0: all)
 
@@ -126,6 +134,12 @@ def add_flowseg_config(cfg: CN) -> CN:
     cfg.MODEL.FLOWSEG.VISUAL_CROSS_ATTN_CONTROL = False
     cfg.MODEL.FLOWSEG.ADD_SEG_EMBED_TO_QUERIES = True  # Q(0) <- Q(0) + S
     cfg.MODEL.FLOWSEG.LOGIT_SCALE_INIT = 2.659260036932778  # ln(1/0.07), learnable
+    # Initialisation of the BSF modules, which stage 3 adds to a trained segmentor (paper A.3):
+    # CR's attention output projection starts at zero, so C(l) = C(0) until training moves it
+    # (with xavier init the first update outweighs the LLM condition: cos(C0, C1) ~ 0.5, where the
+    # paper's Table 12 has 0.95); the fusion gate's bias sets g at init (0: g ~ 0.5).
+    cfg.MODEL.FLOWSEG.CR_ZERO_INIT = True
+    cfg.MODEL.FLOWSEG.GATE_BIAS_INIT = 0.0
     # module-name prefixes allowed to train (stage 2: the two projectors); [] = all, each part
     # still following its own FREEZE switch
     cfg.MODEL.FLOWSEG.TRAINABLE = []

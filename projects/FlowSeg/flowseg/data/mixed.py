@@ -39,6 +39,7 @@ from detectron2.utils.env import seed_all_rng
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from .build import MAPPER_REGISTRY
+from .dataset_mappers.referring import group_expressions_by_image
 
 __all__ = [
     "EVALUATOR_TYPE_TO_TRAIN_MAPPER",
@@ -204,10 +205,11 @@ class MixedTaskStream(IterableDataset):
                 f"mixed-task loader: the mapper of dataset {self.names[d]!r} returned None "
                 f"for {_MAX_MAPPER_RETRIES} samples in a row"
             )
-        if isinstance(out, dict):
-            if self.default_tasks[d] is not None:
-                out.setdefault("task", self.default_tasks[d])
-            out.setdefault("dataset_name", self.names[d])
+        for x in out if isinstance(out, list) else [out]:
+            if isinstance(x, dict):
+                if self.default_tasks[d] is not None:
+                    x.setdefault("task", self.default_tasks[d])
+                x.setdefault("dataset_name", self.names[d])
         return out
 
     def __iter__(self) -> Iterator[List[Dict[str, Any]]]:
@@ -216,7 +218,13 @@ class MixedTaskStream(IterableDataset):
         for step, (d, indices) in enumerate(self.schedule()):
             if step % num_workers != worker_id:
                 continue  # another worker maps this step; DataLoader collects workers round-robin
-            yield [self._map(d, i, step, slot) for slot, i in enumerate(indices)]
+            batch: List[Dict[str, Any]] = []
+            for slot, i in enumerate(indices):
+                out = self._map(d, i, step, slot)
+                # a mapper may give several samples per dataset item (an image's expressions),
+                # kept consecutive so the model can share their image encoding
+                batch.extend(out if isinstance(out, list) else [out])
+            yield batch
 
 
 def build_mixed_loader_from_datasets(
@@ -283,9 +291,14 @@ def train_mapper_name_for_dataset(dataset_name: str) -> str:
 
 def _load_dataset_dicts(cfg: CfgNode, name: str) -> List[Dict[str, Any]]:
     dicts = DatasetCatalog.get(name)
+    if not dicts:
+        raise ValueError(f"mixed-task loader: dataset {name!r} of DATASETS.TRAIN is empty")
     # Only instance-style dicts have "annotations"; conversation / referring dicts have none.
-    if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS and dicts and "annotations" in dicts[0]:
+    if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS and "annotations" in dicts[0]:
         dicts = filter_images_with_only_crowd_annotations(dicts)
+    evaluator_type = MetadataCatalog.get(name).get("evaluator_type", None)
+    if cfg.INPUT.EXPRESSIONS_PER_IMAGE > 1 and evaluator_type in ("refer", "reason_seg"):
+        dicts = group_expressions_by_image(dicts)  # one item per image; the mapper draws expressions
     if not dicts:
         raise ValueError(f"mixed-task loader: dataset {name!r} of DATASETS.TRAIN is empty")
     return dicts
@@ -366,6 +379,8 @@ def build_mixed_train_loader(cfg: CfgNode, mappers: Optional[Mapping[str, Mapper
 
     Returns:
         an iterable of lists of ``IMS_PER_BATCH // world_size`` mapped dicts, all from one dataset,
-        like Detectron2's ``build_detection_train_loader``.
+        like Detectron2's ``build_detection_train_loader``. With ``INPUT.EXPRESSIONS_PER_IMAGE``
+        = K > 1, referring/reasoning datasets are read per image and their batches hold K
+        consecutive dicts (expressions) per image, sharing the image tensor.
     """
     return _build_mixed_train_loader(cfg, mappers, rank=comm.get_rank(), world_size=comm.get_world_size())

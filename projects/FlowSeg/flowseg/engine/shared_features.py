@@ -49,6 +49,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
+from ..modeling.meta_arch.image_groups import group_consecutive_inputs, image_key
+
 __all__ = [
     "GroupedInferenceSampler",
     "SharedImageFeatures",
@@ -63,35 +65,6 @@ logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------- grouping
-def image_key(d: Dict[str, Any]) -> Optional[Hashable]:
-    """What identifies a sample's image: ``image_id``, else ``file_name`` (None if neither)."""
-    key = d.get("image_id")
-    return d.get("file_name") if key is None else key
-
-
-def _same_image(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
-    ka, kb = image_key(a), image_key(b)
-    if ka is not None and kb is not None and ka != kb:
-        return False
-    ia, ib = a["image"], b["image"]
-    if ia is ib:
-        return True
-    # The key alone is not enough: a test mapper could transform the image per sample (e.g. a
-    # flip); comparing the uint8 tensors costs microseconds next to the encoders.
-    return ia.shape == ib.shape and ia.dtype == ib.dtype and torch.equal(ia, ib)
-
-
-def group_consecutive_inputs(batched_inputs: Sequence[Dict[str, Any]]) -> List[List[int]]:
-    """Indices of ``batched_inputs`` in runs of consecutive inputs that show the same image."""
-    groups: List[List[int]] = []
-    for i, x in enumerate(batched_inputs):
-        if groups and _same_image(batched_inputs[groups[-1][0]], x):
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups
-
-
 class GroupedInferenceSampler(Sampler[List[int]]):
     """Batch sampler for evaluation: each batch holds the consecutive samples of one image.
 

@@ -126,8 +126,13 @@ class FlowSegTrainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg: CfgNode) -> Any:
         check_num_classes(cfg, cfg.DATASETS.TRAIN)
-        if len(cfg.DATASETS.TRAIN) > 1 or len(cfg.DATALOADER.TASK_RATIOS) > 0:
-            # stage 3: every batch from one task, drawn with DATALOADER.TASK_RATIOS
+        if (
+            len(cfg.DATASETS.TRAIN) > 1
+            or len(cfg.DATALOADER.TASK_RATIOS) > 0
+            or cfg.INPUT.EXPRESSIONS_PER_IMAGE > 1
+        ):
+            # stage 3: every batch from one task, drawn with DATALOADER.TASK_RATIOS (and the loader
+            # that reads referring data per image when EXPRESSIONS_PER_IMAGE > 1)
             from ..data.mixed import build_mixed_train_loader  # local: only mixed-data runs need it
 
             return build_mixed_train_loader(cfg)

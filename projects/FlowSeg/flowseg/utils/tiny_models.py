@@ -207,8 +207,6 @@ def tiny_llm_cfg_overrides(
     opts += [
         "MODEL.LLM.TORCH_DTYPE",
         "float32",
-        "MODEL.LLM.MAX_LENGTH",
-        256,
         "MODEL.LLM.LORA.ENABLED",
         lora,
         "MODEL.LLM.LORA.RANK",

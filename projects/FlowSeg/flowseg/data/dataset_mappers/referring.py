@@ -26,6 +26,7 @@ from ..build import MAPPER_REGISTRY
 
 __all__ = [
     "ReferringDatasetMapper",
+    "group_expressions_by_image",
     "rasterize_segmentation",
     "reasonseg_masks",
     "gt_masks_from_dict",
@@ -164,6 +165,32 @@ def _sample_id(d: Dict[str, Any]) -> str:
     return f"{d.get('file_name')} ({', '.join(ids)})"
 
 
+def group_expressions_by_image(dataset_dicts: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Per-expression dicts -> one dict per image, its expressions under ``"expressions"``.
+
+    The training form for ``INPUT.EXPRESSIONS_PER_IMAGE > 1`` (LISA samples several expressions of
+    an image per sample as well): the mapper then picks that many of them and shares one image
+    read, one augmentation and, in the model, one image encoding between them. Images keep the
+    order of their first expression; an image is identified by ``image_id`` else ``file_name``.
+    """
+    groups: Dict[Any, Dict[str, Any]] = {}
+    for d in dataset_dicts:
+        key = d.get("image_id", d.get("file_name"))
+        if key not in groups:
+            groups[key] = {k: d[k] for k in ("file_name", "height", "width", "image_id") if k in d}
+            groups[key]["expressions"] = []
+        groups[key]["expressions"].append(d)
+    return list(groups.values())
+
+
+def _object_key(d: Dict[str, Any]) -> Any:
+    # expressions of one object (RefCOCO: one ref = one annotation, several sentences)
+    for k in ("ann_id", "ref_id"):
+        if k in d:
+            return (k, d[k])
+    return ("id", id(d))
+
+
 class ReferringDatasetMapper:
     """Map a referring / reasoning dataset dict to the model input.
 
@@ -173,6 +200,16 @@ class ReferringDatasetMapper:
       ``gt_masks`` (bool [1, h, w] at the resized size) and ``gt_boxes``;
     * evaluation: ``gt_mask`` (HxW uint8 at the original resolution) and ``ignore_mask``
       (HxW bool: ReasonSeg "ignore" pixels, all False for RefCOCO).
+
+    A per-image dict of :func:`group_expressions_by_image` (training with
+    ``expressions_per_image`` > 1) gives a LIST of such outputs: ``expressions_per_image`` of the
+    image's expressions drawn without replacement (all of them if it has fewer), one image tensor
+    and one augmentation shared by all (the model encodes the image once for them).
+
+    With ``pack_expressions`` (training) it gives ONE output instead: k ~ uniform{1, …,
+    ``expressions_per_image``} expressions of k different objects in one prompt
+    (``expressions``: one ``<p>`` span each), ``instances`` with ``gt_classes = 0..k-1`` (target
+    j is condition j) — one decoder pass supervises k expressions, contrasted with each other.
 
     Training follows LISA for ignore regions: they count as background.
     """
@@ -186,6 +223,8 @@ class ReferringDatasetMapper:
         image_size: int,
         random_flip: bool = False,
         flip_prob: float = 0.5,
+        expressions_per_image: int = 1,
+        pack_expressions: bool = False,
     ):
         self.is_train = is_train
         self.image_format = image_format
@@ -193,11 +232,16 @@ class ReferringDatasetMapper:
         # Flipping changes what "left"/"right" refer to; the expression is rewritten when it happens.
         self.random_flip = bool(random_flip) and is_train
         self.flip_prob = float(flip_prob)
+        if int(expressions_per_image) < 1:
+            raise ValueError(f"INPUT.EXPRESSIONS_PER_IMAGE must be >= 1, got {expressions_per_image}")
+        self.expressions_per_image = int(expressions_per_image)
+        self.pack_expressions = bool(pack_expressions) and is_train
         logger.info(
-            "ReferringDatasetMapper(train=%s): long side -> %d, random flip: %s",
+            "ReferringDatasetMapper(train=%s): long side -> %d, random flip: %s, expressions per image: %d",
             is_train,
             self.image_size,
             self.random_flip,
+            self.expressions_per_image,
         )
 
     @classmethod
@@ -207,6 +251,8 @@ class ReferringDatasetMapper:
             "image_format": cfg.INPUT.FORMAT,
             "image_size": cfg.INPUT.IMAGE_SIZE,
             "random_flip": cfg.INPUT.REFER_RANDOM_FLIP,
+            "expressions_per_image": cfg.INPUT.EXPRESSIONS_PER_IMAGE if is_train else 1,
+            "pack_expressions": cfg.INPUT.PACK_EXPRESSIONS,
         }
 
     def _augmentations(self, height: int, width: int) -> List[Union[T.Augmentation, T.Transform]]:
@@ -217,23 +263,51 @@ class ReferringDatasetMapper:
             augs.append(T.RandomFlip(prob=self.flip_prob, horizontal=True, vertical=False))
         return augs
 
-    def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
-        dataset_dict = copy.deepcopy(dataset_dict)  # the dataset owns its dicts; don't modify them
-        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
-        utils.check_image_size(dataset_dict, image)
-        height, width = image.shape[:2]
-        gt_mask, ignore_mask = gt_masks_from_dict(dataset_dict)
-
-        # Label map: 0 background, 1 target, 255 ignore; warped with nearest interpolation.
-        label = gt_mask.copy()
-        label[ignore_mask] = IGNORE_LABEL
-        aug_input = T.AugInput(image, sem_seg=label)
+    def __call__(self, dataset_dict: Dict[str, Any]) -> Union[Dict[str, Any], List[Dict[str, Any]]]:
+        grouped = "expressions" in dataset_dict
+        if grouped:
+            candidates = dataset_dict["expressions"]
+            if not candidates:
+                raise ValueError(f"{dataset_dict.get('file_name')}: image without expressions")
+            order = np.random.permutation(len(candidates))
+            if self.pack_expressions:
+                chosen, objects = [], set()
+                for i in order:  # one expression per object: the k targets must differ
+                    if _object_key(candidates[i]) not in objects:
+                        objects.add(_object_key(candidates[i]))
+                        chosen.append(candidates[i])
+                chosen = chosen[: np.random.randint(1, self.expressions_per_image + 1)]
+            else:
+                chosen = [candidates[i] for i in order[: self.expressions_per_image]]
+        else:
+            chosen = [dataset_dict]
+        original = utils.read_image(chosen[0]["file_name"], format=self.image_format)
+        height, width = original.shape[:2]
+        aug_input = T.AugInput(original)
         transforms = T.AugmentationList(self._augmentations(height, width))(aug_input)
-        image, label = aug_input.image, aug_input.sem_seg
+        image_tensor = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
         flipped = any(isinstance(t, T.HFlipTransform) for t in transforms)
+        outs = [self._map_expression(d, original, image_tensor, transforms, flipped) for d in chosen]
+        if grouped and self.pack_expressions:
+            return _pack(outs)
+        return outs if grouped else outs[0]
 
-        out: Dict[str, Any] = {k: v for k, v in dataset_dict.items() if k not in _ANNOTATION_KEYS}
-        out["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    def _map_expression(
+        self,
+        dataset_dict: Dict[str, Any],
+        original: np.ndarray,
+        image: torch.Tensor,
+        transforms: T.TransformList,
+        flipped: bool,
+    ) -> Dict[str, Any]:
+        dataset_dict = dict(dataset_dict)  # check_image_size fills in a missing height/width
+        utils.check_image_size(dataset_dict, original)
+        height, width = original.shape[:2]
+        gt_mask, ignore_mask = gt_masks_from_dict(dataset_dict)
+        out: Dict[str, Any] = {
+            k: copy.deepcopy(v) for k, v in dataset_dict.items() if k not in _ANNOTATION_KEYS
+        }  # the dataset owns its dicts; don't share their objects
+        out["image"] = image
         out["height"], out["width"] = height, width
         expression = dataset_dict["expression"]
         out["expression"] = swap_left_right(expression) if flipped else expression
@@ -242,6 +316,10 @@ class ReferringDatasetMapper:
         out["flipped"] = flipped
 
         if self.is_train:
+            # Label map: 0 background, 1 target, 255 ignore; warped with nearest interpolation.
+            label = gt_mask.copy()
+            label[ignore_mask] = IGNORE_LABEL
+            label = transforms.apply_segmentation(label)
             target = torch.from_numpy(np.ascontiguousarray(label == 1))[None]  # [1, h, w] bool
             if not gt_mask.any():
                 raise ValueError(f"empty target mask after rasterisation: {_sample_id(dataset_dict)}")
@@ -250,7 +328,7 @@ class ReferringDatasetMapper:
                     f"target mask vanishes when resized to long side {self.image_size}: "
                     f"{_sample_id(dataset_dict)}"
                 )
-            instances = Instances(image.shape[:2])
+            instances = Instances(tuple(image.shape[1:]))
             instances.gt_classes = torch.zeros(1, dtype=torch.int64)
             instances.gt_masks = target
             instances.gt_boxes = BitMasks(target).get_bounding_boxes()
@@ -260,6 +338,23 @@ class ReferringDatasetMapper:
             out["gt_mask"] = gt_mask
             out["ignore_mask"] = ignore_mask
         return out
+
+
+def _pack(outs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Mapped training samples of one image -> one sample whose prompt has a span per expression."""
+    packed = dict(outs[0])
+    packed["expressions"] = [o["expression"] for o in outs]
+    packed["expression"] = "; ".join(packed["expressions"])  # for logs; the prompt uses the list
+    for k in ("ref_id", "ann_id", "sent_id"):
+        if k in packed:
+            packed[k] = [o[k] for o in outs]
+    masks = torch.cat([o["instances"].gt_masks for o in outs])
+    instances = Instances(outs[0]["instances"].image_size)
+    instances.gt_classes = torch.arange(len(outs), dtype=torch.int64)
+    instances.gt_masks = masks
+    instances.gt_boxes = BitMasks(masks).get_bounding_boxes()
+    packed["instances"] = instances
+    return packed
 
 
 # Factories are called as factory(cfg, is_train); a @configurable class is one. Both tasks share

@@ -6,7 +6,8 @@ The same scenes are written three ways, so the project's real loaders read them 
   with all its expressions, splits ``train`` / ``val`` / ``test``;
 * ReasonSeg layout (``reason_seg/SynthReason/{split}/NAME.jpg + NAME.json``), implicit queries,
   short (``is_sentence`` false) and long (true) alternating;
-* COCO-panoptic layout (``synth_panoptic``), the five shapes as things plus a background stuff.
+* COCO-panoptic layout (``synth_panoptic``), the 30 colour-shape combinations as things plus a
+  background stuff.
 
 Registered names (lazily, at import, under ``$DETECTRON2_DATASETS/synthetic`` like Detectron2's
 builtin data sets): ``synthref_{train,val,test}``, ``synthreason_{train,val,test}``,
@@ -25,22 +26,33 @@ from ..datasets.reasonseg import register_reasonseg_dataset
 from ..datasets.refcoco import register_refer_dataset
 from ..writers import register_coco_panoptic_folder, write_coco_panoptic_dataset, write_reasonseg_dataset
 from ..writers.refer import write_refer_dataset
-from .scenes import SHAPES, Scene, generate_scene
+from .scenes import COLOURS, SHAPES, Scene, SceneObject, generate_scene
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # bump when the written data change: cached data are regenerated
 REFER_DATASET, REFER_SPLIT_BY = "synthref", "synth"
+# Panoptic categories are colour + shape ("red circle", 30 things): as COCO's category names do for
+# the paper's stage 1, they give the segmentor's queries every attribute word of the expressions
+# except size and position, and stage-3 panoptic batches teach the LLM those words.
 THING_CATEGORIES = [
-    {"id": i + 1, "name": s, "isthing": 1, "color": c, "supercategory": "shape"}
-    for i, (s, c) in enumerate(
-        zip(SHAPES, [(220, 20, 60), (0, 130, 200), (60, 180, 75), (255, 225, 25), (145, 30, 180)])
-    )
+    {"id": i + 1, "name": f"{colour} {shape}", "isthing": 1, "color": rgb, "supercategory": shape}
+    for i, (colour, rgb, shape) in enumerate((c, rgb, s) for s in SHAPES for c, rgb in COLOURS.items())
 ]
-BACKGROUND_CATEGORY = {"id": len(SHAPES) + 1, "name": "background", "isthing": 0, "color": (128, 128, 128)}
+BACKGROUND_CATEGORY = {
+    "id": len(THING_CATEGORIES) + 1,
+    "name": "background",
+    "isthing": 0,
+    "color": (128, 128, 128),
+}
 CATEGORIES = THING_CATEGORIES + [BACKGROUND_CATEGORY]
-SHAPE_TO_CATEGORY = {c["name"]: c["id"] for c in THING_CATEGORIES}
+_CATEGORY_ID = {c["name"]: c["id"] for c in THING_CATEGORIES}
+
+
+def category_id(obj: "SceneObject") -> int:
+    """Panoptic / refer category id of a scene object (its colour and shape)."""
+    return _CATEGORY_ID[f"{obj.colour} {obj.shape}"]
 
 
 def default_root() -> str:
@@ -78,7 +90,7 @@ def _write_refer(root: str, scenes_by_split: Dict[str, List[Scene]]) -> None:
                     {
                         "image_index": image_index,
                         "mask": obj.mask,
-                        "category_id": SHAPE_TO_CATEGORY[obj.shape],
+                        "category_id": category_id(obj),
                         "format": "rle",
                     }
                 )
@@ -126,7 +138,7 @@ def _write_panoptic(root: str, scenes_by_split: Dict[str, List[Scene]]) -> None:
         images, segments = [], []
         for scene in scenes_by_split[split]:
             segs = [
-                {"mask": o.mask, "category_id": SHAPE_TO_CATEGORY[o.shape], "iscrowd": 0}
+                {"mask": o.mask, "category_id": category_id(o), "iscrowd": 0}
                 for o in scene.objects
                 if o.mask.any()
             ]

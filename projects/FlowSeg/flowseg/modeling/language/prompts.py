@@ -107,6 +107,9 @@ def build_instruction(sample: dict[str, Any]) -> str:
     * ``"referring"`` / ``"reasoning"``: ``sample["expression"]`` is put into the task template,
       which makes the whole expression the phrase. An expression that already contains
       ``<p>…</p>`` is a complete marked instruction and is used as is (no template).
+    * ``"referring"`` / ``"reasoning"`` with ``sample["expressions"]`` (a list; training with
+      ``INPUT.PACK_EXPRESSIONS``): the template with one ``<p>…</p>`` span per expression, in order
+      (condition ``k`` is expression ``k``).
     * ``"generic"``: ``sample["class_names"]``, each name its own ``<p>name</p>`` span, in order
       (condition ``k`` of the output is class ``k``).
     * ``"conversation"``: ``sample["expression"]`` as is (no spans required).
@@ -130,6 +133,16 @@ def build_instruction(sample: dict[str, Any]) -> str:
                 raise ValueError(f"class name {name!r} contains a special token")
         class_list = ", ".join(f"{P_START}{name}{P_END}" for name in names)
         return template.replace("{class_list}", class_list)
+    if task in ("referring", "reasoning") and sample.get("expressions"):
+        # several expressions of one image packed into one prompt: one <p> span (condition) each,
+        # in order, in the place of the template's single phrase
+        phrases = []
+        for e in sample["expressions"]:
+            e = _strip_image_placeholder(str(e))
+            if _MARKER_RE.search(e) or SEG in e:
+                raise ValueError(f"packed expression {e!r} contains a special token")
+            phrases.append(f"{P_START}{e}{P_END}")
+        return template.replace(f"{P_START}{{expression}}{P_END}", ", ".join(phrases))
     expression = sample.get("expression")
     if expression is None:
         raise ValueError(f"a {task!r} sample needs an 'expression'")

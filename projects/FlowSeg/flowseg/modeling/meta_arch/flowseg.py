@@ -29,6 +29,7 @@ from torch import nn
 from ..criterion import build_criterion
 from ..language import build_condition_head
 from ..refiner import build_refiner
+from .image_groups import expand_image_list, group_consecutive_inputs, image_index_of_groups
 
 logger = logging.getLogger(__name__)
 
@@ -175,9 +176,28 @@ class FlowSeg(nn.Module):
             raise ValueError("a referring/reasoning sample produced no condition embedding (empty <p> span?)")
         return cond
 
+    def preprocess_shared_images(
+        self, batched_inputs: List[Dict]
+    ) -> Tuple[ImageList, Optional[torch.Tensor]]:
+        """Normalised, padded images, each image ONCE when consecutive inputs show the same image
+        (an image's expressions): returns (unique images, ``image_index`` [B] = row of each input's
+        image), or (one image per input, None) when no two consecutive inputs share one."""
+        groups = group_consecutive_inputs(batched_inputs)
+        if len(groups) == len(batched_inputs):
+            return self.preprocess_image(batched_inputs), None
+        images = self.preprocess_image([batched_inputs[g[0]] for g in groups])
+        return images, image_index_of_groups(groups, self.device)
+
     def run_head(
-        self, batched_inputs: List[Dict], images: ImageList, return_intermediates: bool = False
+        self,
+        batched_inputs: List[Dict],
+        images: ImageList,
+        return_intermediates: bool = False,
+        image_index: Optional[torch.Tensor] = None,
     ) -> Tuple[Dict, Dict]:
+        """Encoder, condition head and decoder. ``images`` has one entry per input, or, with
+        ``image_index`` ([B], from :meth:`preprocess_shared_images`), one per unique image: the
+        encoder and pixel decoder then run once per image and the decoder per input."""
         features = self.backbone(images.tensor)
         cond = self.encode_conditions(batched_inputs)
         seg_embed = None
@@ -189,6 +209,7 @@ class FlowSeg(nn.Module):
             condition_mask=cond.get("condition_mask"),
             seg_embed=seg_embed,
             return_intermediates=return_intermediates,
+            image_index=image_index,
         )
         return outputs, cond
 
@@ -202,8 +223,10 @@ class FlowSeg(nn.Module):
                 )
             loss = self.condition_head(batched_inputs, compute_loss=True)["loss_llm"]
             return {"loss_llm": loss * self.llm_loss_weight}
-        images = self.preprocess_image(batched_inputs)
-        outputs, cond = self.run_head(batched_inputs, images)
+        images, image_index = self.preprocess_shared_images(batched_inputs)
+        outputs, cond = self.run_head(batched_inputs, images, image_index=image_index)
+        if image_index is not None:
+            images = expand_image_list(images, image_index)
         if self.training:
             return self.losses(outputs, cond, batched_inputs, images)
         if self.mode == "referring":

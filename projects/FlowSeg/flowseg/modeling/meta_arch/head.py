@@ -57,10 +57,15 @@ class FlowSegHead(nn.Module):
         condition_mask: Optional[torch.Tensor] = None,
         seg_embed: Optional[torch.Tensor] = None,
         return_intermediates: bool = False,
+        image_index: Optional[torch.Tensor] = None,
     ) -> Dict[str, object]:
         """Returns the decoder's output dict plus ``mask_features`` (F_pix, the 1/4-scale
-        pixel features that BAR reads)."""
+        pixel features that BAR reads). With ``image_index`` ([B] long), ``features`` are those
+        of the unique images and the decoder's input b reads image ``image_index[b]``."""
         mask_features, _, multi_scale_features = self.pixel_decoder.forward_features(features)
+        if image_index is not None:
+            mask_features = mask_features.index_select(0, image_index)
+            multi_scale_features = [f.index_select(0, image_index) for f in multi_scale_features]
         outputs = self.predictor(
             multi_scale_features,
             mask_features,

@@ -87,6 +87,8 @@ class BSFTransformerDecoder(nn.Module):
         condition_logits: bool = False,
         add_seg_embed_to_queries: bool = True,
         logit_scale_init: float = math.log(1 / 0.07),
+        cr_zero_init: bool = True,
+        gate_bias_init: float = 0.0,
     ) -> None:
         """
         Args:
@@ -105,6 +107,8 @@ class BSFTransformerDecoder(nn.Module):
                 no-object logit (referring mode, generic mode with an LLM) instead of ``class_embed``.
             add_seg_embed_to_queries: ``Q(0) <- Q(0) + S`` when ``seg_embed`` is given (off: S is ignored).
             logit_scale_init: initial value of the log-space logit scale (CLIP's ln(1/0.07)).
+            cr_zero_init: start CR's attention output projection at zero (C(l) = C(0) at init).
+            gate_bias_init: initial bias of the fusion gates W_g (0: g ~ 0.5; > 0 favours Q_vis).
         """
         super().__init__()
         if visual_cross_attn_control and not semantic_refinement:
@@ -155,10 +159,11 @@ class BSFTransformerDecoder(nn.Module):
             )
             for gate in self.fusion_gates:
                 nn.init.xavier_uniform_(gate.weight)
-                nn.init.zeros_(gate.bias)  # g starts around 0.5: balanced visual / semantic mix
+                nn.init.constant_(gate.bias, float(gate_bias_init))
         if condition_refinement:
             self.condition_refinement_layers = nn.ModuleList(
-                ConditionRefinementLayer(hidden_dim, nheads) for _ in range(dec_layers)
+                ConditionRefinementLayer(hidden_dim, nheads, zero_init=cr_zero_init)
+                for _ in range(dec_layers)
             )
 
         self.decoder_norm = nn.LayerNorm(hidden_dim)
@@ -237,6 +242,8 @@ class BSFTransformerDecoder(nn.Module):
             "condition_logits": condition_logits,
             "add_seg_embed_to_queries": fs.ADD_SEG_EMBED_TO_QUERIES,
             "logit_scale_init": fs.LOGIT_SCALE_INIT,
+            "cr_zero_init": fs.CR_ZERO_INIT,
+            "gate_bias_init": fs.GATE_BIAS_INIT,
         }
 
     # ------------------------------------------------------------------ checkpoints

@@ -206,14 +206,20 @@ class SemanticCrossAttentionLayer(nn.Module):
 
 
 class ConditionRefinementLayer(nn.Module):
-    """Eq. 5: ``C <- C + MHA(LN(C), Q_s + query_pos, Q_s)`` (pre-norm on the condition query)."""
+    """Eq. 5: ``C <- C + MHA(LN(C), Q_s + query_pos, Q_s)`` (pre-norm on the condition query).
 
-    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0) -> None:
+    ``zero_init``: the attention's output projection starts at zero, so the layer starts as the
+    identity on ``C`` (the residual of eq. 5 then carries C(0) until training learns an update).
+    """
+
+    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0, zero_init: bool = False) -> None:
         super().__init__()
         self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
         self.norm = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
         _xavier_init(self)
+        if zero_init:
+            nn.init.zeros_(self.multihead_attn.out_proj.weight)  # its bias is zero already
 
     def forward(
         self,
