@@ -380,6 +380,11 @@ def test_attribute_probe_scores_known_predictions(setup, monkeypatch):
     assert right["attributes"]["shape"]["chance"] == pytest.approx(1 / 5)
     assert right["attributes"]["colour"]["chance"] == pytest.approx(1 / 6)
     swapped = probe_with(other_shape)
-    assert swapped["attributes"]["colour"]["accuracy"] == 1.0 and swapped["attributes"]["shape"]["accuracy"] == 0.0
+    assert (
+        swapped["attributes"]["colour"]["accuracy"] == 1.0
+        and swapped["attributes"]["shape"]["accuracy"] == 0.0
+    )
     with pytest.raises(ValueError, match="class head"):
-        probe.attribute_probe(build_model(build_cfg(CONFIG, None, setup["opts"])).eval(), samples, names, things)
+        probe.attribute_probe(
+            build_model(build_cfg(CONFIG, None, setup["opts"])).eval(), samples, names, things
+        )

@@ -321,6 +321,10 @@ def test_packed_training_sample_has_one_span_per_object(refer):
         spans = ", ".join(f"<p>{e}</p>" for e in out["expressions"])
         assert build_instruction(out) == f"Please segment {spans} in this image."
     assert sizes == {1, 2}  # at most the 2 objects of the image, and single-expression prompts too
+    cfg.INPUT.EXPRESSIONS_PER_IMAGE = 1
+    with pytest.raises(ValueError, match="EXPRESSIONS_PER_IMAGE > 1"):
+        ReferringDatasetMapper(cfg, is_train=True)
+    assert not ReferringDatasetMapper(cfg, is_train=False).pack_expressions  # evaluation: never packed
 
 
 def test_swap_left_right():

@@ -69,7 +69,9 @@ def attribute_probe(
 ) -> Dict[str, Any]:
     """Probe ``model`` (generic mode, class head) on ``(dataset dict, model input)`` pairs."""
     if getattr(model, "mode", None) != "generic" or getattr(model, "condition_head", None) is not None:
-        raise ValueError("attribute_probe needs a generic-mode model with a class head (no LLM): a stage-1 config")
+        raise ValueError(
+            "attribute_probe needs a generic-mode model with a class head (no LLM): a stage-1 config"
+        )
     words = [name.split() for name in class_names]
     values = {a: {w[i] for w in words if len(w) == len(attributes)} for i, a in enumerate(attributes)}
     things = set(thing_ids)
@@ -99,7 +101,11 @@ def attribute_probe(
         "num_segments": n,
         "mask_recall": recalled / n,
         "attributes": {
-            a: {"accuracy": correct[a] / n, "chance": 1.0 / max(len(values[a]), 1), "values": sorted(values[a])}
+            a: {
+                "accuracy": correct[a] / n,
+                "chance": 1.0 / max(len(values[a]), 1),
+                "values": sorted(values[a]),
+            }
             for a in attributes
         },
     }
@@ -118,7 +124,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     dataset = default_dataset(cfg, args.dataset)
     meta = MetadataCatalog.get(dataset)
     thing_ids = list(meta.thing_dataset_id_to_contiguous_id.values())
-    result = attribute_probe(model, iterate_dataset(cfg, dataset, args.max_samples), meta.stuff_classes, thing_ids)
+    result = attribute_probe(
+        model, iterate_dataset(cfg, dataset, args.max_samples), meta.stuff_classes, thing_ids
+    )
     result["dataset"] = dataset
     rows = [["mask recall (IoU >= 0.5)", result["mask_recall"], "–"]]
     rows += [[a, r["accuracy"], r["chance"]] for a, r in result["attributes"].items()]

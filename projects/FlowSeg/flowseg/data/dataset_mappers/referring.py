@@ -236,6 +236,11 @@ class ReferringDatasetMapper:
             raise ValueError(f"INPUT.EXPRESSIONS_PER_IMAGE must be >= 1, got {expressions_per_image}")
         self.expressions_per_image = int(expressions_per_image)
         self.pack_expressions = bool(pack_expressions) and is_train
+        if self.pack_expressions and self.expressions_per_image < 2:
+            raise ValueError(
+                "INPUT.PACK_EXPRESSIONS packs up to INPUT.EXPRESSIONS_PER_IMAGE expressions per prompt: "
+                f"set EXPRESSIONS_PER_IMAGE > 1 (it is {self.expressions_per_image})"
+            )
         logger.info(
             "ReferringDatasetMapper(train=%s): long side -> %d, random flip: %s, expressions per image: %d",
             is_train,
