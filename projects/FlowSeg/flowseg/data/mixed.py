@@ -291,10 +291,8 @@ def train_mapper_name_for_dataset(dataset_name: str) -> str:
 
 def _load_dataset_dicts(cfg: CfgNode, name: str) -> List[Dict[str, Any]]:
     dicts = DatasetCatalog.get(name)
-    if not dicts:
-        raise ValueError(f"mixed-task loader: dataset {name!r} of DATASETS.TRAIN is empty")
     # Only instance-style dicts have "annotations"; conversation / referring dicts have none.
-    if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS and "annotations" in dicts[0]:
+    if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS and dicts and "annotations" in dicts[0]:
         dicts = filter_images_with_only_crowd_annotations(dicts)
     evaluator_type = MetadataCatalog.get(name).get("evaluator_type", None)
     if cfg.INPUT.EXPRESSIONS_PER_IMAGE > 1 and evaluator_type in ("refer", "reason_seg"):

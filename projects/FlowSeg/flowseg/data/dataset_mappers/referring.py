@@ -353,11 +353,8 @@ def _pack(outs: List[Dict[str, Any]]) -> Dict[str, Any]:
     for k in ("ref_id", "ann_id", "sent_id"):
         if k in packed:
             packed[k] = [o[k] for o in outs]
-    masks = torch.cat([o["instances"].gt_masks for o in outs])
-    instances = Instances(outs[0]["instances"].image_size)
-    instances.gt_classes = torch.arange(len(outs), dtype=torch.int64)
-    instances.gt_masks = masks
-    instances.gt_boxes = BitMasks(masks).get_bounding_boxes()
+    instances = Instances.cat([o["instances"] for o in outs])  # masks and boxes, in order
+    instances.gt_classes = torch.arange(len(outs), dtype=torch.int64)  # target j = condition j
     packed["instances"] = instances
     return packed
 
