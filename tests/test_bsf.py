@@ -331,3 +331,52 @@ def test_parameter_count_at_paper_sizes():
     assert abs(added / 1e6 - 5.93) <= 0.02
     assert sr_only - baseline == 9 * (mha + gate + ln)
     assert visual == sr_only  # Table 11: equal-parameter control
+
+
+# ---------------------------------------------------------------------------- mask position in the logits
+def test_mask_position_known_values():
+    from flowseg.modeling.transformer_decoder.bsf_decoder import mask_position, mask_position_features
+
+    logits = torch.full((1, 2, 8, 8), -30.0)
+    logits[0, 0] = 30.0  # the whole map: centred, std of a uniform grid
+    logits[0, 1, 0:2, 6:8] = 30.0  # a 2x2 block at the top right
+    pos = mask_position(logits)[0]
+    std = math.sqrt(sum(((i + 0.5) / 8 - 0.5) ** 2 for i in range(8)) / 8)
+    torch.testing.assert_close(pos[0], torch.tensor([0.0, 0.0, std, std]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(pos[1], torch.tensor([0.375, -0.375, 0.0625, 0.0625]), atol=1e-5, rtol=0)
+    feats = mask_position_features(pos, num_frequencies=2, gain=1.0)[1]
+    c = math.cos(math.pi * 0.375)
+    s = math.sin(math.pi * 0.375)
+    s2, c2 = math.sin(2 * math.pi * 0.375), math.cos(2 * math.pi * 0.375)
+    # [sin(pi x), sin(2 pi x), cos(pi x), cos(2 pi x)] for x then y (= -x here), then 10 * sizes
+    expected = [s, s2, c, c2, -s, -s2, c, c2, 0.625, 0.625]
+    torch.testing.assert_close(feats, torch.tensor(expected), atol=1e-5, rtol=0)
+
+
+def test_mask_position_logits_start_as_the_paper_and_follow_the_formula():
+    plain = _decoder(semantic_refinement=True, condition_refinement=True)
+    dec = _decoder(semantic_refinement=True, condition_refinement=True, mask_position_logits=True)
+    missing = dec.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["mask_position_proj.bias", "mask_position_proj.weight"]
+    x, mf, cond = _inputs()
+    with torch.no_grad():  # zero-initialised projection: the paper's logits
+        torch.testing.assert_close(
+            dec(x, mf, conditions=cond)["pred_logits"], plain(x, mf, conditions=cond)["pred_logits"]
+        )
+    torch.manual_seed(1)
+    nn.init.normal_(dec.mask_position_proj.weight)
+    output = torch.randn(QUERIES, 2, HIDDEN)  # [Q,B,h] queries
+    mask_features = torch.randn(2, HIDDEN, 16, 16)
+    with torch.no_grad():
+        logits, masks, _, _ = dec.forward_prediction_heads(output, mask_features, None, cond)
+        query = dec.decoder_norm(output).transpose(0, 1)
+        from flowseg.modeling.transformer_decoder.bsf_decoder import mask_position, mask_position_features
+
+        position = mask_position_features(mask_position(masks))
+        expected = dec.condition_class_logits(query + dec.mask_position_proj(position), cond)
+    torch.testing.assert_close(logits, expected)
+    assert not torch.allclose(logits, dec.condition_class_logits(query, cond))
+    # the projection learns from the condition logits; the mask does not get this gradient
+    dec.train()
+    dec(x, mf, conditions=cond)["pred_logits"][..., 0].sum().backward()
+    assert dec.mask_position_proj.weight.grad.abs().sum() > 0

@@ -365,3 +365,48 @@ def test_cuda_bf16_autocast_forward_backward():
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     assert torch.isfinite(masks.grad).all() and conv.weight.grad.abs().sum() > 0
+
+
+def test_segment_class_loss_pools_logits_over_each_mask():
+    # two 8x8 segments on a 16x16 canvas (4x4 logits at 1/4 scale: a 2x2 block each)
+    masks = torch.zeros(2, 16, 16)
+    masks[0, :8, :8] = 1
+    masks[1, 8:, :8] = 1
+    targets = [{"labels": torch.tensor([2, 0]), "masks": masks}]
+    uniform = torch.zeros(1, 3, 4, 4, requires_grad=True)
+    torch.testing.assert_close(criterion_mod.segment_class_loss(uniform, targets), torch.tensor(LN3))
+    # segment 0: half its cells say class 2 with logit 4, half say nothing -> pooled logits (0, 0, 2);
+    # segment 1: every cell says class 0 with logit 3 -> (3, 0, 0); cells outside both are ignored
+    logits = torch.zeros(1, 3, 4, 4)
+    logits[0, 2, 0, :2] = 4.0
+    logits[0, 0, 2:, :2] = 3.0
+    logits[0, 1, :, 2:] = 50.0  # no segment there
+    expected = 0.5 * (-math.log(math.exp(2) / (math.exp(2) + 2)) - math.log(math.exp(3) / (math.exp(3) + 2)))
+    torch.testing.assert_close(criterion_mod.segment_class_loss(logits, targets), torch.tensor(expected))
+    # no segments at all: a connected zero
+    empty = [{"labels": torch.zeros(0, dtype=torch.long), "masks": torch.zeros(0, 16, 16)}]
+    loss = criterion_mod.segment_class_loss(uniform, empty)
+    loss.backward()
+    assert loss.item() == 0.0 and uniform.grad is not None
+
+
+def test_segment_class_loss_reported_and_weighted_from_config():
+    from detectron2.config import get_cfg
+    from flowseg import add_flowseg_config
+
+    cfg = add_flowseg_config(get_cfg())
+    assert "loss_segment_aux" not in build_weight_dict(cfg)  # off by default
+    cfg.MODEL.MASK_FORMER.SEGMENT_AUX_WEIGHT = 2.0
+    assert build_weight_dict(cfg)["loss_segment_aux"] == 2.0
+    crit = _criterion(num_classes=3)
+    outputs = {
+        "pred_logits": torch.zeros(1, 2, 4),
+        "pred_masks": torch.zeros(1, 2, 16, 16),
+        "aux_class_logits": torch.zeros(1, 3, 4, 4),
+    }
+    targets = [{"labels": torch.tensor([1]), "masks": torch.ones(1, 16, 16)}]
+    losses = crit(outputs, targets)
+    torch.testing.assert_close(losses["loss_segment_aux"], torch.tensor(LN3))
+    assert "loss_segment_aux" not in crit(
+        {k: v for k, v in outputs.items() if k != "aux_class_logits"}, targets
+    )

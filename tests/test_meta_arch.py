@@ -177,3 +177,28 @@ def test_referring_mode_without_llm_is_a_clear_error():
     cfg = _cfg("configs/tiny/flowseg_refer_tiny.yaml")
     with pytest.raises(ValueError, match="MODEL.LLM.PATH"):
         build_model(cfg)
+
+
+def test_segment_aux_classifier_trains_and_only_for_a_class_head(llm_paths):
+    torch.manual_seed(0)
+    opts = ["MODEL.SEM_SEG_HEAD.NUM_CLASSES", 3, "MODEL.MASK_FORMER.SEGMENT_AUX_WEIGHT", 1.0]
+    model = build_model(_cfg("configs/tiny/flowseg_coco_panoptic_tiny.yaml", *opts))
+    assert model.sem_seg_head.aux_classifier.out_channels == 3
+    batch = [_sample(96, 128)]
+    opt = torch.optim.Adam(model.sem_seg_head.aux_classifier.parameters(), lr=0.05)
+    model.train()
+    first = None
+    for _ in range(30):  # only the 1x1 classifier learns: the pixel features stay fixed
+        loss = model(batch)["loss_segment_aux"]
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+    model.eval()
+    with torch.no_grad():  # inference is unchanged: no aux output, no aux loss
+        assert "sem_seg" in model([_sample(96, 128)])[0]
+    with pytest.raises(ValueError, match="SEGMENT_AUX_WEIGHT"):
+        build_model(
+            _cfg("configs/tiny/flowseg_refer_tiny.yaml", *tiny_llm_cfg_overrides(llm_paths), *opts[2:])
+        )

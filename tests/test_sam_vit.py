@@ -9,7 +9,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_backbone
 from flowseg import add_flowseg_config
 from flowseg.checkpoint.sam import convert_sam_checkpoint, load_sam_checkpoint
-from flowseg.modeling.backbone.sam_vit import SAM_VIT_PRESETS, build_sam_vit
+from flowseg.modeling.backbone.sam_vit import SAM_VIT_PRESETS, build_sam_vit, conv_stem
 from transformers import SamVisionConfig, SamVisionModel
 
 IMG = 128  # 8x8 tokens: windows of 4 tile them, windows of 3 need padding
@@ -305,3 +305,37 @@ def test_cfg_checkpoint_loaded_at_build(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(backbone(x)["p4"], hf_neck, atol=1e-4, rtol=1e-4)
     assert not any(p.requires_grad for p in backbone.net.parameters())
+
+
+@pytest.mark.parametrize("patch", [8, 16])
+def test_conv_stem_same_token_grid_and_shift_equivariant(patch):
+    torch.manual_seed(0)
+    stem = conv_stem(3, 64, patch).eval()
+    # log2(patch) stride-2 3x3 convs + 1x1 projection
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in stem) == patch.bit_length()
+    linear = build_sam_vit("tiny", img_size=128, patch_size=patch).net.patch_embed
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        assert stem(x).shape == linear.proj(x).shape
+        # a shift by one patch moves the token map by one token (away from the zero-padded border)
+        shifted = torch.roll(x, shifts=patch, dims=3)
+        a, b = stem(x), stem(shifted)
+    # (up to GroupNorm statistics, which the zero-padded border shifts slightly)
+    scale = a.abs().mean()
+    assert (b[..., 2:-1] - a[..., 1:-2]).abs().mean() < 0.05 * scale
+    assert (a[..., 1:] - a[..., :-1]).abs().mean() > 0.3 * scale  # neighbouring tokens differ
+
+
+def test_conv_stem_from_config_and_errors(tmp_path):
+    cfg = _tiny_cfg()
+    cfg.MODEL.SAM_VIT.PATCH_SIZE = 8
+    cfg.MODEL.SAM_VIT.CONV_STEM = True
+    backbone = build_backbone(cfg)
+    assert isinstance(backbone.net.patch_embed.proj, torch.nn.Sequential)
+    out = backbone(torch.randn(2, 3, 64, 64))
+    assert out["p4"].shape == (2, 256, 4, 4)
+    with pytest.raises(ValueError, match="power-of-two"):
+        conv_stem(3, 64, 12)
+    torch.save({}, tmp_path / "sam.pth")
+    with pytest.raises(ValueError, match="CONV_STEM"):
+        build_sam_vit("tiny", img_size=64, use_conv_stem=True, checkpoint=str(tmp_path / "sam.pth"))

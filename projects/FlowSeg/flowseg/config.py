@@ -10,6 +10,17 @@ A.1–A.3) where the paper gives them.
 from detectron2.config import CfgNode as CN
 
 
+def llm_configured(cfg: CN) -> bool:
+    """True when the config names an LLM (a local checkpoint or a config to build one)."""
+    return bool(cfg.MODEL.LLM.PATH or cfg.MODEL.LLM.CONFIG)
+
+
+def uses_class_head(cfg: CN) -> bool:
+    """True for the stage-1 segmentor: generic mode without an LLM, so the decoder classifies with
+    a learnable head over ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` (otherwise classes are conditions)."""
+    return cfg.MODEL.FLOWSEG.MODE == "generic" and not llm_configured(cfg)
+
+
 def add_flowseg_config(cfg: CN) -> CN:
     """Add every config key FlowSeg uses to ``cfg`` (in place) and return it."""
     # ---------------------------------------------------------------- data / input
@@ -66,6 +77,9 @@ def add_flowseg_config(cfg: CN) -> CN:
     cfg.MODEL.SAM_VIT.SCALE_FACTORS = [4.0, 2.0, 1.0, 0.5]  # -> p2..p5 (1/4 .. 1/32)
     cfg.MODEL.SAM_VIT.USE_ACT_CHECKPOINT = False
     cfg.MODEL.SAM_VIT.FREEZE = False
+    # True: convolutional patch embedding (3x3 stride-2 convs) instead of SAM's linear one; for
+    # ViTs trained from scratch (synthetic configs), incompatible with SAM checkpoints
+    cfg.MODEL.SAM_VIT.CONV_STEM = False
     cfg.MODEL.SAM_VIT.CHECKPOINT = ""  # official SAM .pth (image_encoder.*) loaded at build time
 
     # ---------------------------------------------------------------- pixel decoder / head
@@ -97,6 +111,11 @@ def add_flowseg_config(cfg: CN) -> CN:
     cfg.MODEL.MASK_FORMER.DEEP_SUPERVISION = True
     cfg.MODEL.MASK_FORMER.NO_OBJECT_WEIGHT = 0.1
     cfg.MODEL.MASK_FORMER.CLASS_WEIGHT = 2.0
+    # > 0: auxiliary loss classifying every ground-truth segment from its mean 1/4-scale pixel
+    # feature (a 1x1 conv on the mask features), class-head models only. Not in the paper: a
+    # training aid for segmentors trained from scratch (the synthetic stage 1), whose features
+    # otherwise learn shape late (tools/analysis/attribute_probe.py); a pre-trained SAM needs none.
+    cfg.MODEL.MASK_FORMER.SEGMENT_AUX_WEIGHT = 0.0
     cfg.MODEL.MASK_FORMER.DICE_WEIGHT = 5.0
     cfg.MODEL.MASK_FORMER.MASK_WEIGHT = 5.0
     cfg.MODEL.MASK_FORMER.NHEADS = 8
@@ -140,6 +159,10 @@ def add_flowseg_config(cfg: CN) -> CN:
     # paper's Table 12 has 0.95); the fusion gate's bias sets g at init (0: g ~ 0.5).
     cfg.MODEL.FLOWSEG.CR_ZERO_INIT = True
     cfg.MODEL.FLOWSEG.GATE_BIAS_INIT = 0.0
+    # Not in the paper: condition logits also read where each query's predicted mask lies
+    # (centre + spread, a zero-initialised projection added to the query embedding). Mask2Former
+    # queries carry no location in their content; "leftmost" / "to the left of" need it.
+    cfg.MODEL.FLOWSEG.MASK_POSITION_LOGITS = False
     # module-name prefixes allowed to train (stage 2: the two projectors); [] = all, each part
     # still following its own FREEZE switch
     cfg.MODEL.FLOWSEG.TRAINABLE = []

@@ -31,7 +31,8 @@ file layout, so ``--resume`` and the periodic checkpoints are unchanged) plus:
   not have), everything else at WARNING. Tensors whose shapes differ (``class_embed`` after a
   class-count change, an embedding matrix of another vocabulary size) are skipped, each named with
   both shapes; the generic class head of a checkpoint trained without an LLM is dropped (INFO)
-  when the model classifies by query–condition similarity instead.
+  when the model classifies by query–condition similarity instead, and so is the auxiliary
+  segment classifier (``MODEL.MASK_FORMER.SEGMENT_AUX_WEIGHT``) when the model has none.
 
 **What a FlowSeg checkpoint contains.** The model's *full* state dict, the frozen LLM and vision
 tower included, even when ``MODEL.LLM.PATH`` also provides them. That keeps a checkpoint
@@ -96,6 +97,7 @@ COMPONENTS: Dict[str, str] = OrderedDict(
         ("transformer_decoder.bsf", "transformer decoder / BSF modules (SR, fusion gates, CR)"),
         ("transformer_decoder.condition_logits", "transformer decoder / condition-logit head"),
         ("transformer_decoder.class_head", "transformer decoder / class head (class_embed)"),
+        ("aux_classifier", "auxiliary segment classifier (MODEL.MASK_FORMER.SEGMENT_AUX_WEIGHT)"),
         ("condition_head.llm_base", "condition head / LLM base weights"),
         ("condition_head.lora", "condition head / LoRA"),
         ("condition_head.token_rows", "condition head / new-token rows (<p>, </p>, <SEG>)"),
@@ -108,8 +110,9 @@ COMPONENTS: Dict[str, str] = OrderedDict(
 )
 
 _PREDICTOR = "sem_seg_head.predictor."
+_AUX_CLASSIFIER = "sem_seg_head.aux_classifier."
 _BSF_MODULES = ("semantic_cross_attention_layers", "fusion_gates", "condition_refinement_layers")
-_CONDITION_LOGIT_MODULES = ("cond_query_proj", "no_object_embed", "logit_scale")
+_CONDITION_LOGIT_MODULES = ("cond_query_proj", "no_object_embed", "logit_scale", "mask_position_proj")
 _LLM = "condition_head.llm."
 # peft adapter tensors: lora_A/B, lora_embedding_A/B, DoRA's lora_magnitude_vector
 _LORA_RE = re.compile(r"\.lora_[A-Za-z_]+\.")
@@ -122,6 +125,8 @@ def component_of(key: str) -> str:
         return "segmentation_encoder"
     if key.startswith("sem_seg_head.pixel_decoder."):
         return "pixel_decoder"
+    if key.startswith(_AUX_CLASSIFIER):
+        return "aux_classifier"
     if key.startswith(_PREDICTOR):
         module = key[len(_PREDICTOR) :].split(".", 1)[0]
         if module in _BSF_MODULES:
@@ -570,6 +575,16 @@ class FlowSegCheckpointer(DetectionCheckpointer):
                 report.dropped_reasons["transformer_decoder.class_head"] = (
                     "generic-mode class head; this model scores queries against condition embeddings"
                 )
+
+        # The auxiliary segment classifier only trains the stage-1 segmentor's features.
+        aux_keys = [k for k in state_dict if k.startswith(_AUX_CLASSIFIER) and k not in model_state]
+        if aux_keys:
+            for k in aux_keys:
+                del state_dict[k]
+            report.dropped["aux_classifier"] = sorted(aux_keys)
+            report.dropped_reasons["aux_classifier"] = (
+                "training aid of the checkpoint's stage; this model has none"
+            )
 
         present = set(group_keys_by_component(state_dict))
         checkpoint["model"] = state_dict

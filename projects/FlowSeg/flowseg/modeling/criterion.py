@@ -33,6 +33,7 @@ __all__ = [
     "build_weight_dict",
     "calculate_uncertainty",
     "dice_loss",
+    "segment_class_loss",
     "sigmoid_ce_loss",
 ]
 
@@ -65,6 +66,30 @@ def sigmoid_ce_loss(inputs: Tensor, targets: Tensor, num_masks: float) -> Tensor
     """
     loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
     return loss.mean(1).sum() / num_masks
+
+
+def segment_class_loss(logits: Tensor, targets: Sequence[Dict[str, Tensor]]) -> Tensor:
+    """Cross-entropy of every target segment classified from the mean of the per-pixel class
+    ``logits`` [B, K, h, w] inside its mask (area-downsampled to h x w), averaged over segments.
+
+    The mean of a 1x1-conv's logits over a mask is that linear classifier applied to the mask's
+    mean feature: a bag of local features, which is what makes shape learnable by it (corners
+    and concavities) where a per-pixel loss asks an interior pixel what it cannot see.
+    Returns a zero that keeps the graph when there is no segment.
+    """
+    h, w = logits.shape[-2:]
+    pooled, labels = [], []
+    for b, t in enumerate(targets):
+        if len(t["labels"]) == 0:
+            continue
+        weights = F.interpolate(t["masks"][None].to(logits), size=(h, w), mode="area")[0]  # [T, h, w]
+        area = weights.flatten(1).sum(1)
+        keep = area > 0  # a segment smaller than one cell at every position cannot be pooled
+        pooled.append(torch.einsum("khw,thw->tk", logits[b], weights[keep]) / area[keep, None])
+        labels.append(t["labels"][keep.to(t["labels"].device)].to(logits.device))
+    if not pooled or sum(len(x) for x in labels) == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(torch.cat(pooled), torch.cat(labels))
 
 
 def calculate_uncertainty(logits: Tensor) -> Tensor:
@@ -313,7 +338,8 @@ class SetCriterion(nn.Module):
             targets: per image ``labels`` [T] int64 and ``masks`` [T, H', W'].
         Returns:
             ``loss_ce``, ``loss_mask``, ``loss_dice``, ``loss_{ce,mask,dice}_{i}`` per aux output,
-            ``loss_{mask,dice}_refined`` when ``refine_fn`` is given (and "masks" is in ``losses``).
+            ``loss_{mask,dice}_refined`` when ``refine_fn`` is given (and "masks" is in ``losses``),
+            ``loss_segment_aux`` when ``outputs["aux_class_logits"]`` (per-pixel class logits) is given.
         """
         if len(targets) != outputs["pred_logits"].shape[0]:
             raise ValueError(
@@ -333,6 +359,9 @@ class SetCriterion(nn.Module):
         if refine_fn is not None and "masks" in self.losses:
             device = outputs["pred_masks"].device
             losses.update(self.loss_refined_masks(refine_fn, targets, indices, num_masks, device))
+
+        if outputs.get("aux_class_logits") is not None:
+            losses["loss_segment_aux"] = segment_class_loss(outputs["aux_class_logits"], targets)
 
         if self.deep_supervision:
             for i, aux in enumerate(outputs.get("aux_outputs") or []):
@@ -378,6 +407,8 @@ def build_weight_dict(cfg) -> Dict[str, float]:
     if flowseg is not None and flowseg.BAR.ENABLED:
         weight_dict["loss_mask_refined"] = float(mf.MASK_WEIGHT)
         weight_dict["loss_dice_refined"] = float(mf.DICE_WEIGHT)
+    if mf.get("SEGMENT_AUX_WEIGHT", 0.0) > 0:
+        weight_dict["loss_segment_aux"] = float(mf.SEGMENT_AUX_WEIGHT)
     return weight_dict
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "SAMViTFeaturePyramid",
     "build_sam_vit",
     "build_sam_vit_backbone",
+    "conv_stem",
     "freeze_sam_vit",
 ]
 
@@ -81,6 +82,33 @@ class SAMViTFeaturePyramid(SimpleFeaturePyramid):
         return self._size_divisibility
 
 
+def conv_stem(in_chans: int, embed_dim: int, patch_size: int) -> nn.Sequential:
+    """Convolutional patch embedding ("Early Convolutions Help Transformers See Better",
+    Xiao et al. 2021): log2(patch_size) 3x3 stride-2 convs (GroupNorm + GELU), then a 1x1
+    projection to ``embed_dim``. Same input/output shapes as SAM's single ``patch_size`` conv.
+
+    Only for models trained from scratch (the synthetic CPU configs): a randomly initialised ViT
+    with a linear patch embedding learns shape late, convolutions give it local edge/corner
+    features from the first step. Official SAM checkpoints have no weights for it.
+    """
+    n = patch_size.bit_length() - 1
+    if patch_size < 2 or 2**n != patch_size:
+        raise ValueError(f"the conv stem needs a power-of-two patch size, got {patch_size}")
+    layers = []
+    c_in = in_chans
+    for i in range(n):
+        c_out = max(embed_dim >> (n - 1 - i), 8)
+        groups = 8 if c_out % 8 == 0 else 1
+        layers += [
+            nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
+            nn.GroupNorm(groups, c_out),
+            nn.GELU(),
+        ]
+        c_in = c_out
+    layers.append(nn.Conv2d(c_in, embed_dim, 1))
+    return nn.Sequential(*layers)
+
+
 def freeze_sam_vit(backbone: SimpleFeaturePyramid) -> None:
     """Stop gradients into the ViT (``backbone.net``); the pyramid stages stay trainable."""
     for p in backbone.net.parameters():
@@ -104,6 +132,7 @@ def build_sam_vit(
     use_act_checkpoint: bool = False,
     freeze: bool = False,
     square_pad: int = 0,
+    use_conv_stem: bool = False,
     checkpoint: Optional[str] = None,
 ) -> SAMViTFeaturePyramid:
     """Build SAM's image encoder + ViTDet simple feature pyramid without a Detectron2 config.
@@ -121,6 +150,8 @@ def build_sam_vit(
         freeze: freeze the ViT parameters (the pyramid stays trainable).
         square_pad: forwarded to ``SimpleFeaturePyramid`` (``padding_constraints``); set it to
             ``img_size`` to make Detectron2 pad batches to SAM's square input.
+        use_conv_stem: replace SAM's linear patch embedding by :func:`conv_stem` (training from
+            scratch only; not loadable from SAM checkpoints).
         checkpoint: optional SAM checkpoint (official, Hugging Face or this module's own names),
             loaded through :func:`flowseg.checkpoint.sam.load_sam_checkpoint`.
 
@@ -162,6 +193,8 @@ def build_sam_vit(
         pretrain_use_cls_token=False,
         out_feature=_VIT_OUT_FEATURE,
     )
+    if use_conv_stem:
+        net.patch_embed.proj = conv_stem(in_chans, embed_dim, patch_size)
     if use_act_checkpoint:
         for blk in net.blocks:
             blk.__class__ = _CheckpointedBlock
@@ -177,6 +210,10 @@ def build_sam_vit(
     )
 
     if checkpoint:
+        if use_conv_stem:
+            raise ValueError(
+                "MODEL.SAM_VIT.CONV_STEM has no weights in SAM checkpoints; disable it to load one"
+            )
         # Imported here so that flowseg.checkpoint may import modeling without a cycle.
         from ...checkpoint.sam import load_sam_checkpoint
 
@@ -210,5 +247,6 @@ def build_sam_vit_backbone(cfg, input_shape: ShapeSpec) -> SAMViTFeaturePyramid:
         use_act_checkpoint=c.USE_ACT_CHECKPOINT,
         freeze=c.FREEZE,
         square_pad=c.SQUARE_PAD,
+        use_conv_stem=c.CONV_STEM,
         checkpoint=c.CHECKPOINT or None,
     )

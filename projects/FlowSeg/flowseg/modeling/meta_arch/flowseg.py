@@ -26,6 +26,7 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import BitMasks, Boxes, ImageList, Instances
 from torch import nn
 
+from ...config import llm_configured
 from ..criterion import build_criterion
 from ..language import build_condition_head
 from ..refiner import build_refiner
@@ -34,11 +35,6 @@ from .image_groups import expand_image_list, group_consecutive_inputs, image_ind
 logger = logging.getLogger(__name__)
 
 __all__ = ["FlowSeg", "llm_configured"]
-
-
-def llm_configured(cfg) -> bool:
-    """True when the config names an LLM (a local checkpoint or a config to build one)."""
-    return bool(cfg.MODEL.LLM.PATH or cfg.MODEL.LLM.CONFIG)
 
 
 @META_ARCH_REGISTRY.register()
