@@ -130,12 +130,14 @@ def main() -> None:
     final = os.path.join(args.output_dir, "model_final.pth")
     if not os.path.isfile(final):
         log("3b/5 stage 3: FlowSeg on referring + panoptic batches (resumes if interrupted)")
+        # Detectron2's EvalHook evaluates DATASETS.TEST after the last iteration and the trainer
+        # writes metrics_all.json: that is step 4, no second evaluation needed
         subprocess.run(base + ["--resume", "MODEL.WEIGHTS", stage1] + opts, check=True, cwd=ROOT)
+        log("4/5 held-out evaluation: done at the end of training")
     else:
         log(f"3/5 training done already ({final})")
-
-    log("4/5 evaluation on the held-out split")
-    subprocess.run(base + ["--eval-only", "MODEL.WEIGHTS", final] + opts, check=True, cwd=ROOT)
+        log("4/5 evaluation on the held-out split")
+        subprocess.run(base + ["--eval-only", "MODEL.WEIGHTS", final] + opts, check=True, cwd=ROOT)
     with open(os.path.join(args.output_dir, "metrics_all.json")) as f:
         metrics = json.load(f)["metrics"]
 
