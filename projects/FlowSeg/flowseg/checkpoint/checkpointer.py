@@ -564,27 +564,26 @@ class FlowSegCheckpointer(DetectionCheckpointer):
         report.notes += transfer_token_rows(state_dict, model)
         report.notes += resample_position_tables(state_dict, model_state)
 
+        def drop(component: str, keys: List[str], reason: str) -> None:
+            for k in keys:
+                del state_dict[k]
+            report.dropped[component] = sorted(keys)
+            report.dropped_reasons[component] = reason
+
         # The generic class head of a checkpoint trained without an LLM has no place in a model that
         # classifies by query-condition similarity: drop it knowingly instead of calling it unexpected.
         head_keys = [k for k in state_dict if k.startswith(_PREDICTOR + "class_embed.")]
         if head_keys and not any(k in model_state for k in head_keys):
             if any(k.startswith(_PREDICTOR + "cond_query_proj.") for k in model_state):
-                for k in head_keys:
-                    del state_dict[k]
-                report.dropped["transformer_decoder.class_head"] = sorted(head_keys)
-                report.dropped_reasons["transformer_decoder.class_head"] = (
-                    "generic-mode class head; this model scores queries against condition embeddings"
+                drop(
+                    "transformer_decoder.class_head",
+                    head_keys,
+                    "generic-mode class head; this model scores queries against condition embeddings",
                 )
-
         # The auxiliary segment classifier only trains the stage-1 segmentor's features.
         aux_keys = [k for k in state_dict if k.startswith(_AUX_CLASSIFIER) and k not in model_state]
         if aux_keys:
-            for k in aux_keys:
-                del state_dict[k]
-            report.dropped["aux_classifier"] = sorted(aux_keys)
-            report.dropped_reasons["aux_classifier"] = (
-                "training aid of the checkpoint's stage; this model has none"
-            )
+            drop("aux_classifier", aux_keys, "training aid of the checkpoint's stage; this model has none")
 
         present = set(group_keys_by_component(state_dict))
         checkpoint["model"] = state_dict

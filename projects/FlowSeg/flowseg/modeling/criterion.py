@@ -25,6 +25,7 @@ from detectron2.projects.point_rend.point_features import (
 from detectron2.utils import comm
 from torch import Tensor, nn
 
+from ..config import uses_class_head
 from .matcher import HungarianMatcher, build_matcher
 
 __all__ = [
@@ -423,10 +424,8 @@ def build_criterion(cfg, num_classes: Optional[int] = -1) -> SetCriterion:
     """
     mf = cfg.MODEL.MASK_FORMER
     if num_classes == -1:
-        flowseg = getattr(cfg.MODEL, "FLOWSEG", None)
-        llm = getattr(cfg.MODEL, "LLM", None)
-        has_llm = llm is not None and bool(llm.PATH or llm.CONFIG)
-        class_head = (flowseg is None or flowseg.MODE == "generic") and not has_llm
+        # a plain Mask2Former config (no FlowSeg keys) always has a class head
+        class_head = getattr(cfg.MODEL, "FLOWSEG", None) is None or uses_class_head(cfg)
         num_classes = int(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES) if class_head else None
     return SetCriterion(
         num_classes=num_classes,
