@@ -100,6 +100,23 @@ def test_oracle_vs_selected_exact_numbers(tmp_path):
     assert "| A | 4 | 24.00 | 40.00 | 53.33 | 65.00 | 29.33 | 2 | 50.00 |" in md
 
 
+def test_oracle_vs_selected_by_synthetic_kind(tmp_path):
+    recs = [
+        _rec(1, 1, 1, 50, 100, 80, 100, expression="the red circle"),
+        _rec(1, 2, 2, 10, 100, 60, 100, expression="the leftmost star"),
+        _rec(2, 3, 3, 0, 50, 10, 50, expression="the star to the left of the blue circle"),
+        _rec(2, 4, 4, 30, 50, 40, 50, expression="the small square"),
+    ]
+    f = _write(tmp_path / "per_expression.json", recs)
+    rows = oracle.oracle_vs_selected([f], ["M"], by_synthetic_kind=True)["rows"]
+    assert [r["label"] for r in rows] == ["M", "M [attribute]", "M [superlative]", "M [relation]"]
+    assert [r["num_samples"] for r in rows] == [4, 2, 1, 1]
+    assert rows[1]["cIoU"] == pytest.approx(100 * 80 / 150)
+    assert rows[1]["oracle_cIoU"] == pytest.approx(100 * 120 / 150)
+    assert rows[2]["cIoU"] == pytest.approx(10.0) and rows[3]["cIoU"] == pytest.approx(0.0)
+    assert rows[0]["cIoU"] == pytest.approx(100 * 90 / 300)
+
+
 def test_oracle_vs_selected_without_candidates_and_bad_file(tmp_path):
     recs = [_rec(1, 1, 1, 30, 100), _rec(1, 2, 2, 70, 100, 90, 100)]
     row = oracle.summarize_records(recs)

@@ -5,7 +5,7 @@ import pytest
 from detectron2.data import DatasetCatalog
 from flowseg.data.dataset_mappers.referring import gt_masks_from_dict
 from flowseg.data.synthetic import generate_scene, generate_synthetic_datasets, register_synthetic_datasets
-from flowseg.data.synthetic.scenes import COLOURS, resolve
+from flowseg.data.synthetic.scenes import COLOURS, expression_kind, resolve
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +21,14 @@ def test_expressions_unique_and_resolve_to_their_target(scenes):
         assert len(texts) == len(set(texts)), texts
         for e in scene.expressions:
             assert resolve(e.program, scene.objects, margin) == [e.target], e.text
+
+
+def test_expression_kind_is_read_back_from_the_wording(scenes):
+    expressions = [e for s in scenes for e in s.expressions]
+    assert [expression_kind(e.text) for e in expressions] == [e.kind for e in expressions]
+    for bad in ("", "red circle", "a red circle"):
+        with pytest.raises(ValueError, match="not a synthetic referring expression"):
+            expression_kind(bad)
 
 
 def test_every_object_has_a_distractor(scenes):

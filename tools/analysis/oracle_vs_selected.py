@@ -10,6 +10,9 @@ For each results file (``ReferringEvaluator``'s per-sample records, evaluated wi
   *misaligned* when its oracle IoU >= ``fail_threshold`` (a good candidate existed but another
   was selected). Share = misaligned failures / failures (over samples that have an oracle IoU).
 
+With ``--by-synthetic-kind`` each file of the synthetic benchmark also gets one row per expression
+kind (attribute / superlative / relation, read from the expression's wording).
+
 All values are percent. Writes ``oracle_vs_selected.json`` and ``oracle_vs_selected.md``.
 
     python tools/analysis/oracle_vs_selected.py --inputs output/xsam/inference output/flowseg/inference \
@@ -35,6 +38,7 @@ from common import (  # noqa: E402
     setup_logging,
     write_report,
 )
+from flowseg.data.synthetic.scenes import expression_kind  # noqa: E402
 from flowseg.evaluation.metrics import cumulative_iou  # noqa: E402
 
 logger = logging.getLogger("flowseg.analysis.oracle")
@@ -79,8 +83,10 @@ def oracle_vs_selected(
     labels: Optional[Sequence[str]] = None,
     fail_threshold: float = 0.5,
     output_dir: Optional[str] = None,
+    by_synthetic_kind: bool = False,
 ) -> Dict[str, Any]:
     """One row per results file. ``inputs``: files or folders (every ``per_expression.json`` below).
+    ``by_synthetic_kind``: after each file's row, one row per expression kind (``label [kind]``).
 
     ``labels`` name the inputs (one per input; a folder with several files gets ``label/relpath``).
     Returns ``{"rows": [...], "markdown": str}``; with ``output_dir`` also writes them.
@@ -94,8 +100,20 @@ def oracle_vs_selected(
             label = labels[i] if labels is not None else os.path.dirname(os.path.abspath(f))
             if labels is not None and len(files) > 1:
                 label = f"{label}/{os.path.relpath(os.path.dirname(f), path)}"
-            row = {"label": label, "file": f, **summarize_records(load_per_expression(f), fail_threshold)}
-            rows.append(row)
+            records = load_per_expression(f)
+            rows.append({"label": label, "file": f, **summarize_records(records, fail_threshold)})
+            if by_synthetic_kind:
+                kinds = [expression_kind(r["expression"]) for r in records]
+                for kind in ("attribute", "superlative", "relation"):
+                    subset = [r for r, k in zip(records, kinds) if k == kind]
+                    if subset:
+                        rows.append(
+                            {
+                                "label": f"{label} [{kind}]",
+                                "file": f,
+                                **summarize_records(subset, fail_threshold),
+                            }
+                        )
     headers = [
         "Model",
         "N",
@@ -135,13 +153,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--labels", nargs="+", default=None, help="one name per input (default: the folder)")
     p.add_argument("--fail-threshold", type=float, default=0.5, help="IoU below this is a failure")
     p.add_argument("--output-dir", default=None, help="write oracle_vs_selected.{json,md} here")
+    p.add_argument(
+        "--by-synthetic-kind",
+        action="store_true",
+        help="also one row per expression kind (synthetic benchmark: attribute / superlative / relation)",
+    )
     return p.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging()
     args = parse_args(argv)
-    result = oracle_vs_selected(args.inputs, args.labels, args.fail_threshold, args.output_dir)
+    result = oracle_vs_selected(
+        args.inputs, args.labels, args.fail_threshold, args.output_dir, args.by_synthetic_kind
+    )
     print(result["markdown"], end="")
     return 0
 

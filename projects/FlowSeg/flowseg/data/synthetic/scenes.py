@@ -202,6 +202,18 @@ def render_expression(program: Dict) -> str:
     raise ValueError(kind)
 
 
+def expression_kind(text: str) -> str:
+    """The kind ("attribute" / "superlative" / "relation") of an expression that
+    :func:`render_expression` wrote; ValueError for text it cannot have written."""
+    words = text.split()
+    if len(words) < 2 or words[0] != "the":
+        raise ValueError(f"not a synthetic referring expression: {text!r}")
+    padded = f" {text} "
+    if any(f" {phrase} the " in padded for phrase in RELATIONS):
+        return "relation"
+    return "superlative" if words[1] in DIRECTIONS else "attribute"
+
+
 def _attr_subsets(obj: SceneObject) -> List[Dict[str, Optional[str]]]:
     """Attribute descriptions from the shortest up; shape-less ones read "the red shape"."""
     s, c, z = obj.shape, obj.colour, obj.size
