@@ -47,8 +47,8 @@ fi
 pip_ install -q -r "$ROOT/requirements.txt"
 
 # repack_pure <requirement> <pip download flags...>: installs the wheel of <requirement> with its
-# compiled extensions dropped and re-tagged as pure Python; $PATCH_CMD (if set) runs in the
-# unpacked package folder first.
+# compiled extensions dropped and re-tagged as pure Python; the function named by $PATCH_FN (if
+# set) runs in the unpacked package folder first.
 repack_pure() {
   local req="$1"; shift
   rm -rf "$tmp/dl" "$tmp/unpacked" "$tmp/packed"
@@ -56,7 +56,7 @@ repack_pure() {
   "$VENV/bin/python" -m wheel unpack -d "$tmp/unpacked" "$tmp"/dl/*.whl >&2
   local pkgdir; pkgdir="$(ls -d "$tmp"/unpacked/*/)"
   find "$pkgdir" \( -name '*.so' -o -name '*.so.*' \) -delete
-  (cd "$pkgdir" && eval "${PATCH_CMD:-true}")
+  (cd "$pkgdir" && "${PATCH_FN:-true}")
   sed -i -E 's/^Tag: .*/Tag: py3-none-any/; s/^Root-Is-Purelib: .*/Root-Is-Purelib: true/' "$pkgdir"/*.dist-info/WHEEL
   mkdir -p "$tmp/packed"
   "$VENV/bin/python" -m wheel pack -d "$tmp/packed" "$pkgdir" >&2
@@ -70,8 +70,11 @@ if ! "$VENV/bin/python" -c "import torchvision" 2>/dev/null \
   # FlowSeg uses none of those ops: install the Python part, with that registration guarded.
   tv="$("$VENV/bin/python" -c "import importlib.metadata as m; print(m.version('torchvision'))")"
   echo "[setup] CPU-only torch: installing the Python part of torchvision==$tv" >&2
-  PATCH_CMD='sed -i -E "s/^@torch\.library\.register_fake\((.*)\)$/@(torch.library.register_fake(\1) if torchvision.extension._has_ops() else (lambda fn: fn))/" torchvision/_meta_registrations.py' \
-    repack_pure "torchvision==$tv"
+  guard_fake_registrations() {
+    sed -i -E 's/^@torch\.library\.register_fake\((.*)\)$/@(torch.library.register_fake(\1) if torchvision.extension._has_ops() else (lambda fn: fn))/' \
+        torchvision/_meta_registrations.py
+  }
+  PATCH_FN=guard_fake_registrations repack_pure "torchvision==$tv"
   "$VENV/bin/python" -c "import torchvision" || die "torchvision==$tv still does not import next to a CPU-only torch"
 fi
 

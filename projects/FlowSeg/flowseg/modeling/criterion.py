@@ -88,7 +88,7 @@ def segment_class_loss(logits: Tensor, targets: Sequence[Dict[str, Tensor]]) -> 
         keep = area > 0  # a segment smaller than one cell at every position cannot be pooled
         pooled.append(torch.einsum("khw,thw->tk", logits[b], weights[keep]) / area[keep, None])
         labels.append(t["labels"][keep.to(t["labels"].device)].to(logits.device))
-    if not pooled or sum(len(x) for x in labels) == 0:
+    if sum(len(x) for x in labels) == 0:
         return logits.sum() * 0.0
     return F.cross_entropy(torch.cat(pooled), torch.cat(labels))
 

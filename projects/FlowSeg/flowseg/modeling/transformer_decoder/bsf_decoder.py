@@ -68,7 +68,14 @@ def mask_position(mask_logits: Tensor) -> Tensor:
     return torch.stack([cx, cy, sx, sy], dim=-1)
 
 
-def mask_position_features(position: Tensor, num_frequencies: int = 4, gain: float = 4.0) -> Tensor:
+_MASK_POSITION_FREQUENCIES = 4
+#: width of :func:`mask_position_features` at its default frequencies: sin/cos of 2 centres + 2 sizes
+MASK_POSITION_FEATURE_DIM = 2 * 2 * _MASK_POSITION_FREQUENCIES + 2
+
+
+def mask_position_features(
+    position: Tensor, num_frequencies: int = _MASK_POSITION_FREQUENCIES, gain: float = 4.0
+) -> Tensor:
     """Features from :func:`mask_position`'s ``[cx, cy, sx, sy]`` [..., 4]: ``sin / cos(pi * k * c)``
     for k = 1..``num_frequencies`` of both centre coordinates (k = 1 is monotonic over the map, as
     "leftmost" needs) and ``10 * [sx, sy]`` (object size, ~0.3-0.8), all times ``gain``.
@@ -219,7 +226,7 @@ class BSFTransformerDecoder(nn.Module):
             if condition_logits:
                 self.cond_query_proj = nn.Linear(hidden_dim, hidden_dim)
                 if mask_position_logits:
-                    self.mask_position_proj = nn.Linear(4 * 4 + 2, hidden_dim)
+                    self.mask_position_proj = nn.Linear(MASK_POSITION_FEATURE_DIM, hidden_dim)
                     nn.init.zeros_(self.mask_position_proj.weight)
                     nn.init.zeros_(self.mask_position_proj.bias)
                 self.no_object_embed = nn.Linear(hidden_dim, 1)
