@@ -21,7 +21,6 @@ from flowseg.checkpoint import (
     detect_checkpoint_format,
     group_keys_by_component,
 )
-from flowseg.engine.freezing import add_stage_config
 from flowseg.utils.tiny_models import make_tiny_llm_dir, tiny_llm_cfg_overrides
 from hf_tiny import tiny_hf_mask2former
 
@@ -40,7 +39,6 @@ def llm_paths(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, str]:
 def _cfg(config: str, *opts: Any):
     cfg = get_cfg()
     add_flowseg_config(cfg)
-    add_stage_config(cfg)
     cfg.merge_from_file(config)
     cfg.merge_from_list(list(opts))
     return cfg

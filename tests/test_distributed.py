@@ -1,6 +1,5 @@
 """Distributed training / evaluation on CPU (gloo, two processes through Detectron2's ``launch``)
-and the efficiency helpers of :mod:`flowseg.engine.efficiency` (frozen parts without autograd,
-DDP arguments)."""
+and the DDP arguments of :mod:`flowseg.engine.ddp`."""
 
 import json
 import os
@@ -13,15 +12,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from flowseg import add_flowseg_config
 from flowseg.data.synthetic import generate_synthetic_datasets, register_synthetic_datasets
-from flowseg.engine.efficiency import (
-    apply_no_grad_to_frozen,
-    ddp_kwargs,
-    needs_find_unused_parameters,
-    no_grad_when_frozen,
-    unused_parameters,
-)
+from flowseg.engine.ddp import ddp_kwargs, needs_find_unused_parameters, unused_parameters
 from flowseg.utils.tiny_models import make_tiny_llm_dir, tiny_llm_cfg_overrides
-from torch import nn
 
 CONFIG = "configs/tiny/flowseg_refer_tiny.yaml"
 TEST_SET = "synthref_val"
@@ -237,87 +229,3 @@ class _SavedBytes:
 
     def __exit__(self, *exc):
         self._ctx.__exit__(*exc)
-
-
-def _mlp(frozen: bool) -> nn.Module:
-    m = nn.Sequential(nn.Linear(32, 256), nn.GELU(), nn.Linear(256, 32))
-    m.requires_grad_(not frozen)
-    return m
-
-
-def test_frozen_module_runs_without_grad_only_where_that_is_safe():
-    torch.manual_seed(0)
-    x = torch.randn(64, 32)
-    frozen = _mlp(frozen=True)
-
-    # Input without grad: autograd records nothing either way; the hook guarantees it.
-    with _SavedBytes() as plain:
-        y = frozen(x)
-    handle = no_grad_when_frozen(frozen)
-    with _SavedBytes() as hooked:
-        y2 = frozen(x)
-    assert plain.bytes == hooked.bytes == 0 and not y.requires_grad and not y2.requires_grad
-    assert handle.calls_without_grad == 1 and torch.is_grad_enabled()
-    torch.testing.assert_close(y, y2)
-
-    # trainable -> frozen -> trainable: the frozen part's input needs grad for the layer before it.
-    before, after = nn.Linear(32, 32), nn.Linear(32, 1)
-    with _SavedBytes() as kept:
-        after(frozen(before(x))).sum().backward()
-    assert before.weight.grad is not None and handle.calls_without_grad == 1
-    handle.remove()
-    with _SavedBytes() as reference:
-        after(frozen(before(x))).sum()
-    assert kept.bytes == reference.bytes > 0
-
-    # cut_input_grad: the frozen part keeps no activations, and the gradient stops there.
-    before.zero_grad(set_to_none=True)
-    cut = no_grad_when_frozen(frozen, cut_input_grad=True)
-    with _SavedBytes() as saved:
-        after(frozen(before(x))).sum().backward()
-    assert saved.bytes < reference.bytes and before.weight.grad is None and after.weight.grad is not None
-    cut.remove()
-
-    # Frozenness is checked per call (training stages unfreeze parts).
-    handle = no_grad_when_frozen(frozen)
-    frozen[0].weight.requires_grad_(True)
-    assert frozen(x).requires_grad and handle.calls_without_grad == 0
-    handle.remove()
-
-
-def test_grad_mode_is_restored_when_forward_raises():
-    class Boom(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.ones(1), requires_grad=False)
-
-        def forward(self, x):
-            assert not torch.is_grad_enabled()
-            raise RuntimeError("boom")
-
-    m = Boom()
-    no_grad_when_frozen(m)
-    with pytest.raises(RuntimeError, match="boom"):
-        m(torch.ones(1))
-    assert torch.is_grad_enabled()
-
-
-def test_apply_to_flowseg_keeps_outputs_and_checkpoint_keys(setup):
-    cfg = _cfg(setup["llm"], "MODEL.SAM_VIT.FREEZE", True)
-    model = _build(cfg)
-    keys = list(model.state_dict())
-    handles = apply_no_grad_to_frozen(model)
-    assert {"backbone", "backbone.net", "condition_head.vision_encoder", "condition_head.llm"} == set(handles)
-    assert list(model.state_dict()) == keys  # hooks, not wrappers: checkpoints are unchanged
-    from flowseg.data.build import build_train_mapper
-
-    mapper = build_train_mapper(cfg)
-    batch = [mapper(DatasetCatalog.get("synthref_train")[0])]
-    model.train()
-    torch.manual_seed(1)
-    losses = model(batch)
-    sum(losses.values()).backward()
-    # SAM_VIT.FREEZE freezes the ViT (backbone.net); it ran without grad, the pyramid trained.
-    assert handles["backbone.net"].calls_without_grad == 1 and handles["backbone"].calls_without_grad == 0
-    assert handles["condition_head.llm"].calls_without_grad == 0  # trainable (tiny config)
-    assert all(p.grad is not None for p in model.backbone.simfp_2.parameters())

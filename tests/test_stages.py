@@ -18,7 +18,7 @@ from flowseg import add_flowseg_config
 from flowseg.checkpoint import FlowSegCheckpointer, group_keys_by_component
 from flowseg.data.synthetic import generate_synthetic_datasets, register_synthetic_datasets
 from flowseg.engine import SafePeriodicCheckpointer, build_optimizer, resolve_amp
-from flowseg.engine.freezing import add_stage_config, apply_stage_freezing
+from flowseg.engine.freezing import apply_stage_freezing
 from flowseg.utils.tiny_models import make_tiny_llm_dir, tiny_llm_cfg_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,7 +66,6 @@ def stage1(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Any]:
 def _cfg(config: str, *opts: Any):
     cfg = get_cfg()
     add_flowseg_config(cfg)
-    add_stage_config(cfg)
     cfg.merge_from_file(config)
     cfg.merge_from_list([str(o) if not isinstance(o, bool) else o for o in opts])
     return cfg

@@ -28,8 +28,6 @@ def add_flowseg_config(cfg: CN) -> CN:
     cfg.INPUT.IMAGE_SIZE = 1024  # large-scale jitter output size (square, padded)
     cfg.INPUT.MIN_SCALE = 0.1
     cfg.INPUT.MAX_SCALE = 2.0
-    cfg.INPUT.COLOR_AUG_SSD = False
-    cfg.INPUT.SIZE_DIVISIBILITY = -1
     # Referring / reasoning: resize the long side to IMAGE_SIZE (SAM's protocol), pad in the model.
     cfg.INPUT.REFER_RANDOM_FLIP = False  # left/right words make flipping unsafe by default
     # Training: expressions drawn per referring/reasoning image (LISA-style). > 1 groups the data
@@ -102,12 +100,10 @@ def add_flowseg_config(cfg: CN) -> CN:
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_DIM_FEEDFORWARD = 1024
     cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE = 255
-    cfg.MODEL.SEM_SEG_HEAD.LOSS_WEIGHT = 1.0
 
     # ---------------------------------------------------------------- transformer decoder
     cfg.MODEL.MASK_FORMER = CN()
     cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME = "BSFTransformerDecoder"
-    cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE = "multi_scale_pixel_decoder"
     cfg.MODEL.MASK_FORMER.DEEP_SUPERVISION = True
     cfg.MODEL.MASK_FORMER.NO_OBJECT_WEIGHT = 0.1
     cfg.MODEL.MASK_FORMER.CLASS_WEIGHT = 2.0

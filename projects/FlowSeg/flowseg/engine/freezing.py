@@ -29,20 +29,9 @@ from torch import nn
 
 from ..checkpoint.checkpointer import COMPONENTS, group_keys_by_component
 
-__all__ = ["add_stage_config", "apply_stage_freezing", "trainable_parameter_names"]
+__all__ = ["apply_stage_freezing", "trainable_parameter_names"]
 
 logger = logging.getLogger(__name__)
-
-
-def add_stage_config(cfg: CfgNode) -> CfgNode:
-    """Add ``MODEL.FLOWSEG.TRAINABLE = []`` to ``cfg`` if it is missing (idempotent); returns ``cfg``."""
-    if "TRAINABLE" not in cfg.MODEL.FLOWSEG:
-        frozen = cfg.is_frozen()
-        cfg.defrost()
-        cfg.MODEL.FLOWSEG.TRAINABLE = []
-        if frozen:
-            cfg.freeze()
-    return cfg
 
 
 def _normalise(prefixes: Sequence[str]) -> List[str]:

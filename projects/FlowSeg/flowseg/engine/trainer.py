@@ -32,7 +32,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..checkpoint.checkpointer import FlowSegCheckpointer
 from ..data.build import build_test_mapper, build_train_mapper
-from .efficiency import ddp_kwargs
+from .ddp import ddp_kwargs
 from .evaluation import build_evaluator, check_num_classes, write_metrics_json
 from .freezing import apply_stage_freezing
 from .hooks import CheckedAMPTrainer, CheckedSimpleTrainer, NonFiniteLossError, SafePeriodicCheckpointer
@@ -67,7 +67,7 @@ class FlowSegTrainer(DefaultTrainer):
 
     def __init__(self, cfg: CfgNode) -> None:
         check_num_classes(cfg, cfg.DATASETS.TEST)  # before training, not when the final eval starts
-        # DefaultTrainer.__init__ with FlowSeg's DDP arguments (flowseg.engine.efficiency.ddp_kwargs:
+        # DefaultTrainer.__init__ with FlowSeg's DDP arguments (flowseg.engine.ddp.ddp_kwargs:
         # find_unused_parameters only where a part can miss a step's graph, device_ids=None on
         # CPU/gloo) and the loops that check the loss on every rank.
         TrainerBase.__init__(self)

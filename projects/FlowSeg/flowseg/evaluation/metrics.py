@@ -1,6 +1,6 @@
 """Mask metrics of referring / reasoning segmentation as pure numpy functions.
 
-Conventions (FlowSeg DESIGN.md §6, LISA's and X-SAM's evaluation code):
+Conventions (those of LISA's and X-SAM's evaluation code):
 
 * Per-sample IoU = I / U over the foreground (target = 1); a sample whose prediction and ground
   truth are both empty (U = 0) counts IoU 1.0 (LISA: ``acc_iou[union == 0] += 1.0``).
