@@ -21,7 +21,7 @@ from flowseg.data.datasets.grefcoco import (
     register_grefcoco_dataset,
 )
 from flowseg.data.mixed import EVALUATOR_TYPE_TO_TRAIN_MAPPER
-from flowseg.data.synthetic.gres import gres_expressions, render_group
+from flowseg.data.synthetic.gres import COUNT_WORDS, gres_expressions, render_group
 from flowseg.data.synthetic.scenes import generate_scene, resolve
 from flowseg.data.writers.grefer import write_grefcoco_dataset
 
@@ -109,6 +109,17 @@ def test_loader_several_targets_and_no_target(gref):
     assert [len(x["segmentations"]) for x in d] == [2, 2, 1, 0]
     assert all(x["multi_target"] and x["task"] == "referring" for x in d)
     assert d[0]["sent_id"] != d[1]["sent_id"] and d[0]["ref_id"] == d[1]["ref_id"]
+
+
+def test_a_single_ann_id_may_be_a_number(tmp_path):
+    paths = _write(str(tmp_path))
+    with open(paths["refs"]) as f:
+        refs = json.load(f)
+    refs[1]["ann_id"] = 902  # the refer-style spelling of one target
+    with open(paths["refs"], "w") as f:
+        json.dump(refs, f)
+    d = load_grefcoco_dataset(paths["refer_root"], "grefcoco", "unc", "train")
+    assert d[2]["ann_ids"] == [902] and len(d[2]["segmentations"]) == 1
 
 
 def test_test_mapper_gives_the_union_and_an_empty_mask(gref):
@@ -219,6 +230,15 @@ def test_synthetic_group_expressions_denote_exactly_their_targets():
                 assert len(e.targets) >= 2 and e.text.split()[0] in ("the", "all")
             if e.kind == "no_target":
                 assert e.targets == [] and e.text.startswith("the ")
+                colour, shape = e.text.split()[1:]
+                hard = [
+                    (s, c)
+                    for s in {o.shape for o in scene.objects}
+                    for c in {o.colour for o in scene.objects}
+                    if not any(o.shape == s and o.colour == c for o in scene.objects)
+                ]
+                # both words occur in the scene (on other objects) whenever such a pair exists
+                assert (shape, colour) in hard or not hard
     assert kinds == {"single", "multi", "no_target"}
     assert render_group({"shape": "circle", "colour": "red", "size": None}, 2, True) == "the two red circles"
     assert render_group({"shape": "star", "colour": None, "size": None}, 3, False) == "all stars"
@@ -226,3 +246,63 @@ def test_synthetic_group_expressions_denote_exactly_their_targets():
         render_group({"shape": None, "colour": "purple", "size": "small"}, 2, False)
         == "all small purple shapes"
     )
+
+
+def test_synthgref_round_trip_leaves_the_other_synthetic_files_alone(tmp_path):
+    from flowseg.data.synthetic import generate_synthetic_datasets
+    from flowseg.data.synthetic.generate import generate_split
+    from flowseg.data.synthetic.gres import generate_synthgref_datasets, register_synthgref_datasets
+
+    sizes, root = {"train": 3, "val": 3, "test": 2}, str(tmp_path)
+    generate_synthetic_datasets(root, sizes, seed=5, image_size=64)
+
+    def snapshot() -> dict:
+        files = {}
+        for dirpath, _, names in os.walk(root):
+            for n in names:
+                with open(os.path.join(dirpath, n), "rb") as f:
+                    files[os.path.relpath(os.path.join(dirpath, n), root)] = f.read()
+        return files
+
+    before = snapshot()
+    manifest = generate_synthgref_datasets(root, sizes, seed=5, image_size=64)
+    after = snapshot()
+    assert {k: after[k] for k in before} == before  # existing files byte-identical, only additions
+    assert any(k.startswith(os.path.join("refer_seg", "synthgref")) for k in after)
+    mtime = os.stat(manifest).st_mtime_ns
+    generate_synthgref_datasets(root, sizes, seed=5, image_size=64)  # cached: nothing rewritten
+    assert os.stat(manifest).st_mtime_ns == mtime
+
+    register_synthgref_datasets(root)
+    train, val = (generate_split(s, sizes[s], seed=5, image_size=64) for s in ("train", "val"))
+    grefs = DatasetCatalog.get("synthgref_val")
+    assert MetadataCatalog.get("synthgref_val").evaluator_type == "gres"
+    assert {d["no_target"] for d in grefs} == {True, False}
+    assert max(len(d["ann_ids"]) for d in grefs) >= 2
+    # annotation ids count the objects scene by scene from 1 (train scenes first)
+    first_id = 1 + sum(len(s.objects) for s in train)
+    offsets = {}
+    for i, d in enumerate(sorted({d["image_id"] for d in grefs})):
+        offsets[d] = first_id + sum(len(s.objects) for s in val[:i])
+    mapper = ReferringDatasetMapper(_cfg(64), is_train=False)
+    for d in grefs:
+        scene = val[sorted(offsets).index(d["image_id"])]
+        objs = [scene.objects[a - offsets[d["image_id"]]] for a in d["ann_ids"]]
+        expected = np.zeros((64, 64), bool)
+        for o in objs:
+            expected |= o.mask
+        assert np.array_equal(mapper(dict(d))["gt_mask"].astype(bool), expected), d["expression"]
+        words = d["expression"].split()
+        if d["no_target"]:  # "the <colour> <shape>" that no object is
+            assert not any(o.colour == words[1] and o.shape == words[2] for o in scene.objects)
+        elif len(objs) > 1:  # "the two red circles" / "all red circles": the count and the noun
+            assert words[0] == "all" or words[1] == COUNT_WORDS[len(objs)]
+            noun = words[-1][:-1]
+            assert noun == "shape" or all(o.shape == noun for o in objs)
+        # the same picture as the single-target split's
+        name = os.path.basename(d["file_name"])
+        with (
+            open(d["file_name"], "rb") as f,
+            open(os.path.join(root, "refer_seg/images/synthref", name), "rb") as g,
+        ):
+            assert f.read() == g.read()
