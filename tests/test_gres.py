@@ -261,3 +261,32 @@ def test_training_learns_the_union_and_the_no_target_decision():
     union = (masks[0, multi.queries] > 0).any(0)
     assert torch.equal(union, (a + b) > 0)
     assert empty.no_target
+
+
+def test_flowseg_trains_on_a_multi_target_and_a_no_target_sample(referring_model):
+    """The whole referring model takes a batch with two targets of one condition and a sample
+    without any target (every query supervised as "no object"): finite losses, gradients."""
+    from detectron2.structures import BitMasks, Instances
+
+    model = referring_model
+    g = torch.Generator().manual_seed(0)
+    masks = torch.zeros(2, 64, 64, dtype=torch.bool)
+    masks[0, 4:20, 4:20], masks[1, 40:60, 30:50] = True, True
+    multi = Instances((64, 64), gt_masks=BitMasks(masks), gt_classes=torch.tensor([0, 0]))
+    empty = Instances((64, 64), gt_masks=BitMasks(masks[:0]), gt_classes=torch.zeros(0, dtype=torch.long))
+    batch = [
+        {"image": torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8, generator=g), "instances": inst}
+        for inst in (multi, empty)
+    ]
+    batch[0].update(expression="all small squares", task="referring")
+    batch[1].update(expression="the purple hexagon", task="referring")
+    model.train()
+    try:
+        losses = model(batch)
+        assert all(torch.isfinite(v) for v in losses.values())
+        sum(losses.values()).backward()
+        assert len(model.criterion.last_indices[0][0]) == 2 and len(model.criterion.last_indices[1][0]) == 0
+        assert model.refiner.alpha.grad is not None
+    finally:
+        model.zero_grad()
+        model.eval()
