@@ -213,6 +213,14 @@ def test_model_with_hand_set_scores_answers_nothing(referring_model):
     with torch.no_grad():
         plain = referring_model.referring_inference(outputs, cond, [dict(x, multi_target=False)], images)
     assert plain[0]["ref_seg"]["mask"].any() and plain[0]["ref_seg"]["query"] == 2
+    # MODEL.FLOWSEG.GRES.ALL_SAMPLES: every referring sample may be answered "no target"
+    referring_model.gres_all_samples = True
+    try:
+        with torch.no_grad():
+            out = referring_model.referring_inference(outputs, cond, [dict(x, multi_target=False)], images)
+        assert out[0]["ref_seg"]["no_target"] is True and not out[0]["ref_seg"]["mask"].any()
+    finally:
+        referring_model.gres_all_samples = False
 
 
 # ------------------------------------------------------------------------------------- training
