@@ -13,6 +13,11 @@ Steps (each skipped when its output is already there, so a rerun resumes):
      project's evaluators -> ``OUTPUT_DIR/metrics_all.json``;
   5. save overlay pictures (image, expression, predicted and true mask) to ``OUTPUT_DIR/vis``.
 
+With ``--gres`` the synthetic expressions with several targets or none (``synthgref_*``, gRefCOCO
+layout) are generated too, mixed into stage 3 (``--gres-ratio``) and evaluated: the GRES
+thresholds are chosen on ``synthgref_val`` (the evaluator's sweep) and ``synthgref_test`` is
+evaluated with them; the summary gets their cIoU / gIoU / N-acc / T-acc.
+
     python tools/main_job.py [--output-dir output/main] [--iters N] [KEY VALUE ...]
 """
 
@@ -54,6 +59,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="data seed")
     p.add_argument("--num-vis", type=int, default=12, help="overlay pictures to save")
     p.add_argument("--num-gpus", type=int, default=0, help="0: CPU (MODEL.DEVICE cpu)")
+    p.add_argument("--gres", action="store_true", help="also train/evaluate the synthgref_* data")
+    p.add_argument("--gres-ratio", type=float, default=2.0, help="stage-3 task ratio of synthgref_train")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="extra KEY VALUE config options")
     return p.parse_args()
 
@@ -94,6 +101,8 @@ def main() -> None:
     opts = [str(o) for o in tiny_llm_cfg_overrides(paths)]
     opts += ["MODEL.LLM.LORA.ENABLED", "False", "OUTPUT_DIR", args.output_dir]
     opts += ["DATASETS.TEST", '("synthref_test", "synthreason_test")']
+    if args.gres:
+        opts += gres_options(args, sizes)
     if args.iters:
         opts += ["SOLVER.MAX_ITER", str(args.iters)]
     if args.num_gpus:
@@ -156,10 +165,55 @@ def main() -> None:
         "reasoning_cIoU": rea["cIoU"],
         "minutes": round((time.time() - T0) / 60, 1),
     }
+    if args.gres:
+        summary["gres"] = gres_test(base, opts, final, args.output_dir, metrics)
     with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     log(f"done: {json.dumps(summary)}")
     log(f"metrics: {args.output_dir}/metrics_all.json, pictures: {vis_dir}")
+
+
+def gres_options(args: argparse.Namespace, sizes: dict) -> list:
+    """Config options that add the synthetic GRES data to stage 3 and to the evaluation."""
+    from detectron2.config import get_cfg
+    from flowseg import add_flowseg_config
+    from flowseg.data.synthetic import generate_synthgref_datasets, register_synthgref_datasets
+    from flowseg.data.synthetic.generate import default_root
+
+    log("1b/5 synthetic GRES expressions (synthgref_*)")
+    generate_synthgref_datasets(default_root(), sizes, seed=args.seed)
+    register_synthgref_datasets()
+    cfg = add_flowseg_config(get_cfg())
+    cfg.merge_from_file(args.config_file)
+    train = [*cfg.DATASETS.TRAIN, "synthgref_train"]
+    ratios = [*cfg.DATALOADER.TASK_RATIOS, args.gres_ratio]
+    test = '("synthref_test", "synthreason_test", "synthgref_val", "synthgref_test")'
+    opts = ["DATASETS.TRAIN", str(tuple(train)), "DATALOADER.TASK_RATIOS", str(ratios), "DATASETS.TEST", test]
+    if "RETURN_CANDIDATES" in cfg.TEST:  # the threshold sweep needs every query's mask
+        opts += ["TEST.RETURN_CANDIDATES", "True"]
+    return opts
+
+
+def gres_test(base: list, opts: list, weights: str, output_dir: str, metrics: dict) -> dict:
+    """Evaluate synthgref_test with the thresholds that the sweep chose on synthgref_val."""
+    val = metrics["synthgref_val"]["gres"]
+    chosen = {
+        "MODEL.FLOWSEG.GRES.SCORE_THRESHOLD": val["sweep_score_threshold"],
+        "MODEL.FLOWSEG.GRES.NO_TARGET_THRESHOLD": val["sweep_no_target_threshold"],
+    }
+    log(f"GRES thresholds chosen on synthgref_val: {chosen}")
+    out = os.path.join(output_dir, "gres_test")
+    extra = ["DATASETS.TEST", '("synthgref_test",)', "OUTPUT_DIR", out]
+    extra += [str(v) for kv in chosen.items() for v in kv]
+    subprocess.run(base + ["--eval-only", "MODEL.WEIGHTS", weights] + opts + extra, check=True, cwd=ROOT)
+    with open(os.path.join(out, "metrics_all.json")) as f:
+        test = json.load(f)["metrics"]["synthgref_test"]["gres"]
+    keys = ("cIoU", "gIoU", "N-acc", "T-acc", "cIoU_single", "cIoU_multi")
+    return {
+        "thresholds": chosen,
+        "val": {k: val[f"sweep_{k}"] for k in keys[:4]},
+        "test": {k: test[k] for k in keys},
+    }
 
 
 def save_overlays(config_file: str, opts: list, weights: str, dataset: str, out_dir: str, n: int) -> None:

@@ -165,6 +165,15 @@ def add_flowseg_config(cfg: CN) -> CN:
     cfg.MODEL.FLOWSEG.LLM_LOSS_WEIGHT = 1.0  # L = L_llm + L_seg (eq. 8)
     cfg.MODEL.FLOWSEG.SEG_LOSS_WEIGHT = 1.0
 
+    # Expressions with several targets or none (gRefCOCO): samples marked "multi_target" by their
+    # loader (ALL_SAMPLES: every referring sample) keep every query with p(condition) >=
+    # SCORE_THRESHOLD and answer "no target" when the best query's p(condition) is below
+    # NO_TARGET_THRESHOLD (p = softmax over [conditions, no-object]); choose both on val.
+    cfg.MODEL.FLOWSEG.GRES = CN()
+    cfg.MODEL.FLOWSEG.GRES.SCORE_THRESHOLD = 0.5
+    cfg.MODEL.FLOWSEG.GRES.NO_TARGET_THRESHOLD = 0.5
+    cfg.MODEL.FLOWSEG.GRES.ALL_SAMPLES = False
+
     cfg.MODEL.FLOWSEG.BAR = CN()
     cfg.MODEL.FLOWSEG.BAR.NAME = "BoundaryAwareRefiner"
     cfg.MODEL.FLOWSEG.BAR.ENABLED = True

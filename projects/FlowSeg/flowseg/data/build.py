@@ -53,6 +53,7 @@ MAPPER_REGISTRY.__doc__ = "Dataset-mapper factories, called as factory(cfg, is_t
 _EVALUATOR_TYPE_TO_MAPPER = {
     "coco_panoptic_seg": "coco_panoptic_lsj",
     "refer": "referring",
+    "gres": "referring",
     "reason_seg": "reasoning",
 }
 

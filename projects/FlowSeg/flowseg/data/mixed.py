@@ -58,6 +58,7 @@ Mapper = Callable[[Dict[str, Any]], Optional[Dict[str, Any]]]
 #: Training mapper for each dataset ``evaluator_type`` (registration metadata).
 EVALUATOR_TYPE_TO_TRAIN_MAPPER: Dict[str, str] = {
     "refer": "referring",
+    "gres": "referring",
     "reason_seg": "reasoning",
     "coco_panoptic_seg": "coco_panoptic_lsj",
     "conversation": "conversation",
@@ -65,6 +66,7 @@ EVALUATOR_TYPE_TO_TRAIN_MAPPER: Dict[str, str] = {
 #: ``task`` given to mapped samples whose mapper does not set one (the panoptic mapper doesn't).
 EVALUATOR_TYPE_TO_TASK: Dict[str, str] = {
     "refer": "referring",
+    "gres": "referring",
     "reason_seg": "reasoning",
     "coco_panoptic_seg": "generic",
     "conversation": "conversation",
@@ -295,7 +297,7 @@ def _load_dataset_dicts(cfg: CfgNode, name: str) -> List[Dict[str, Any]]:
     if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS and dicts and "annotations" in dicts[0]:
         dicts = filter_images_with_only_crowd_annotations(dicts)
     evaluator_type = MetadataCatalog.get(name).get("evaluator_type", None)
-    if cfg.INPUT.EXPRESSIONS_PER_IMAGE > 1 and evaluator_type in ("refer", "reason_seg"):
+    if cfg.INPUT.EXPRESSIONS_PER_IMAGE > 1 and evaluator_type in ("refer", "gres", "reason_seg"):
         dicts = group_expressions_by_image(dicts)  # one item per image; the mapper draws expressions
     if not dicts:
         raise ValueError(f"mixed-task loader: dataset {name!r} of DATASETS.TRAIN is empty")

@@ -5,6 +5,7 @@
   ``sem_seg_root`` folder exists), each only if the model produces that output
   (``MODEL.MASK_FORMER.TEST.{PANOPTIC,INSTANCE,SEMANTIC}_ON``);
 * ``refer`` / ``reason_seg``: FlowSeg's ``ReferringEvaluator`` / ``ReasoningEvaluator``;
+* ``gres`` (gRefCOCO): FlowSeg's ``GRESEvaluator`` (cIoU, gIoU, N-acc, T-acc);
 * ``sem_seg`` / ``coco``: Detectron2's ``SemSegEvaluator`` / ``COCOEvaluator``.
 """
 
@@ -82,6 +83,10 @@ def build_evaluator(cfg: CfgNode, dataset_name: str, output_folder: Optional[str
         from ..evaluation import ReferringEvaluator  # local: optional module, heavy deps
 
         evaluators.append(ReferringEvaluator(dataset_name, output_dir=output_folder, distributed=True))
+    elif etype == "gres":
+        from ..evaluation import GRESEvaluator
+
+        evaluators.append(GRESEvaluator(dataset_name, output_dir=output_folder, distributed=True))
     elif etype == "reason_seg":
         from ..evaluation import ReasoningEvaluator
 

@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 IGNORE_LABEL = 255
 # Keys whose content the mapper turns into masks; they are not passed on to the model.
-_ANNOTATION_KEYS = ("segmentation", "target_polygons", "ignore_polygons")
+_ANNOTATION_KEYS = ("segmentation", "segmentations", "target_polygons", "ignore_polygons")
 
 
 def _clean_polygons(polygons: Sequence[Any]) -> List[List[float]]:
@@ -116,8 +116,14 @@ def gt_masks_from_dict(dataset_dict: Dict[str, Any]) -> Tuple[np.ndarray, np.nda
         return reasonseg_masks(dataset_dict["target_polygons"], dataset_dict.get("ignore_polygons", []), h, w)
     if "segmentation" in dataset_dict:
         return rasterize_segmentation(dataset_dict["segmentation"], h, w), np.zeros((h, w), dtype=bool)
+    if "segmentations" in dataset_dict:  # gRefCOCO: the union of every target (none: empty)
+        union = np.zeros((h, w), dtype=np.uint8)
+        for segm in dataset_dict["segmentations"]:
+            union |= rasterize_segmentation(segm, h, w)
+        return union, np.zeros((h, w), dtype=bool)
     raise KeyError(
-        f"{dataset_dict.get('file_name')}: dataset dict has neither 'segmentation' nor 'target_polygons'"
+        f"{dataset_dict.get('file_name')}: dataset dict has none of 'segmentation', "
+        "'segmentations', 'target_polygons'"
     )
 
 
@@ -183,12 +189,15 @@ def group_expressions_by_image(dataset_dicts: Sequence[Dict[str, Any]]) -> List[
     return list(groups.values())
 
 
-def _object_key(d: Dict[str, Any]) -> Any:
-    # expressions of one object (RefCOCO: one ref = one annotation, several sentences)
+def _object_keys(d: Dict[str, Any]) -> set:
+    # the objects an expression denotes (RefCOCO: one ref = one annotation, several sentences;
+    # gRefCOCO: any number of annotations, none for a no-target expression)
+    if "ann_ids" in d:
+        return {("ann_id", a) for a in d["ann_ids"]}
     for k in ("ann_id", "ref_id"):
         if k in d:
-            return (k, d[k])
-    return ("id", id(d))
+            return {(k, d[k])}
+    return {("id", id(d))}
 
 
 class ReferringDatasetMapper:
@@ -210,6 +219,11 @@ class ReferringDatasetMapper:
     ``expressions_per_image``} expressions of k different objects in one prompt
     (``expressions``: one ``<p>`` span each), ``instances`` with ``gt_classes = 0..k-1`` (target
     j is condition j) — one decoder pass supervises k expressions, contrasted with each other.
+    No object is referred by two packed expressions.
+
+    gRefCOCO dicts (``segmentations``: one per target) give, in training, one instance per target
+    object, all labelled with the expression's condition, and none for a no-target expression;
+    in evaluation ``gt_mask`` is the union of the targets (empty for no target).
 
     Training follows LISA for ignore regions: they count as background.
     """
@@ -277,9 +291,10 @@ class ReferringDatasetMapper:
             order = np.random.permutation(len(candidates))
             if self.pack_expressions:
                 chosen, objects = [], set()
-                for i in order:  # one expression per object: the k targets must differ
-                    if _object_key(candidates[i]) not in objects:
-                        objects.add(_object_key(candidates[i]))
+                for i in order:  # no object referred twice: the k target sets must be disjoint
+                    keys = _object_keys(candidates[i])
+                    if not keys & objects:
+                        objects |= keys
                         chosen.append(candidates[i])
                 chosen = chosen[: np.random.randint(1, self.expressions_per_image + 1)]
             else:
@@ -320,7 +335,9 @@ class ReferringDatasetMapper:
         out["is_sentence"] = bool(dataset_dict.get("is_sentence", False))
         out["flipped"] = flipped
 
-        if self.is_train:
+        if self.is_train and "segmentations" in dataset_dict:
+            out["instances"] = self._gres_instances(dataset_dict, image, transforms)
+        elif self.is_train:
             # Label map: 0 background, 1 target, 255 ignore; warped with nearest interpolation.
             label = gt_mask.copy()
             label[ignore_mask] = IGNORE_LABEL
@@ -344,17 +361,45 @@ class ReferringDatasetMapper:
             out["ignore_mask"] = ignore_mask
         return out
 
+    def _gres_instances(
+        self, dataset_dict: Dict[str, Any], image: torch.Tensor, transforms: T.TransformList
+    ) -> Instances:
+        """gRefCOCO training target: one mask per target object, all of condition 0 (Hungarian
+        matching gives each its own query); none for a no-target expression, whose queries are
+        then all supervised as "no object"."""
+        h, w = int(dataset_dict["height"]), int(dataset_dict["width"])
+        masks = []
+        for segm in dataset_dict["segmentations"]:
+            full = rasterize_segmentation(segm, h, w)
+            if not full.any():
+                raise ValueError(f"empty target mask after rasterisation: {_sample_id(dataset_dict)}")
+            resized = transforms.apply_segmentation(full)
+            if not resized.any():
+                raise ValueError(
+                    f"target mask vanishes when resized to long side {self.image_size}: "
+                    f"{_sample_id(dataset_dict)}"
+                )
+            masks.append(torch.from_numpy(np.ascontiguousarray(resized > 0)))
+        size = tuple(image.shape[1:])
+        instances = Instances(size)
+        instances.gt_classes = torch.zeros(len(masks), dtype=torch.int64)
+        instances.gt_masks = torch.stack(masks) if masks else torch.zeros((0, *size), dtype=torch.bool)
+        instances.gt_boxes = BitMasks(instances.gt_masks).get_bounding_boxes()
+        return instances
+
 
 def _pack(outs: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Mapped training samples of one image -> one sample whose prompt has a span per expression."""
     packed = dict(outs[0])
     packed["expressions"] = [o["expression"] for o in outs]
     packed["expression"] = "; ".join(packed["expressions"])  # for logs; the prompt uses the list
-    for k in ("ref_id", "ann_id", "sent_id"):
+    for k in ("ref_id", "ann_id", "ann_ids", "sent_id"):
         if k in packed:
             packed[k] = [o[k] for o in outs]
     instances = Instances.cat([o["instances"] for o in outs])  # masks and boxes, in order
-    instances.gt_classes = torch.arange(len(outs), dtype=torch.int64)  # target j = condition j
+    # every target of expression j is condition j (gRefCOCO: several targets, or none)
+    counts = torch.tensor([len(o["instances"]) for o in outs])
+    instances.gt_classes = torch.repeat_interleave(torch.arange(len(outs), dtype=torch.int64), counts)
     packed["instances"] = instances
     return packed
 

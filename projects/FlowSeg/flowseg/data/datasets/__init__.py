@@ -10,5 +10,6 @@ from .coco_panoptic import (  # noqa: F401
     register_coco_panoptic_dataset,
 )
 from .conversation import load_llava_conversations, register_llava_dataset  # noqa: F401
+from .grefcoco import load_grefcoco_dataset, register_grefcoco_dataset  # noqa: F401
 from .reasonseg import load_reasonseg_dataset, register_reasonseg_dataset  # noqa: F401
 from .refcoco import load_refer_dataset, register_refer_dataset  # noqa: F401

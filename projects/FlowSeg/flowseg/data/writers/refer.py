@@ -90,6 +90,52 @@ def _segmentation(ann: Dict[str, Any], h: int, w: int, index: int) -> Any:
     raise ValueError(f"annotation {index}: unknown format {fmt!r} (polygon, rle, rle_uncompressed)")
 
 
+def coco_images_written(images: Sequence[Dict[str, Any]], image_root: str) -> List[Dict[str, Any]]:
+    """Write ``images`` (``{"image", "file_name"?, "id"?}``) to ``image_root``; their COCO entries."""
+    coco_images = []
+    for i, img in enumerate(images):
+        image_id = int(img.get("id", i + 1))
+        file_name = img.get("file_name") or f"COCO_train2014_{image_id:012d}.jpg"
+        array = np.asarray(img["image"])
+        write_image(os.path.join(image_root, file_name), array)
+        coco_images.append(
+            {
+                "id": image_id,
+                "file_name": file_name,
+                "height": int(array.shape[0]),
+                "width": int(array.shape[1]),
+            }
+        )
+    return coco_images
+
+
+def coco_annotations(
+    annotations: Sequence[Dict[str, Any]],
+    coco_images: Sequence[Dict[str, Any]],
+    categories: Sequence[Dict[str, Any]],
+) -> List[Dict[str, Any]]:
+    """COCO instance entries of ``annotations`` (see :func:`write_refer_dataset`)."""
+    coco_anns = []
+    for j, ann in enumerate(annotations):
+        img = coco_images[ann["image_index"]]
+        h, w = img["height"], img["width"]
+        segm = _segmentation(ann, h, w, j)
+        # area / bbox from the stored segmentation, so they agree with what readers rasterise
+        rle = mask_util.encode(np.asfortranarray(rasterize_segmentation(segm, h, w)))
+        coco_anns.append(
+            {
+                "id": int(ann.get("id", j + 1)),
+                "image_id": img["id"],
+                "category_id": int(ann.get("category_id", categories[0]["id"])),
+                "segmentation": segm,
+                "area": float(mask_util.area(rle)),
+                "bbox": [float(v) for v in mask_util.toBbox(rle)],
+                "iscrowd": 0,
+            }
+        )
+    return coco_anns
+
+
 def write_refer_dataset(
     root: str,
     dataset_name: str,
@@ -124,39 +170,8 @@ def write_refer_dataset(
     os.makedirs(ds_dir, exist_ok=True)
     os.makedirs(image_root, exist_ok=True)
 
-    coco_images = []
-    for i, img in enumerate(images):
-        image_id = int(img.get("id", i + 1))
-        file_name = img.get("file_name") or f"COCO_train2014_{image_id:012d}.jpg"
-        array = np.asarray(img["image"])
-        write_image(os.path.join(image_root, file_name), array)
-        coco_images.append(
-            {
-                "id": image_id,
-                "file_name": file_name,
-                "height": int(array.shape[0]),
-                "width": int(array.shape[1]),
-            }
-        )
-
-    coco_anns = []
-    for j, ann in enumerate(annotations):
-        img = coco_images[ann["image_index"]]
-        h, w = img["height"], img["width"]
-        segm = _segmentation(ann, h, w, j)
-        # area / bbox from the stored segmentation, so they agree with what readers rasterise
-        rle = mask_util.encode(np.asfortranarray(rasterize_segmentation(segm, h, w)))
-        coco_anns.append(
-            {
-                "id": int(ann.get("id", j + 1)),
-                "image_id": img["id"],
-                "category_id": int(ann.get("category_id", categories[0]["id"])),
-                "segmentation": segm,
-                "area": float(mask_util.area(rle)),
-                "bbox": [float(v) for v in mask_util.toBbox(rle)],
-                "iscrowd": 0,
-            }
-        )
+    coco_images = coco_images_written(images, image_root)
+    coco_anns = coco_annotations(annotations, coco_images, categories)
 
     refer_refs = []
     sent_id = 0

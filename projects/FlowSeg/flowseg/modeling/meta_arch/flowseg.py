@@ -30,6 +30,7 @@ from ...config import llm_configured
 from ..criterion import build_criterion
 from ..language import build_condition_head
 from ..refiner import build_refiner
+from .gres import check_thresholds, gres_answers, select_targets
 from .image_groups import expand_image_list, group_consecutive_inputs, image_index_of_groups
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,9 @@ class FlowSeg(nn.Module):
         llm_loss_weight: float = 1.0,
         seg_loss_weight: float = 1.0,
         return_candidates: bool = True,
+        gres_score_threshold: float = 0.5,
+        gres_no_target_threshold: float = 0.5,
+        gres_all_samples: bool = False,
     ):
         super().__init__()
         if mode not in ("generic", "referring"):
@@ -96,6 +100,11 @@ class FlowSeg(nn.Module):
         self.llm_loss_weight = llm_loss_weight
         self.seg_loss_weight = seg_loss_weight
         self.return_candidates = return_candidates
+        # multi-target / no-target answers (gRefCOCO): for samples marked "multi_target", or all
+        check_thresholds(gres_score_threshold, gres_no_target_threshold)
+        self.gres_score_threshold = float(gres_score_threshold)
+        self.gres_no_target_threshold = float(gres_no_target_threshold)
+        self.gres_all_samples = bool(gres_all_samples)
 
     @classmethod
     def from_config(cls, cfg):
@@ -127,6 +136,9 @@ class FlowSeg(nn.Module):
             "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "llm_loss_weight": cfg.MODEL.FLOWSEG.LLM_LOSS_WEIGHT,
             "seg_loss_weight": cfg.MODEL.FLOWSEG.SEG_LOSS_WEIGHT,
+            "gres_score_threshold": cfg.MODEL.FLOWSEG.GRES.SCORE_THRESHOLD,
+            "gres_no_target_threshold": cfg.MODEL.FLOWSEG.GRES.NO_TARGET_THRESHOLD,
+            "gres_all_samples": cfg.MODEL.FLOWSEG.GRES.ALL_SAMPLES,
         }
 
     @property
@@ -289,13 +301,19 @@ class FlowSeg(nn.Module):
     ) -> List[Dict]:
         """Per input: ``ref_seg`` = the selected mask of the first condition at input resolution,
         its score, and (``return_candidates``) every query's mask for oracle analysis;
-        ``ref_segs`` = the same for each ``<p>`` span of a multi-span prompt."""
+        ``ref_segs`` = the same for each ``<p>`` span of a multi-span prompt. Samples marked
+        ``multi_target`` (gRefCOCO; every sample with ``gres_all_samples``) are answered by
+        :func:`~flowseg.modeling.meta_arch.gres.select_targets` instead: the union of every
+        confident query's mask, or an empty mask with ``no_target`` True."""
         pred_logits = outputs["pred_logits"]
         pred_masks = outputs["pred_masks"]
         mask_features = outputs["mask_features"]
         scores, idx = self.select_queries(pred_logits, cond.get("condition_mask"))
         results = []
         for b, x in enumerate(batched_inputs):
+            if self.gres_all_samples or x.get("multi_target", False):
+                results.append(self._gres_inference(b, x, outputs, cond, images))
+                continue
             selected = pred_masks[b, idx[b]]  # [K,h,w]
             if self.refiner is not None:
                 batch_idx = torch.full((selected.shape[0],), b, dtype=torch.long, device=selected.device)
@@ -320,6 +338,29 @@ class FlowSeg(nn.Module):
                 ref["candidates"] = cand
             results.append({"ref_seg": ref, "ref_segs": per_cond})
         return results
+
+    def _gres_inference(self, b: int, x: Dict, outputs: Dict, cond: Dict, images: ImageList) -> Dict:
+        """Multi-target / no-target answers of input ``b`` (see :mod:`.gres`)."""
+        image_size = images.image_sizes[b]
+        height, width = x.get("height", image_size[0]), x.get("width", image_size[1])
+        prob = outputs["pred_logits"][b].float().softmax(-1)  # [Q, K+1], last = no object
+
+        def final_masks(queries: torch.Tensor) -> torch.Tensor:
+            masks = outputs["pred_masks"][b, queries.to(self.device)]
+            if self.refiner is not None:
+                batch_idx = torch.full((len(queries),), b, dtype=torch.long, device=masks.device)
+                masks = self.refiner.refine_selected(masks, outputs["mask_features"], batch_idx)
+            masks = sem_seg_postprocess(self._upsample(masks[None], images)[0], image_size, height, width)
+            return masks > 0
+
+        n_valid = int(cond["condition_mask"][b].sum())
+        selections = select_targets(prob, n_valid, self.gres_score_threshold, self.gres_no_target_threshold)
+        per_cond = gres_answers(selections, final_masks, height, width, device=self.device)
+        ref = dict(per_cond[0])
+        if self.return_candidates:  # what the evaluator needs to score other thresholds
+            ref["query_scores"] = prob[:, 0].tolist()
+            ref["candidates"] = final_masks(torch.arange(prob.shape[0]))
+        return {"ref_seg": ref, "ref_segs": per_cond}
 
     # ------------------------------------------------------------------ generic segmentation
     def generic_inference(self, outputs: Dict, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
