@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 from typing import Dict, Optional, Sequence
 
-import torch
 from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.layers.batch_norm import LayerNorm
 from detectron2.modeling.backbone import Backbone
@@ -99,7 +98,9 @@ def sam_neck(embed_dim: int, out_channels: int = 256) -> nn.Sequential:
     ``.norm`` children, the layout of a ``SimpleFeaturePyramid`` stage (see checkpoint.sam)."""
     return nn.Sequential(
         Conv2d(embed_dim, out_channels, kernel_size=1, bias=False, norm=LayerNorm(out_channels)),
-        Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False, norm=LayerNorm(out_channels)),
+        Conv2d(
+            out_channels, out_channels, kernel_size=3, padding=1, bias=False, norm=LayerNorm(out_channels)
+        ),
     )
 
 
@@ -155,7 +156,9 @@ class SAMViTConnector(Backbone):
     ) -> None:
         super().__init__()
         if len(layers) != len(scale_factors):
-            raise ValueError(f"one connector scale per block: layers {list(layers)}, scales {list(scale_factors)}")
+            raise ValueError(
+                f"one connector scale per block: layers {list(layers)}, scales {list(scale_factors)}"
+            )
         self.net = net
         self.patch_size = int(patch_size)
         self.sam_neck = sam_neck(embed_dim, neck_channels)

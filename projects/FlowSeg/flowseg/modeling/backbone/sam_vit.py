@@ -42,6 +42,7 @@ __all__ = [
     "build_sam_vit_backbone",
     "conv_stem",
     "freeze_sam_vit",
+    "sam_vit_embed_dim",
 ]
 
 logger = logging.getLogger(__name__)
@@ -261,7 +262,10 @@ def build_sam_vit(
             blk.__class__ = _CheckpointedBlock
 
     if feature_path == "connector":
-        layers = list(connector_layers or default_connector_layers(p["global_attn_indexes"], len(connector_scale_factors)))
+        layers = list(
+            connector_layers
+            or default_connector_layers(p["global_attn_indexes"], len(connector_scale_factors))
+        )
         backbone = SAMViTConnector(
             net,
             embed_dim=p["embed_dim"],
@@ -298,6 +302,11 @@ def build_sam_vit(
     if freeze:
         freeze_sam_vit(backbone)
     return backbone
+
+
+def sam_vit_embed_dim(cfg) -> int:
+    """Width of the SAM-ViT that ``cfg.MODEL.SAM_VIT`` builds (EMBED_DIM, else the preset's)."""
+    return int(cfg.MODEL.SAM_VIT.EMBED_DIM or _resolve_preset(cfg.MODEL.SAM_VIT.PRESET)["embed_dim"])
 
 
 @BACKBONE_REGISTRY.register()

@@ -355,7 +355,9 @@ class BSFTransformerDecoder(nn.Module):
             background = self.background_embed.weight.to(conditions.dtype)
             c = torch.cat([conditions, background.expand(conditions.shape[0], 1, -1)], dim=1)
             cos = torch.einsum("bqc,bkc->bqk", F.normalize(query_embeds, dim=-1), F.normalize(c, dim=-1))
-            logits = (self.logit_scale.exp() * cos).clamp(-_MAX_BACKGROUND_HEAD_LOGIT, _MAX_BACKGROUND_HEAD_LOGIT)
+            logits = (self.logit_scale.exp() * cos).clamp(
+                -_MAX_BACKGROUND_HEAD_LOGIT, _MAX_BACKGROUND_HEAD_LOGIT
+            )
             if condition_mask is not None:
                 valid = torch.cat([condition_mask, condition_mask.new_ones(condition_mask.shape[0], 1)], 1)
                 logits = logits.masked_fill(~valid[:, None, :], PADDED_CONDITION_LOGIT)
