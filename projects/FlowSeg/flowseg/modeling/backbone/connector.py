@@ -159,6 +159,9 @@ class SAMViTConnector(Backbone):
             raise ValueError(
                 f"one connector scale per block: layers {list(layers)}, scales {list(scale_factors)}"
             )
+        depth = len(net.blocks)
+        if any(not 1 <= int(i) <= depth for i in layers):
+            raise ValueError(f"connector layers must be blocks 1..{depth} (1-indexed), got {list(layers)}")
         self.net = net
         self.patch_size = int(patch_size)
         self.sam_neck = sam_neck(embed_dim, neck_channels)
