@@ -6,7 +6,6 @@ import json
 import os
 
 import pytest
-import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from flowseg import add_flowseg_config
