@@ -278,3 +278,40 @@ def test_sam_checkpoint_through_model_weights_reports_the_connector_as_new(xsam_
     assert torch.equal(
         model.backbone.net.blocks[3].mlp.fc1.weight, sd["vision_encoder.layers.3.mlp.lin1.weight"]
     )
+
+
+def test_shared_image_features_equal_per_expression_with_the_scaffold(xsam_tiny):
+    from flowseg.engine.shared_features import SharedImageFeatureInference
+    from test_shared_features import _assert_same_outputs
+
+    _, model = xsam_tiny
+    model.eval()
+    image = _batch()[0]["image"]
+    inputs = [
+        {"image": image, "image_id": 7, "height": 96, "width": 128, "expression": e, "task": "referring"}
+        for e in ("the small red circle", "the leftmost star", "a big square")
+    ]
+    with torch.no_grad():
+        ref = [model([x])[0] for x in inputs]
+        got = SharedImageFeatureInference(model, max_expressions_per_pass=2)(inputs)
+    _assert_same_outputs(ref, got)
+
+
+def test_connector_trains_at_the_base_rate_and_the_neck_is_never_used(xsam_tiny):
+    from flowseg.engine import build_optimizer
+    from flowseg.engine.efficiency import needs_find_unused_parameters
+
+    cfg, model = xsam_tiny
+    cfg = cfg.clone()
+    cfg.merge_from_list(["SOLVER.BACKBONE_MULTIPLIER", 0.1, "SOLVER.BASE_LR", 1e-4])
+    lr_of = {id(p): g["lr"] for g in build_optimizer(cfg, model).param_groups for p in g["params"]}
+    # X-SAM: lr_mult 0.1 on the SAM encoder only; the connector is its own module
+    assert all(lr_of[id(p)] == pytest.approx(1e-4) for p in model.backbone.connector.parameters())
+    assert all(lr_of[id(p)] == pytest.approx(1e-5) for p in model.backbone.net.parameters())
+    assert not any(id(p) in lr_of for p in model.backbone.sam_neck.parameters())  # frozen
+    assert needs_find_unused_parameters(cfg, model) == []
+    model.backbone.sam_neck.requires_grad_(True)
+    try:
+        assert any("backbone.sam_neck" in r for r in needs_find_unused_parameters(cfg, model))
+    finally:
+        model.backbone.sam_neck.requires_grad_(False)
