@@ -227,3 +227,21 @@ def test_pyramid_path_sam_tokens_leave_the_pyramid_unchanged():
     for k in a:
         assert torch.equal(a[k], b[k]), k
     torch.testing.assert_close(b["sam_tokens"], hidden[3].permute(0, 3, 1, 2), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("path", ["pyramid", "connector"])
+def test_return_sam_tokens_switch(path):
+    kw = dict(feature_path=path, connector_layers=(2, 3, 4), connector_hidden_dim=16)
+    backbone = build_sam_vit("tiny", img_size=IMG, window_size=4, out_channels=OUT_CH, **kw).eval()
+    x = torch.randn(1, 3, IMG, IMG)
+    assert not backbone.return_sam_tokens and "sam_tokens" not in backbone(x)
+    backbone.return_sam_tokens = True  # the penultimate block
+    assert backbone.sam_tokens_layer == 3 and backbone.output_shape()["sam_tokens"].channels == 64
+    with torch.no_grad():
+        tokens = backbone(x)["sam_tokens"]
+        expected = vit_block_outputs(backbone.net, x, [3])[3].permute(0, 3, 1, 2)
+    assert torch.equal(tokens, expected)
+    backbone.return_sam_tokens = False
+    assert "sam_tokens" not in backbone(x) and "sam_tokens" not in backbone.output_shape()
+    with pytest.raises(ValueError, match="1..4"):
+        backbone.set_sam_tokens_layer(5)

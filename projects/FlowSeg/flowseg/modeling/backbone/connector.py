@@ -32,6 +32,7 @@ from torch import Tensor, nn
 __all__ = [
     "ConnectorBranch",
     "SAMViTConnector",
+    "SamTokensOutput",
     "default_connector_layers",
     "pixel_shuffle",
     "sam_neck",
@@ -133,7 +134,36 @@ def default_connector_layers(global_attn_indexes: Sequence[int], num_levels: int
     return blocks[-num_levels:]
 
 
-class SAMViTConnector(Backbone):
+class SamTokensOutput:
+    """Optional ``"sam_tokens"`` output of a SAM-ViT backbone (``self.net``, a Detectron2 ``ViT``):
+    the (B, C, H/patch, W/patch) output of block ``sam_tokens_layer`` (1-indexed; 0: none).
+    ``return_sam_tokens = True`` selects the penultimate block, X-SAM's ``hidden_states[-2]``."""
+
+    sam_tokens_layer: int = 0
+
+    def set_sam_tokens_layer(self, layer: int) -> None:
+        depth = len(self.net.blocks)
+        if layer and not 1 <= int(layer) <= depth:
+            raise ValueError(f"the sam_tokens block must be in 1..{depth} (1-indexed), got {layer}")
+        self.sam_tokens_layer = int(layer)
+        if "sam_tokens" in self._out_features:
+            self._out_features.remove("sam_tokens")
+        if layer:
+            shape = self.net.output_shape()[self.net._out_features[0]]  # (C, patch stride)
+            self._out_features.append("sam_tokens")
+            self._out_feature_channels["sam_tokens"] = shape.channels
+            self._out_feature_strides["sam_tokens"] = shape.stride
+
+    @property
+    def return_sam_tokens(self) -> bool:
+        return bool(self.sam_tokens_layer)
+
+    @return_sam_tokens.setter
+    def return_sam_tokens(self, on: bool) -> None:
+        self.set_sam_tokens_layer(len(self.net.blocks) - 1 if on else 0)
+
+
+class SAMViTConnector(SamTokensOutput, Backbone):
     """SAM-ViT trunk (``net``), SAM's neck (``sam_neck``, carried, unused) and X-SAM's connector.
 
     Outputs ``p{log2(stride)}`` for each connector level (``patch_size / scale`` strides), and,
@@ -168,7 +198,6 @@ class SAMViTConnector(Backbone):
         self.sam_neck.requires_grad_(False)
         self.connector = nn.ModuleList(ConnectorBranch(embed_dim, s, hidden_channels) for s in scale_factors)
         self.layers = [int(i) for i in layers]
-        self.sam_tokens_layer = int(sam_tokens_layer)
         self._square_pad = int(square_pad)
         self._out_features, self._out_feature_channels, self._out_feature_strides = [], {}, {}
         for branch in self.connector:
@@ -177,10 +206,7 @@ class SAMViTConnector(Backbone):
             self._out_features.append(name)
             self._out_feature_channels[name] = branch.out_channels
             self._out_feature_strides[name] = stride
-        if self.sam_tokens_layer:
-            self._out_features.append("sam_tokens")
-            self._out_feature_channels["sam_tokens"] = embed_dim
-            self._out_feature_strides["sam_tokens"] = self.patch_size
+        self.set_sam_tokens_layer(sam_tokens_layer)
 
     @property
     def sam_neck_prefix(self) -> str:

@@ -30,7 +30,13 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.vit import Block, SimpleFeaturePyramid, ViT
 
-from .connector import SAMViTConnector, default_connector_layers, sam_tokens_block, vit_block_outputs
+from .connector import (
+    SamTokensOutput,
+    SAMViTConnector,
+    default_connector_layers,
+    sam_tokens_block,
+    vit_block_outputs,
+)
 
 __all__ = [
     "FEATURE_PATHS",
@@ -84,27 +90,17 @@ class _CheckpointedBlock(Block):
         return super().forward(x)
 
 
-class SAMViTFeaturePyramid(SimpleFeaturePyramid):
+class SAMViTFeaturePyramid(SamTokensOutput, SimpleFeaturePyramid):
     """``SimpleFeaturePyramid`` that also reports its divisibility through ``size_divisibility``
-    and can return ``"sam_tokens"`` (the output of block ``sam_tokens_layer``, 1-indexed; 0: not).
+    and can return ``"sam_tokens"`` (:class:`~flowseg.modeling.backbone.connector.SamTokensOutput`).
 
     Detectron2's pyramid only exposes it via ``padding_constraints`` (``Backbone.size_divisibility``
     stays 0), while Mask2Former-style meta-architectures read ``backbone.size_divisibility``.
     """
 
-    sam_tokens_layer: int = 0
-
     @property
     def size_divisibility(self) -> int:
         return self._size_divisibility
-
-    def return_sam_tokens(self, layer: int) -> None:
-        """Also output ``"sam_tokens"``, the (B, C, H/patch, W/patch) output of block ``layer``."""
-        self.sam_tokens_layer = int(layer)
-        shape = self.net.output_shape()[self.in_feature]
-        self._out_features.append("sam_tokens")
-        self._out_feature_channels["sam_tokens"] = shape.channels
-        self._out_feature_strides["sam_tokens"] = shape.stride
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         if not self.sam_tokens_layer:
@@ -287,8 +283,7 @@ def build_sam_vit(
             norm="LN",  # Detectron2's channel LayerNorm, eps 1e-6 like SAM's LayerNorm2d
             square_pad=square_pad,
         )
-        if sam_tokens_layer:
-            backbone.return_sam_tokens(sam_tokens_layer)
+        backbone.set_sam_tokens_layer(sam_tokens_layer)
 
     if checkpoint:
         if use_conv_stem:
