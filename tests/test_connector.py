@@ -245,3 +245,16 @@ def test_return_sam_tokens_switch(path):
     assert "sam_tokens" not in backbone(x) and "sam_tokens" not in backbone.output_shape()
     with pytest.raises(ValueError, match="1..4"):
         backbone.set_sam_tokens_layer(5)
+
+
+def test_block_outputs_stop_after_the_last_requested_block():
+    net = _connector().net
+    calls = []
+    hooks = [
+        b.register_forward_hook(lambda m, i, o, k=k: calls.append(k)) for k, b in enumerate(net.blocks, 1)
+    ]
+    with torch.no_grad():
+        out = vit_block_outputs(net, torch.randn(1, 3, IMG, IMG), [2])
+    for h in hooks:
+        h.remove()
+    assert calls == [1, 2] and list(out) == [2]

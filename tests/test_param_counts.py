@@ -129,3 +129,19 @@ def test_total_baseline_and_with_bsf(counts):
     assert (base["total"], flow["total"]) == TOTAL
     # no LoRA in the count: the model may have adapters, the total leaves them out
     assert flow["all"] == flow["total"] + flow["lora"] + flow["bar"]
+
+
+def test_padded_tokenizer_has_qwen3s_length_and_tokenises_as_before():
+    spec = importlib.util.spec_from_file_location(
+        "flowseg_benchmark", os.path.join(ROOT, "tools", "benchmark.py")
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from flowseg.utils.tiny_models import CHATML_TEMPLATE, make_tokenizer
+
+    tok = make_tokenizer(CHATML_TEMPLATE)
+    padded = bench.pad_vocabulary(tok, bench.QWEN3_TOKENIZER_LEN)
+    assert len(padded) == bench.QWEN3_TOKENIZER_LEN == 151_669
+    text = "Please segment <p>the man in the red shirt</p> in this image."
+    assert padded(text)["input_ids"] == tok(text)["input_ids"]
+    assert padded.chat_template == tok.chat_template and padded.eos_token == tok.eos_token
