@@ -1,12 +1,11 @@
-"""``tools/benchmark.py``: the tiny run works end to end on CPU and its parameter deltas are exact;
-the paper-size parameter counts (built on the meta device) match the paper's Table 9."""
+"""``tools/benchmark.py``: the tiny run works end to end on CPU and its parameter deltas are exact
+(the paper-size counts of Table 9 are tests/test_param_counts.py)."""
 
 import importlib.util
 import json
 import os
 
 import pytest
-import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from flowseg import add_flowseg_config
@@ -66,7 +65,9 @@ def test_tiny_benchmark_runs_and_reports_exact_deltas(bench, tmp_path, capsys):
     base, flow = models["baseline"], models["flowseg"]
     bsf = _count(flow.sem_seg_head.predictor) - _count(base.sem_seg_head.predictor)
     assert bsf > 0 and result["deltas"]["bsf_params"] == bsf
-    assert result["deltas"]["total_params"] == _count(flow) - _count(base) == bsf + _count(flow.refiner)
+    # Table 9's total leaves BAR out (reported alone); the models differ by BSF + BAR
+    assert _count(flow) - _count(base) == bsf + _count(flow.refiner)
+    assert result["deltas"]["total_params"] == bsf and result["deltas"]["bar_params"] == _count(flow.refiner)
     assert f"+{bsf / 1e6:.2f}M ({bsf:,})" in printed and "| Latency (ms/sample) |" in printed
 
     for variant in ("baseline", "flowseg"):
@@ -98,13 +99,3 @@ def test_tiny_benchmark_runs_and_reports_exact_deltas(bench, tmp_path, capsys):
         == 0
         < result["flowseg"]["flops"]["by_component"]["BAR"]
     )
-
-
-def test_paper_size_parameter_counts_match_table_9(bench):
-    torch.manual_seed(0)
-    result = bench.main(["--count-only"])  # Qwen3-4B + SigLIP2-so400m + SAM-L, on the meta device
-    d, flow = result["deltas"], result["flowseg"]["params"]
-    assert abs(d["bsf_params"] - 5.93e6) < 0.005e6  # paper: +5.93M
-    assert abs(flow["total"] - 4816.7e6) / 4816.7e6 < 0.01  # paper: 4816.7M
-    assert abs(flow["segmentor"] - 334.8e6) / 334.8e6 < 0.03  # paper: 334.8M
-    assert 4.0e9 < flow["llm"] < 4.05e9 and 0.4e9 < flow["vision_tower"] < 0.45e9

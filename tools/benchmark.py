@@ -6,18 +6,20 @@ Builds FlowSeg twice from configs, with random weights (no checkpoint is read):
 * ``baseline``: the Mask2Former decoder (SR and CR off) without BAR;
 * ``flowseg``: Bidirectional Semantic Flow (SR + CR) and BAR;
 
-at the paper's sizes (``configs/flowseg_refcoco.yaml``: SAM-ViT-L at 1024, 200 queries, 9 decoder
-layers; Qwen3-4B with LoRA r=8; SigLIP2-so400m) or, with ``--tiny``, at the test sizes
+at the paper's sizes (``configs/flowseg_refcoco.yaml``: SAM-ViT-L at 1024 with X-SAM's connector,
+200 queries, 9 decoder layers; Qwen3-4B; SigLIP2-so400m) or, with ``--tiny``, at the test sizes
 (``configs/tiny/flowseg_refer_tiny.yaml``, CPU in seconds). The LLM and vision tower are built
 from ``transformers`` configs written to a temporary folder; the tokenizer is a small BPE trained
-on the fly (``flowseg.utils.tiny_models.make_tokenizer``): its size changes nothing but which
-rows of the 151,936-row embedding are read, and the prompt is tokenised into whole words much
-like Qwen's tokenizer does for RefCOCO expressions.
+on the fly (``flowseg.utils.tiny_models.make_tokenizer``), at paper sizes padded with unused
+entries to the length of Qwen3's (:data:`QWEN3_TOKENIZER_LEN`, so the embedding matrix has the
+paper's rows); the prompt is tokenised into whole words much like Qwen's tokenizer does for
+RefCOCO expressions.
 
 Reported for both (median of ``--reps`` after ``--warmup``, ``cuda.synchronize`` around each):
 
-* segmentor params (everything but the condition head), total params, BSF parameter delta
-  (decoder(SR+CR) - decoder(baseline)), BAR params;
+* parameters per Table 9 component (:func:`param_counts`, printed as a table with
+  ``--count-only``): X-SAM's segmentor (SAM-ViT trunk + neck + pixel decoder + decoder + logit
+  scale, + BSF), the total without LoRA and BAR, the BSF delta and BAR's parameters;
 * inference latency per sample and its peak memory (``torch.cuda.max_memory_allocated``,
   weights included), batch 1, one 1024x768 image (a 640x480 COCO image resized to long side 1024)
   and one RefCOCO-like expression, outputs at 640x480 with all 200 candidates (as in evaluation);
@@ -57,7 +59,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.join(ROOT, "projects", "FlowSeg") not in sys.path:
@@ -82,6 +84,10 @@ QWEN3_4B = dict(
     rms_norm_eps=1e-6,
     tie_word_embeddings=True,
 )
+#: ``len()`` of Qwen3's tokenizer: 151,643 BPE tokens + 26 special ones. The LLM's embedding
+#: matrix is padded to 151,936 rows; X-SAM resizes it to ``len(tokenizer)`` after adding
+#: ``<SEG>``, ``<p>``, ``</p>``: 151,672 rows in Table 9's count.
+QWEN3_TOKENIZER_LEN = 151_669
 #: SigLIP2-so400m vision tower; patch 14 at 384 (27x27 = 729 tokens, fixed resolution, the
 #: paper's config) or the NaFlex patch-16 variant (24x24 = 576 tokens at 384).
 SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16)
@@ -113,6 +119,8 @@ def write_model_files(workdir: str, tiny: bool, vision: str) -> Dict[str, str]:
     from transformers import Qwen3Config, Siglip2VisionConfig, SiglipVisionConfig
 
     tok = make_tokenizer(CHATML_TEMPLATE)  # Qwen's chat format (ChatML)
+    if not tiny:
+        tok = pad_vocabulary(tok, QWEN3_TOKENIZER_LEN)
     paths = {"tokenizer": os.path.join(workdir, "tokenizer")}
     tok.save_pretrained(paths["tokenizer"])
     if tiny:
@@ -129,6 +137,25 @@ def write_model_files(workdir: str, tiny: bool, vision: str) -> Dict[str, str]:
         with open(paths[key], "w") as f:
             json.dump(config.to_dict(), f)
     return paths
+
+
+def pad_vocabulary(tokenizer, size: int):
+    """``tokenizer`` (a fast BPE) with filler entries appended to its vocabulary up to ``size``:
+    ``len()`` of the result is ``size`` and text tokenises as before (no merge reaches a filler)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    vocab.update({f"<|filler_{i}|>": i for i in range(len(vocab), size)})
+    padded = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        eos_token=tokenizer.eos_token,
+        pad_token=tokenizer.pad_token,
+        unk_token=tokenizer.unk_token,
+    )
+    padded.chat_template = tokenizer.chat_template
+    return padded
 
 
 def build_config(variant: str, args: argparse.Namespace, files: Dict[str, str]):
@@ -222,24 +249,93 @@ def build(cfg, device: str) -> torch.nn.Module:
         return build_model(cfg)
 
 
-def count(module: Optional[torch.nn.Module]) -> int:
-    return 0 if module is None else sum(p.numel() for p in module.parameters())  # tied weights once
+#: name parts of peft's adapter tensors: LoRA and the trainable rows of the new tokens
+ADAPTER_NAMES = ("lora_", "trainable_tokens_")
+
+
+def count(module: Optional[torch.nn.Module], skip: Sequence[str] = ()) -> int:
+    """Parameters of ``module`` (tied weights once), leaving out those whose name contains a
+    string of ``skip``."""
+    if module is None:
+        return 0
+    return sum(p.numel() for n, p in module.named_parameters() if not any(s in n for s in skip))
+
+
+def _named(module: Optional[torch.nn.Module], name: str) -> Optional[torch.nn.Module]:
+    return None if module is None else getattr(module, name, None)
 
 
 def param_counts(model: torch.nn.Module) -> Dict[str, int]:
-    total = count(model)
-    condition = count(model.condition_head)
-    return {
-        "total": total,
-        "segmentor": total - condition,  # SAM-ViT + pixel decoder + decoder + BAR (Table 9)
-        "condition_head": condition,
-        "llm": count(getattr(model.condition_head, "llm", None)),
-        "vision_tower": count(getattr(model.condition_head, "vision_encoder", None)),
-        "backbone": count(model.backbone),
+    """Table 9's components. ``segmentor`` is X-SAM's: SAM-ViT trunk + SAM neck (carried, unused on
+    the connector path) + pixel decoder + decoder (+ BSF) + logit scale; the connector (or the
+    pyramid stages other than SAM's neck), the background embedding, the condition head and BAR
+    are outside it. ``total`` leaves out peft's adapters (``lora``: LoRA and the new tokens'
+    trainable rows) and BAR (``bar``), both reported alone."""
+    from flowseg.checkpoint.sam import sam_neck_prefix
+
+    backbone, head = model.backbone, model.condition_head
+    predictor = model.sem_seg_head.predictor
+    neck_name = sam_neck_prefix(backbone) or ""
+    c = {
+        "sam_trunk": count(backbone.net),
+        "sam_neck": count(_named(backbone, neck_name)) if neck_name else 0,
         "pixel_decoder": count(model.sem_seg_head.pixel_decoder),
-        "decoder": count(model.sem_seg_head.predictor),
+        "bsf": sum(
+            count(_named(predictor, m))
+            for m in ("semantic_cross_attention_layers", "fusion_gates", "condition_refinement_layers")
+        ),
+        "background_embed": count(_named(predictor, "background_embed")),
         "bar": count(model.refiner),
+        "llm": count(_named(head, "llm"), skip=ADAPTER_NAMES),
+        "lora": count(_named(head, "llm")) - count(_named(head, "llm"), skip=ADAPTER_NAMES),
+        "vision_tower": count(_named(head, "vision_encoder")),
+        "vis_projector": count(_named(head, "vis_projector")),
+        "llm_projector": count(_named(head, "llm_projector")),
+        "sam_token_projector": count(_named(head, "sam_projector")),
     }
+    scale = getattr(predictor, "logit_scale", None)
+    c["logit_scale"] = 0 if scale is None else scale.numel()
+    c["feature_path"] = count(backbone) - c["sam_trunk"] - c["sam_neck"]  # connector / pyramid
+    c["decoder"] = count(predictor) - c["bsf"] - c["logit_scale"] - c["background_embed"]
+    c["condition_head"] = count(head)
+    named = ("llm", "lora", "vision_tower", "vis_projector", "llm_projector", "sam_token_projector")
+    c["condition_head_other"] = c["condition_head"] - sum(c[k] for k in named)
+    segmentor = ("sam_trunk", "sam_neck", "pixel_decoder", "decoder", "bsf", "logit_scale")
+    c["segmentor"] = sum(c[k] for k in segmentor)
+    c["all"] = count(model)
+    c["total"] = c["all"] - c["lora"] - c["bar"]
+    return c
+
+
+#: Table 9's rows in the order printed by ``--count-only``.
+TABLE9_ROWS = (
+    ("sam_trunk", "SAM-ViT trunk"),
+    ("sam_neck", "SAM neck (carried, unused on the connector path)"),
+    ("pixel_decoder", "pixel decoder"),
+    ("decoder", "transformer decoder (without BSF)"),
+    ("bsf", "BSF (SR + CR)"),
+    ("logit_scale", "logit scale"),
+    ("segmentor", "= segmentor"),
+    ("feature_path", "connector (feature path)"),
+    ("background_embed", "background embedding"),
+    ("llm", "LLM (without LoRA)"),
+    ("vision_tower", "vision tower"),
+    ("vis_projector", "phi_vis"),
+    ("llm_projector", "phi_llm"),
+    ("sam_token_projector", "SAM-token projector"),
+    ("condition_head_other", "other condition-head parameters"),
+    ("total", "= total (Table 9)"),
+    ("lora", "LoRA + peft's token rows (not in the total)"),
+    ("bar", "BAR (not in the total)"),
+)
+
+
+def count_table(result: Dict[str, Any]) -> str:
+    """Markdown table of :func:`param_counts` for both variants."""
+    b, f = result["baseline"]["params"], result["flowseg"]["params"]
+    lines = ["| Parameters | Baseline (no BSF, no BAR) | FlowSeg (BSF + BAR) |", "|---|---:|---:|"]
+    lines += [f"| {label} | {b[k]:,} | {f[k]:,} |" for k, label in TABLE9_ROWS]
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------- inputs
@@ -605,12 +701,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             _free(device)
     pb, pf = result["baseline"]["params"], result["flowseg"]["params"]
     result["deltas"] = {
-        "bsf_params": pf["decoder"] - pb["decoder"],
+        "bsf_params": pf["bsf"] - pb["bsf"],
         "bar_params": pf["bar"] - pb["bar"],
         "segmentor_params": pf["segmentor"] - pb["segmentor"],
         "total_params": pf["total"] - pb["total"],
     }
     if args.count_only:
+        print(count_table(result))
+        print("\nJSON:")
         print(json.dumps({k: result[k] for k in ("baseline", "flowseg", "deltas")}, indent=2))
     else:
         print(markdown(result))

@@ -208,4 +208,36 @@ def add_flowseg_config(cfg: CN) -> CN:
     cfg.MODEL.VANILLA_ENCODER.PIXEL_MEAN = [127.5, 127.5, 127.5]
     cfg.MODEL.VANILLA_ENCODER.PIXEL_STD = [127.5, 127.5, 127.5]
     cfg.MODEL.VANILLA_ENCODER.FREEZE = True
+    add_connector_config(cfg)
+    return cfg
+
+
+def add_connector_config(cfg: CN) -> CN:
+    """Keys of the paper's scaffold (X-SAM's) segmentor, each a choice between it and this
+    project's earlier form (the defaults, which the tiny and synthetic CPU configs keep); the
+    paper configs (``configs/Base-FlowSeg.yaml``) select X-SAM's."""
+    # "connector": SAM-ViT block outputs (CONNECTOR.LAYERS) through X-SAM's conv connector with
+    # pixel shuffle -> p3, p4, p5 (1/8, 1/16, 1/32); SAM's neck carried, unused.
+    # "pyramid": ViTDet's SimpleFeaturePyramid on the last block (SCALE_FACTORS -> p2..p5).
+    cfg.MODEL.SAM_VIT.FEATURE_PATH = "pyramid"
+    cfg.MODEL.SAM_VIT.CONNECTOR = CN()
+    cfg.MODEL.SAM_VIT.CONNECTOR.LAYERS = []  # 1-indexed blocks; [] = the last global-attention ones
+    cfg.MODEL.SAM_VIT.CONNECTOR.SCALE_FACTORS = [2.0, 1.0, 0.5]  # pixel shuffle -> strides 8, 16, 32
+    cfg.MODEL.SAM_VIT.CONNECTOR.HIDDEN_DIM = 512
+    # True: the backbone also outputs "sam_tokens" [B, C, H/16, W/16], the output of block
+    # SAM_TOKENS_LAYER (1-indexed; 0 = the penultimate block, X-SAM's hidden_states[-2])
+    cfg.MODEL.SAM_VIT.RETURN_SAM_TOKENS = False
+    cfg.MODEL.SAM_VIT.SAM_TOKENS_LAYER = 0
+    # FPN levels of the pixel decoder: -1 = Mask2Former's rule (one per octave between the
+    # encoder's finest stride and COMMON_STRIDE); n >= 0 = the n finest inputs, the encoder's
+    # own finest level included (X-SAM: 1 on the 1/8 map, mask features at 1/8)
+    cfg.MODEL.SEM_SEG_HEAD.NUM_FPN_LEVELS = -1
+    # Condition logits of the decoder (referring mode, generic mode with an LLM):
+    # "background": exp(s) * cos(LN(q), c) over [C; a learned background embedding], clamped to
+    #   +-50; the background column is the no-object class (X-SAM's head);
+    # "projected": exp(s) * cos(proj(LN(q)), c) over C plus a linear no-object logit of the query.
+    cfg.MODEL.FLOWSEG.CONDITION_LOGITS = "projected"
+    # Output stride BAR runs at: mask logits and pixel features are upsampled (bilinear) from the
+    # mask features' stride (COMMON_STRIDE) to it; 0 = the mask features' own stride.
+    cfg.MODEL.FLOWSEG.BAR.STRIDE = 0
     return cfg

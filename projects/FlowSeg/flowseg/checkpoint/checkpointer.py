@@ -60,7 +60,7 @@ from torch import nn
 
 from .mask2former import convert_hf_mask2former
 from .mask2former_decoder import convert_d2_mask2former_checkpoint
-from .sam import _neck_stage, _resize_pos_embed, _resize_rel_pos, convert_sam_checkpoint
+from .sam import _resize_pos_embed, _resize_rel_pos, convert_sam_checkpoint, sam_neck_prefix
 
 try:  # fvcore's handling of tied parameters (one tensor, several names) in the missing-key list
     from fvcore.common.checkpoint import _filter_reused_missing_keys
@@ -112,7 +112,13 @@ COMPONENTS: Dict[str, str] = OrderedDict(
 _PREDICTOR = "sem_seg_head.predictor."
 _AUX_CLASSIFIER = "sem_seg_head.aux_classifier."
 _BSF_MODULES = ("semantic_cross_attention_layers", "fusion_gates", "condition_refinement_layers")
-_CONDITION_LOGIT_MODULES = ("cond_query_proj", "no_object_embed", "logit_scale", "mask_position_proj")
+_CONDITION_LOGIT_MODULES = (
+    "cond_query_proj",
+    "no_object_embed",
+    "background_embed",
+    "logit_scale",
+    "mask_position_proj",
+)
 _LLM = "condition_head.llm."
 # peft adapter tensors: lora_A/B, lora_embedding_A/B, DoRA's lora_magnitude_vector
 _LORA_RE = re.compile(r"\.lora_[A-Za-z_]+\.")
@@ -502,7 +508,7 @@ class FlowSegCheckpointer(DetectionCheckpointer):
     def _convert_source(self, state_dict: StateDict, fmt: str) -> StateDict:
         if fmt == "sam":
             backbone = getattr(self.model, "backbone", None)
-            neck = _neck_stage(backbone) if hasattr(backbone, "scale_factors") else None
+            neck = sam_neck_prefix(backbone) if backbone is not None else None
             return convert_sam_checkpoint(state_dict, prefix_out="backbone.", neck_prefix=neck or "simfp_4")
         if fmt == "mask2former_d2":
             # num_classes=None: a class head of another size is reported as a shape mismatch below
@@ -525,8 +531,8 @@ class FlowSegCheckpointer(DetectionCheckpointer):
         if fmt == "sam":
             if component != "segmentation_encoder":
                 return "not part of a SAM image-encoder checkpoint"
-            if key.startswith("backbone.simfp_") and not key.startswith(f"backbone.{neck}."):
-                return "pyramid stages SAM has no weights for (only its neck maps onto one stage)"
+            if not key.startswith(("backbone.net.", f"backbone.{neck}.")):
+                return "feature-path layers SAM has no weights for (pyramid stages other than its neck, connector)"
             return ""
         if fmt.startswith("mask2former"):
             if component == "segmentation_encoder":
@@ -574,7 +580,7 @@ class FlowSegCheckpointer(DetectionCheckpointer):
         # classifies by query-condition similarity: drop it knowingly instead of calling it unexpected.
         head_keys = [k for k in state_dict if k.startswith(_PREDICTOR + "class_embed.")]
         if head_keys and not any(k in model_state for k in head_keys):
-            if any(k.startswith(_PREDICTOR + "cond_query_proj.") for k in model_state):
+            if _PREDICTOR + "logit_scale" in model_state:
                 drop(
                     "transformer_decoder.class_head",
                     head_keys,
@@ -594,7 +600,7 @@ class FlowSegCheckpointer(DetectionCheckpointer):
             k for k in _filter_reused_missing_keys(model, incompatible.missing_keys) if k not in shape_skipped
         ]
         backbone = getattr(model, "backbone", None)
-        neck = (_neck_stage(backbone) if hasattr(backbone, "scale_factors") else None) or "simfp_4"
+        neck = (sam_neck_prefix(backbone) if backbone is not None else None) or "simfp_4"
         expected: List[str] = []
         for k in missing:
             reason = self._missing_reason(component_of(k), k, present, fmt, neck)

@@ -7,13 +7,14 @@ Accepted source layouts:
   shape (1, H, W, C)), also the bare ``image_encoder.state_dict()``;
 * Hugging Face ``SamModel`` / ``SamVisionModel`` (``vision_encoder.*``) and bare ``SamVisionEncoder``
   (``patch_embed.projection``, ``layers.N.layer_norm1``, ``neck.conv1`` ...);
-* this project's own names (``net.*``, ``simfp_*``), passed through.
+* this project's own names (``net.*``, ``simfp_*``, ``sam_neck.*``, ``connector.*``), passed through.
 
 Target layout (``flowseg.modeling.backbone.sam_vit.build_sam_vit``): the ViT is ``net.*``
-(Detectron2 ``ViT``; ``mlp.fc1/fc2``, position embedding (1, H*W, C)) and SAM's neck maps onto the
-stride-16 stage of ``SimpleFeaturePyramid``: ``simfp_4.0.weight`` (1x1 conv), ``simfp_4.0.norm.*``,
-``simfp_4.1.weight`` (3x3 conv), ``simfp_4.1.norm.*``. Prompt-encoder / mask-decoder weights are
-dropped.
+(Detectron2 ``ViT``; ``mlp.fc1/fc2``, position embedding (1, H*W, C)) and SAM's neck maps onto
+``{neck}.0.weight`` (1x1 conv), ``{neck}.0.norm.*``, ``{neck}.1.weight`` (3x3 conv),
+``{neck}.1.norm.*`` where ``{neck}`` is the stride-16 stage of ``SimpleFeaturePyramid``
+(``simfp_4``) or the connector path's ``sam_neck`` (:func:`sam_neck_prefix`). Prompt-encoder /
+mask-decoder weights are dropped.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from detectron2.modeling.backbone.vit import SimpleFeaturePyramid, ViT
 from detectron2.utils.file_io import PathManager
 from fvcore.common.checkpoint import get_missing_parameters_message, get_unexpected_parameters_message
 
-__all__ = ["convert_sam_checkpoint", "load_sam_checkpoint", "read_state_dict"]
+__all__ = ["convert_sam_checkpoint", "load_sam_checkpoint", "read_state_dict", "sam_neck_prefix"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ _RULES: List[Tuple[re.Pattern, str]] = [
     (re.compile(r"neck\.(?:2|conv2)\.weight"), "{neck}.1.weight"),
     (re.compile(r"neck\.(?:3|layer_norm2)\.(weight|bias)"), "{neck}.1.norm.{0}"),
 ]
-_OWN_NAME = re.compile(r"^(?:net|simfp_\d+)\.")
+_OWN_NAME = re.compile(r"^(?:net|simfp_\d+|sam_neck|connector)\.")
 
 
 def _convert_key(key: str, neck_prefix: str) -> Optional[str]:
@@ -185,6 +186,14 @@ def _neck_stage(backbone: SimpleFeaturePyramid) -> Optional[str]:
     return None
 
 
+def sam_neck_prefix(backbone: nn.Module) -> Optional[str]:
+    """The backbone-relative module that receives SAM's neck: a pyramid's scale-1.0 stage, or the
+    connector path's ``sam_neck`` (``None``: the backbone has no place for it)."""
+    if isinstance(backbone, SimpleFeaturePyramid):
+        return _neck_stage(backbone)
+    return getattr(backbone, "sam_neck_prefix", None)
+
+
 def load_sam_checkpoint(
     backbone: nn.Module, path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.Tensor]]
 ) -> Tuple[List[str], List[str]]:
@@ -203,27 +212,27 @@ def load_sam_checkpoint(
     else:
         state_dict, source = dict(path_or_state_dict), "state dict"
 
-    if isinstance(backbone, SimpleFeaturePyramid):
-        neck = _neck_stage(backbone)
-        converted = convert_sam_checkpoint(state_dict, neck_prefix=neck or "simfp_4")
-    elif isinstance(backbone, ViT):
+    if isinstance(backbone, ViT):
         converted = convert_sam_checkpoint(state_dict)
         converted = {(k[4:] if k.startswith("net.") else k): v for k, v in converted.items()}
         neck = None
+    elif isinstance(getattr(backbone, "net", None), ViT):
+        neck = sam_neck_prefix(backbone)
+        converted = convert_sam_checkpoint(state_dict, neck_prefix=neck or "simfp_4")
     else:
-        raise TypeError(f"Expected a SimpleFeaturePyramid or ViT, got {type(backbone).__name__}")
+        raise TypeError(f"Expected a SAM-ViT backbone (with .net) or a ViT, got {type(backbone).__name__}")
 
     converted = _fit_shapes(converted, backbone.state_dict())
     result = backbone.load_state_dict(converted, strict=False)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
 
-    # Pyramid stages other than SAM's neck are new layers: expected to be missing.
-    new_layers = [k for k in missing if k.startswith("simfp_") and not (neck and k.startswith(neck + "."))]
+    # Pyramid stages other than SAM's neck, and the connector, are new layers: expected to be missing.
+    new_layers = [k for k in missing if not k.startswith("net.") and not (neck and k.startswith(neck + "."))]
     other_missing = [k for k in missing if k not in new_layers]
     logger.info(f"Loaded SAM weights from {source}: {len(converted) - len(unexpected)} tensors")
     if new_layers:
         msg = get_missing_parameters_message(new_layers)
-        logger.info(f"Pyramid stages not in SAM (kept initialised):\n{msg}")
+        logger.info(f"Feature-path layers not in SAM (kept initialised):\n{msg}")
     if other_missing:
         logger.warning(get_missing_parameters_message(other_missing))
     if unexpected:

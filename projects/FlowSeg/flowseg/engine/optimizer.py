@@ -2,7 +2,9 @@
 
 Parameter groups (paper §4.1 / A.3, Mask2Former's ``build_optimizer``):
 
-* ``backbone.*``: ``lr * SOLVER.BACKBONE_MULTIPLIER`` (the SAM encoder);
+* ``backbone.*``: ``lr * SOLVER.BACKBONE_MULTIPLIER`` (the SAM encoder), except X-SAM's connector
+  ``backbone.connector.*``, a new module outside X-SAM's encoder, which trains at the base rate
+  as in X-SAM (its ``lr_mult`` 0.1 covers ``segmentor.encoder`` only);
 * ``condition_head.llm.*``: ``lr * SOLVER.LLM_MULTIPLIER`` (LoRA and new token rows of the LLM);
 * normalisation layers (any module whose class name contains "Norm", incl. RMSNorm):
   ``SOLVER.WEIGHT_DECAY_NORM``;
@@ -59,7 +61,7 @@ def get_flowseg_param_groups(cfg: CfgNode, model: torch.nn.Module) -> List[Dict[
             seen.add(id(value))  # shared parameters (tied weights) go into one group only
             full = f"{module_name}.{pname}" if module_name else pname
             lr, wd = base_lr, cfg.SOLVER.WEIGHT_DECAY
-            if full.startswith("backbone."):
+            if full.startswith("backbone.") and not full.startswith("backbone.connector."):
                 lr *= cfg.SOLVER.BACKBONE_MULTIPLIER
             if full.startswith("condition_head.llm.") or ".condition_head.llm." in full:
                 lr *= cfg.SOLVER.LLM_MULTIPLIER

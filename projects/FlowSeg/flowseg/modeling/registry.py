@@ -16,7 +16,7 @@ TRANSFORMER_DECODER_REGISTRY.__doc__ = (
 )
 
 REFINER_REGISTRY = Registry("FLOWSEG_REFINER")
-REFINER_REGISTRY.__doc__ = "Mask refiners applied to 1/4-scale mask logits (Boundary-Aware Refinement)."
+REFINER_REGISTRY.__doc__ = "Mask refiners applied to mask logits (Boundary-Aware Refinement)."
 
 CONDITION_HEAD_REGISTRY = Registry("FLOWSEG_CONDITION_HEAD")
 CONDITION_HEAD_REGISTRY.__doc__ = (

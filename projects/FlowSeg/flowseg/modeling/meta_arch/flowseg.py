@@ -279,7 +279,7 @@ class FlowSeg(nn.Module):
         return new_targets
 
     def _upsample(self, mask_logits: torch.Tensor, images: ImageList) -> torch.Tensor:
-        """1/4-scale logits [B,Q,h,w] -> padded input resolution."""
+        """Mask logits [B,Q,h,w] (1/4 or 1/8 scale) -> padded input resolution."""
         return F.interpolate(mask_logits, size=images.tensor.shape[-2:], mode="bilinear", align_corners=False)
 
     # ------------------------------------------------------------------ referring / reasoning

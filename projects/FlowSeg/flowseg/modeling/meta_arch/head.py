@@ -75,8 +75,8 @@ class FlowSegHead(nn.Module):
         return_intermediates: bool = False,
         image_index: Optional[torch.Tensor] = None,
     ) -> Dict[str, object]:
-        """Returns the decoder's output dict plus ``mask_features`` (F_pix, the 1/4-scale
-        pixel features that BAR reads). With ``image_index`` ([B] long), ``features`` are those
+        """Returns the decoder's output dict plus ``mask_features`` (F_pix, the pixel features
+        that BAR reads, at COMMON_STRIDE). With ``image_index`` ([B] long), ``features`` are those
         of the unique images and the decoder's input b reads image ``image_index[b]``."""
         mask_features, _, multi_scale_features = self.pixel_decoder.forward_features(features)
         if image_index is not None:

@@ -2,7 +2,8 @@
 
 A deformable-attention transformer encoder runs over the coarsest feature levels
 (1/8, 1/16, 1/32 by default); an FPN-style top-down path then adds the finer levels
-(1/4) and a 1x1 conv gives the per-pixel mask embeddings. Module and parameter names are
+(1/4) and a 1x1 conv gives the per-pixel mask embeddings. X-SAM's variant reads 1/8-1/32 only
+and puts its one FPN level on the 1/8 input itself (``num_fpn_levels=1``): mask features at 1/8. Module and parameter names are
 those of Mask2Former's ``MSDeformAttnPixelDecoder``, so an original Detectron2 Mask2Former
 checkpoint's ``sem_seg_head.pixel_decoder.*`` weights load with an identity key mapping.
 """
@@ -230,6 +231,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         transformer_in_features: List[str],
         common_stride: int,
         transformer_enc_n_points: int = 4,
+        num_fpn_levels: int = -1,
     ):
         """
         Args:
@@ -244,6 +246,10 @@ class MSDeformAttnPixelDecoder(nn.Module):
             transformer_in_features: features the deformable encoder reads.
             common_stride: stride of ``mask_features``.
             transformer_enc_n_points: sampling points per head and level.
+            num_fpn_levels: top-down FPN levels; -1 = Mask2Former's rule (one per octave from the
+                encoder's finest stride down to ``common_stride``, over the finer inputs);
+                n >= 0 = the n finest inputs, which may include the encoder's finest level
+                itself (X-SAM: n = 1 on the 1/8 input, so the mask features are at 1/8).
         """
         super().__init__()
         transformer_input_shape = {k: v for k, v in input_shape.items() if k in transformer_in_features}
@@ -293,9 +299,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.maskformer_num_feature_levels = 3  # the transformer decoder always reads 3 scales
         self.common_stride = common_stride
 
-        # FPN levels below the encoder's finest stride, down to common_stride.
-        stride = min(self.transformer_feature_strides)
-        self.num_fpn_levels = max(int(round(math.log2(stride) - math.log2(self.common_stride))), 0)
+        self.num_fpn_levels = self._fpn_levels(num_fpn_levels)
 
         lateral_convs = []
         output_convs = []
@@ -326,6 +330,21 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.lateral_convs = lateral_convs[::-1]
         self.output_convs = output_convs[::-1]
 
+    def _fpn_levels(self, requested: int) -> int:
+        stride = min(self.transformer_feature_strides)
+        if requested < 0:
+            # FPN levels below the encoder's finest stride, down to common_stride.
+            return max(int(round(math.log2(stride) - math.log2(self.common_stride))), 0)
+        if requested > len(self.in_features):
+            raise ValueError(f"num_fpn_levels={requested} but only {len(self.in_features)} input features")
+        mask_stride = self.feature_strides[0] if requested > 0 else stride
+        if mask_stride != self.common_stride:
+            raise ValueError(
+                f"num_fpn_levels={requested} gives mask features at stride {mask_stride}, but "
+                f"common_stride (MODEL.SEM_SEG_HEAD.COMMON_STRIDE) is {self.common_stride}"
+            )
+        return requested
+
     @classmethod
     def from_config(cls, cfg: CfgNode, input_shape: Dict[str, ShapeSpec]) -> dict:
         head = cfg.MODEL.SEM_SEG_HEAD
@@ -343,6 +362,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             "transformer_in_features": head.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES,
             "common_stride": head.COMMON_STRIDE,
             "transformer_enc_n_points": head.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS,
+            "num_fpn_levels": head.NUM_FPN_LEVELS,
         }
 
     def forward_features(self, features: Dict[str, Tensor]) -> Tuple[Tensor, Tensor, List[Tensor]]:

@@ -14,6 +14,11 @@ concatenation is the zero padding of each part). The pixel term is therefore com
 image and broadcast to all of its queries, instead of concatenating a copy of the compressed
 features to every query's mask. The checkpoint layout is still that of a plain
 ``Conv2d(1 + compress_dim, hidden, 3)``.
+
+Scale: the paper runs BAR on 1/4-scale mask logits. With ``upsample`` = 2 (mask features at 1/8, as
+in X-SAM's scaffold) the logits and the compressed pixel features are bilinearly upsampled to 1/4
+first; ``f_comp`` (1x1) commutes with bilinear interpolation, so compressing before upsampling
+gives the same result at a quarter of the cost. The refined logits come out at the upsampled size.
 """
 
 from typing import Dict, Optional
@@ -55,17 +60,23 @@ class BoundaryAwareRefiner(nn.Module):
         compress_dim: int = 16,
         hidden_dim: int = 32,
         alpha_init: float = 0.1,
+        upsample: int = 1,
     ) -> None:
         """
         Args:
-            mask_dim: channels of the 1/4-scale pixel features ``F_pix`` (256 in the paper).
+            mask_dim: channels of the pixel features ``F_pix`` (256 in the paper).
             epsilon: boundary threshold of eq. 6 (1.0 switches the refinement off: a probability
                 gradient never exceeds 1).
             compress_dim: output channels of ``f_comp`` (16 in A.1).
             hidden_dim: width between the two convs of ``f_refine``.
             alpha_init: initial value of the learnable scale ``alpha``.
+            upsample: integer factor by which mask logits and pixel features are upsampled
+                (bilinear) before refinement (1: refine at the mask features' scale).
         """
         super().__init__()
+        if int(upsample) != upsample or upsample < 1:
+            raise ValueError(f"BAR upsample factor must be an integer >= 1, got {upsample}")
+        self.upsample = int(upsample)
         self.epsilon = float(epsilon)
         self.f_comp = nn.Conv2d(mask_dim, compress_dim, kernel_size=1)
         self.f_refine = nn.Sequential(
@@ -78,7 +89,14 @@ class BoundaryAwareRefiner(nn.Module):
     @classmethod
     def from_config(cls, cfg) -> Dict[str, object]:
         bar = cfg.MODEL.FLOWSEG.BAR
+        mask_stride = cfg.MODEL.SEM_SEG_HEAD.COMMON_STRIDE
+        if bar.STRIDE and (bar.STRIDE > mask_stride or mask_stride % bar.STRIDE):
+            raise ValueError(
+                f"MODEL.FLOWSEG.BAR.STRIDE={bar.STRIDE} must divide the mask features' stride "
+                f"(MODEL.SEM_SEG_HEAD.COMMON_STRIDE={mask_stride}); 0 = that stride"
+            )
         return {
+            "upsample": mask_stride // bar.STRIDE if bar.STRIDE else 1,
             "mask_dim": cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
             "epsilon": bar.EPSILON,
             "compress_dim": bar.COMPRESS_DIM,
@@ -94,7 +112,7 @@ class BoundaryAwareRefiner(nn.Module):
     def _pixel_term(self, pixel_features: Tensor) -> Tensor:
         """``conv1`` applied to the ``f_comp`` channels of the concatenation (+ bias): [B, hidden, H, W]."""
         conv1 = self.f_refine[0]
-        compressed = self.f_comp(pixel_features)  # once per image, shared by all its queries
+        compressed = self._up(self.f_comp(pixel_features))  # once per image, shared by all its queries
         return F.conv2d(compressed, conv1.weight[:, 1:], conv1.bias, padding=conv1.padding)
 
     def _mask_term(self, masks: Tensor) -> Tensor:
@@ -115,11 +133,20 @@ class BoundaryAwareRefiner(nn.Module):
         # torch.where (not M + dM * B) keeps non-boundary pixels bit-identical even if dM is inf/nan.
         return torch.where(boundary, mask_logits + delta, mask_logits)
 
+    def _up(self, x: Tensor) -> Tensor:
+        """Bilinear upsampling of [N, C, H, W] or [N, H, W] by ``self.upsample``."""
+        if self.upsample == 1:
+            return x
+        size = (x.shape[-2] * self.upsample, x.shape[-1] * self.upsample)
+        if x.dim() == 3:
+            return F.interpolate(x.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
     @staticmethod
     def _check_sizes(mask_logits: Tensor, pixel_features: Tensor) -> None:
         if mask_logits.shape[-2:] != pixel_features.shape[-2:]:
             raise ValueError(
-                "BAR expects mask logits and pixel features at the same (1/4) resolution, got "
+                "BAR expects mask logits and pixel features at the same resolution, got "
                 f"{tuple(mask_logits.shape)} and {tuple(pixel_features.shape)}"
             )
 
@@ -131,9 +158,10 @@ class BoundaryAwareRefiner(nn.Module):
             mask_logits: ``[B, Q, H, W]`` raw mask logits (any Q, e.g. a gathered subset).
             pixel_features: ``[B, C, H, W]`` pixel-decoder mask features.
         Returns:
-            ``[B, Q, H, W]`` refined logits.
+            ``[B, Q, H*u, W*u]`` refined logits (``u`` = ``self.upsample``).
         """
         self._check_sizes(mask_logits, pixel_features)
+        mask_logits = self._up(mask_logits)
         b, q, h, w = mask_logits.shape
         pixel_term = self._pixel_term(pixel_features)  # [B, hidden, H, W]
         mask_term = self._mask_term(mask_logits.reshape(b * q, h, w))  # [B*Q, hidden, H, W]
@@ -152,12 +180,13 @@ class BoundaryAwareRefiner(nn.Module):
             pixel_features: ``[B, C, H, W]`` features of the whole batch.
             batch_idx: ``[N]`` long, image index of each selected mask (``None``: all from image 0).
         Returns:
-            ``[N, H, W]`` refined logits. With N = 0 the (empty) result is still computed through
+            ``[N, H*u, W*u]`` refined logits. With N = 0 the (empty) result is still computed through
             every parameter, so that DDP sees them used on batches without matched queries.
         """
         self._check_sizes(mask_logits, pixel_features)
         if batch_idx is None:
             batch_idx = torch.zeros(mask_logits.shape[0], dtype=torch.long, device=mask_logits.device)
+        mask_logits = self._up(mask_logits)
         # f_comp once per referenced image (inference calls this per image with a B-image batch).
         images, inverse = torch.unique(batch_idx.to(pixel_features.device), return_inverse=True)
         pixel_term = self._pixel_term(pixel_features[images])
@@ -165,4 +194,4 @@ class BoundaryAwareRefiner(nn.Module):
         return self._residual(mask_logits, hidden_pre)
 
     def extra_repr(self) -> str:
-        return f"epsilon={self.epsilon}"
+        return f"epsilon={self.epsilon}, upsample={self.upsample}"

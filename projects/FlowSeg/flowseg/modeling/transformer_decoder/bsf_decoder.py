@@ -43,13 +43,21 @@ from .layers import (
     SemanticCrossAttentionLayer,
 )
 
-__all__ = ["BSFTransformerDecoder", "PADDED_CONDITION_LOGIT", "mask_position", "mask_position_features"]
+__all__ = [
+    "BSFTransformerDecoder",
+    "CONDITION_LOGIT_TYPES",
+    "PADDED_CONDITION_LOGIT",
+    "mask_position",
+    "mask_position_features",
+]
 
 logger = logging.getLogger(__name__)
 
 # Logit given to padded conditions: very negative but finite, so softmax / CE never see -inf - -inf.
 PADDED_CONDITION_LOGIT = -1e4
 _MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: exp(logit_scale) <= 100
+_MAX_BACKGROUND_HEAD_LOGIT = 50.0  # X-SAM's clamp of the cosine logits
+CONDITION_LOGIT_TYPES = ("background", "projected")
 
 
 def mask_position(mask_logits: Tensor) -> Tensor:
@@ -95,7 +103,7 @@ class BSFTransformerDecoder(nn.Module):
     """Masked-attention transformer decoder with Bidirectional Semantic Flow.
 
     Inputs of :meth:`forward`: 3 multi-scale pixel-decoder maps (1/32, 1/16, 1/8, in that order),
-    1/4-scale mask features, and optionally condition embeddings ``C`` [B,K,h] with a validity
+    mask features (1/4 or 1/8 scale), and optionally condition embeddings ``C`` [B,K,h] with a validity
     mask [B,K] and a segmentation embedding ``S`` [B,h] (added to the initial queries).
     """
 
@@ -120,6 +128,7 @@ class BSFTransformerDecoder(nn.Module):
         condition_refinement: bool = False,
         visual_cross_attn_control: bool = False,
         condition_logits: bool = False,
+        condition_logit_type: str = "projected",
         add_seg_embed_to_queries: bool = True,
         logit_scale_init: float = math.log(1 / 0.07),
         cr_zero_init: bool = True,
@@ -141,6 +150,9 @@ class BSFTransformerDecoder(nn.Module):
                 ``semantic_refinement=True`` and ``condition_refinement=False``.
             condition_logits: logits = scaled cosine(query, condition) over K conditions plus a
                 no-object logit (referring mode, generic mode with an LLM) instead of ``class_embed``.
+            condition_logit_type: the form of those logits (:meth:`condition_class_logits`):
+                ``"background"`` (X-SAM's: a learned background embedding is condition K + 1) or
+                ``"projected"`` (a linear projection of the query, a linear no-object logit).
             add_seg_embed_to_queries: ``Q(0) <- Q(0) + S`` when ``seg_embed`` is given (off: S is ignored).
             logit_scale_init: initial value of the log-space logit scale (CLIP's ln(1/0.07)).
             cr_zero_init: start CR's attention output projection at zero (C(l) = C(0) at init).
@@ -159,6 +171,11 @@ class BSFTransformerDecoder(nn.Module):
             )
         if dec_layers < 1:
             raise ValueError(f"dec_layers must be >= 1, got {dec_layers}")
+        if condition_logit_type not in CONDITION_LOGIT_TYPES:
+            raise ValueError(
+                f"condition_logit_type (MODEL.FLOWSEG.CONDITION_LOGITS) must be one of "
+                f"{CONDITION_LOGIT_TYPES}, got {condition_logit_type!r}"
+            )
 
         # Imported here: the positional encoding lives in a sibling module owned by the pixel decoder.
         from .position_encoding import PositionEmbeddingSine
@@ -168,6 +185,7 @@ class BSFTransformerDecoder(nn.Module):
         self.condition_refinement = condition_refinement
         self.visual_cross_attn_control = visual_cross_attn_control
         self.condition_logits = condition_logits
+        self.condition_logit_type = condition_logit_type
         self.add_seg_embed_to_queries = add_seg_embed_to_queries
 
         self.pe_layer = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
@@ -224,12 +242,18 @@ class BSFTransformerDecoder(nn.Module):
 
         if mask_classification:
             if condition_logits:
-                self.cond_query_proj = nn.Linear(hidden_dim, hidden_dim)
+                projected = condition_logit_type == "projected"
+                if projected:
+                    self.cond_query_proj = nn.Linear(hidden_dim, hidden_dim)
                 if mask_position_logits:
                     self.mask_position_proj = nn.Linear(MASK_POSITION_FEATURE_DIM, hidden_dim)
                     nn.init.zeros_(self.mask_position_proj.weight)
                     nn.init.zeros_(self.mask_position_proj.bias)
-                self.no_object_embed = nn.Linear(hidden_dim, 1)
+                if projected:
+                    self.no_object_embed = nn.Linear(hidden_dim, 1)
+                else:
+                    # the no-object class is one more condition (X-SAM's bg_embeds)
+                    self.background_embed = nn.Embedding(1, hidden_dim)
                 self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
             else:
                 self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
@@ -285,6 +309,7 @@ class BSFTransformerDecoder(nn.Module):
             "condition_refinement": cr,
             "visual_cross_attn_control": visual,
             "condition_logits": condition_logits,
+            "condition_logit_type": fs.CONDITION_LOGITS,
             "add_seg_embed_to_queries": fs.ADD_SEG_EMBED_TO_QUERIES,
             "logit_scale_init": fs.LOGIT_SCALE_INIT,
             "cr_zero_init": fs.CR_ZERO_INIT,
@@ -318,12 +343,25 @@ class BSFTransformerDecoder(nn.Module):
     def condition_class_logits(
         self, query_embeds: Tensor, conditions: Tensor, condition_mask: Optional[Tensor] = None
     ) -> Tensor:
-        """Logits over K conditions + no-object: ``exp(s) * cos(proj(q), c_k)`` and ``no_object_embed(q)``.
+        """Logits over K conditions + no-object.
 
-        ``query_embeds`` [B,Q,h] (decoder_norm output), ``conditions`` [B,K,h], ``condition_mask``
-        [B,K] (True = valid). Returns [B,Q,K+1], no-object last; padded conditions get
-        ``PADDED_CONDITION_LOGIT``.
+        ``"background"``: ``clamp(exp(s) * cos(q, c_k), -50, 50)`` for c_k in
+        ``[conditions; background_embed]``; ``"projected"``: ``exp(min(s, ln 100)) *
+        cos(proj(q), c_k)`` and ``no_object_embed(q)``. ``query_embeds`` [B,Q,h] (decoder_norm
+        output), ``conditions`` [B,K,h], ``condition_mask`` [B,K] (True = valid). Returns
+        [B,Q,K+1], no-object last; padded conditions get ``PADDED_CONDITION_LOGIT``.
         """
+        if self.condition_logit_type == "background":
+            background = self.background_embed.weight.to(conditions.dtype)
+            c = torch.cat([conditions, background.expand(conditions.shape[0], 1, -1)], dim=1)
+            cos = torch.einsum("bqc,bkc->bqk", F.normalize(query_embeds, dim=-1), F.normalize(c, dim=-1))
+            logits = (self.logit_scale.exp() * cos).clamp(
+                -_MAX_BACKGROUND_HEAD_LOGIT, _MAX_BACKGROUND_HEAD_LOGIT
+            )
+            if condition_mask is not None:
+                valid = torch.cat([condition_mask, condition_mask.new_ones(condition_mask.shape[0], 1)], 1)
+                logits = logits.masked_fill(~valid[:, None, :], PADDED_CONDITION_LOGIT)
+            return logits
         q = F.normalize(self.cond_query_proj(query_embeds), dim=-1)
         c = F.normalize(conditions, dim=-1)
         scale = self.logit_scale.clamp(max=_MAX_LOGIT_SCALE).exp()
@@ -362,7 +400,7 @@ class BSFTransformerDecoder(nn.Module):
 
         attn_mask = None
         if attn_mask_target_size is not None:
-            # The mask is predicted at 1/4; the next cross-attention reads a coarser level.
+            # The mask is predicted at the mask features' scale; the next cross-attention reads another level.
             m = F.interpolate(outputs_mask, size=attn_mask_target_size, mode="bilinear", align_corners=False)
             # [B,Q,h,w] -> [B*heads,Q,h*w]; True = may NOT attend (outside the predicted foreground).
             m = m.sigmoid().flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1) < 0.5
@@ -383,7 +421,7 @@ class BSFTransformerDecoder(nn.Module):
         """
         Args:
             x: 3 maps [B,C_in,H_l,W_l] ordered 1/32, 1/16, 1/8 (the pixel decoder's multi-scale output).
-            mask_features: [B,mask_dim,H/4,W/4].
+            mask_features: [B,mask_dim,H/s,W/s] (s = 4 or 8).
             mask: unused (as in Mask2Former: padding is not masked in the decoder).
             conditions: C(0) [B,K,h]; required when SR / CR / condition logits are on.
             condition_mask: [B,K] bool, True = valid condition (default: all valid).
@@ -392,7 +430,7 @@ class BSFTransformerDecoder(nn.Module):
 
         Returns:
             dict with ``pred_logits`` [B,Q,num_classes+1] or [B,Q,K+1] (None without mask
-            classification), ``pred_masks`` [B,Q,H/4,W/4], ``aux_outputs`` (the first L of the
+            classification), ``pred_masks`` [B,Q,H/s,W/s], ``aux_outputs`` (the first L of the
             L+1 predictions, each a dict of ``pred_logits``/``pred_masks``), ``query_embeds``
             (final decoder_norm output [B,Q,h]); with ``return_intermediates``: ``gates`` (L x
             [B,Q,h]), ``conditions`` (L+1 x [B,K,h], C(0)..C(L)), ``sem_attn`` (L x [B,Q,K], or
