@@ -299,7 +299,7 @@ def test_shared_image_features_equal_per_expression_with_the_scaffold(xsam_tiny)
 
 def test_connector_trains_at_the_base_rate_and_the_neck_is_never_used(xsam_tiny):
     from flowseg.engine import build_optimizer
-    from flowseg.engine.efficiency import needs_find_unused_parameters
+    from flowseg.engine.ddp import needs_find_unused_parameters
 
     cfg, model = xsam_tiny
     cfg = cfg.clone()

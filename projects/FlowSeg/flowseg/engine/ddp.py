@@ -32,7 +32,7 @@ def _evaluator_type(name: str) -> Optional[str]:
 #: Submodules that exist in the model but whose output FlowSeg never uses: trainable, they get
 #: no gradient in any step. SigLIP's attention-pooling head (``pooler_output``; FlowSeg reads
 #: ``last_hidden_state``) is trainable when ``MODEL.VANILLA_ENCODER.FREEZE`` is off.
-NEVER_USED_SUBMODULES = ("condition_head.vision_encoder.tower.head",)
+NEVER_USED_SUBMODULES = ("condition_head.vision_encoder.tower.head", "backbone.sam_neck")
 
 
 def needs_find_unused_parameters(cfg: CfgNode, model: Optional[nn.Module] = None) -> List[str]:
