@@ -29,6 +29,7 @@ __all__ = [
     "build_sam_vit_backbone",
     "conv_stem",
     "freeze_sam_vit",
+    "sam_vit_embed_dim",
 ]
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,22 @@ class SAMViTFeaturePyramid(SimpleFeaturePyramid):
     @property
     def size_divisibility(self) -> int:
         return self._size_divisibility
+
+    #: also return the second-to-last block's output as ``"sam_tokens"`` [B, C, H/16, W/16]
+    #: (X-SAM's ``hidden_states[-2]``, the dual encoder's LLM tokens); set by the builder
+    return_sam_tokens: bool = False
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if not self.return_sam_tokens:
+            return super().forward(x)
+        captured: Dict[str, torch.Tensor] = {}
+        hook = self.net.blocks[-2].register_forward_hook(lambda m, i, o: captured.update(out=o))
+        try:
+            out = super().forward(x)
+        finally:
+            hook.remove()
+        out["sam_tokens"] = captured["out"].permute(0, 3, 1, 2)  # blocks are channels-last
+        return out
 
 
 def conv_stem(in_chans: int, embed_dim: int, patch_size: int) -> nn.Sequential:
@@ -223,6 +240,11 @@ def build_sam_vit(
     return backbone
 
 
+def sam_vit_embed_dim(cfg) -> int:
+    """Width of the SAM-ViT that ``cfg.MODEL.SAM_VIT`` builds (EMBED_DIM, else the preset's)."""
+    return int(cfg.MODEL.SAM_VIT.EMBED_DIM or _resolve_preset(cfg.MODEL.SAM_VIT.PRESET)["embed_dim"])
+
+
 @BACKBONE_REGISTRY.register()
 def build_sam_vit_backbone(cfg, input_shape: ShapeSpec) -> SAMViTFeaturePyramid:
     """Detectron2 entry point: ``MODEL.BACKBONE.NAME = "build_sam_vit_backbone"``.
@@ -231,7 +253,7 @@ def build_sam_vit_backbone(cfg, input_shape: ShapeSpec) -> SAMViTFeaturePyramid:
     and WINDOW_SIZE <= 0 mean "take the preset's value".
     """
     c = cfg.MODEL.SAM_VIT
-    return build_sam_vit(
+    backbone = build_sam_vit(
         preset=c.PRESET,
         img_size=c.IMG_SIZE,
         in_chans=input_shape.channels if input_shape.channels else 3,
@@ -250,3 +272,5 @@ def build_sam_vit_backbone(cfg, input_shape: ShapeSpec) -> SAMViTFeaturePyramid:
         use_conv_stem=c.CONV_STEM,
         checkpoint=c.CHECKPOINT or None,
     )
+    backbone.return_sam_tokens = bool(c.RETURN_SAM_TOKENS)
+    return backbone
