@@ -27,6 +27,7 @@ from ..build import MAPPER_REGISTRY
 __all__ = [
     "ReferringDatasetMapper",
     "group_expressions_by_image",
+    "split_groups_by_objects",
     "rasterize_segmentation",
     "reasonseg_masks",
     "gt_masks_from_dict",
@@ -191,6 +192,39 @@ def _object_key(d: Dict[str, Any]) -> Any:
     return ("id", id(d))
 
 
+def _objects(expressions: Sequence[Dict[str, Any]]) -> List[List[Dict[str, Any]]]:
+    """Expressions grouped by object, objects in order of first appearance."""
+    by_object: Dict[Any, List[Dict[str, Any]]] = {}
+    for d in expressions:
+        by_object.setdefault(_object_key(d), []).append(d)
+    return list(by_object.values())
+
+
+def split_groups_by_objects(groups: Sequence[Dict[str, Any]], max_objects: int) -> List[Dict[str, Any]]:
+    """X-SAM's referring training samples from per-image groups (:func:`group_expressions_by_image`).
+
+    An image's objects (ordered by ``ann_id``) are cut into chunks of at most ``max_objects``;
+    with ``PACK_MODE = "all_objects"`` the mapper packs every object of a chunk, one expression
+    each. X-SAM enumerates ``min(sum_o n_o, prod_o n_o)`` sentence combinations per image
+    (``n_o`` sentences of object ``o``) and cuts each into the same chunks, so each chunk is
+    repeated that many times here: images are drawn as often as in X-SAM, and one pass over the
+    list has X-SAM's number of samples per epoch.
+    """
+    if max_objects < 1:
+        raise ValueError(f"max_objects must be >= 1, got {max_objects}")
+    out: List[Dict[str, Any]] = []
+    for group in groups:
+        objects = _objects(group["expressions"])
+        objects.sort(key=lambda exprs: (exprs[0].get("ann_id") is None, exprs[0].get("ann_id", 0)))
+        counts = [len(exprs) for exprs in objects]
+        repeats = min(sum(counts), int(np.prod(counts, dtype=np.float64)))
+        for i in range(0, len(objects), max_objects):
+            chunk = {k: v for k, v in group.items() if k != "expressions"}
+            chunk["expressions"] = [d for exprs in objects[i : i + max_objects] for d in exprs]
+            out += [chunk] * repeats
+    return out
+
+
 class ReferringDatasetMapper:
     """Map a referring / reasoning dataset dict to the model input.
 
@@ -210,6 +244,12 @@ class ReferringDatasetMapper:
     ``expressions_per_image``} expressions of k different objects in one prompt
     (``expressions``: one ``<p>`` span each), ``instances`` with ``gt_classes = 0..k-1`` (target
     j is condition j) — one decoder pass supervises k expressions, contrasted with each other.
+    With ``pack_mode="all_objects"`` (X-SAM) it packs every object of the group instead, in order,
+    one randomly drawn expression each (groups are cut to at most K objects by
+    :func:`split_groups_by_objects`).
+
+    With ``random_prompts`` (training, ``MODEL.LLM.PROMPT_STYLE = "xsam"``) each output carries a
+    ``prompt_seed`` from which the condition head picks X-SAM's question and answer.
 
     Training follows LISA for ignore regions: they count as background.
     """
@@ -225,6 +265,8 @@ class ReferringDatasetMapper:
         flip_prob: float = 0.5,
         expressions_per_image: int = 1,
         pack_expressions: bool = False,
+        pack_mode: str = "random",
+        random_prompts: bool = False,
     ):
         self.is_train = is_train
         self.image_format = image_format
@@ -241,6 +283,12 @@ class ReferringDatasetMapper:
                 "INPUT.PACK_EXPRESSIONS packs up to INPUT.EXPRESSIONS_PER_IMAGE expressions per prompt: "
                 f"set EXPRESSIONS_PER_IMAGE > 1 (it is {self.expressions_per_image})"
             )
+        if pack_mode not in ("random", "all_objects"):
+            raise ValueError(f"INPUT.PACK_MODE must be 'random' or 'all_objects', got {pack_mode!r}")
+        self.pack_mode = pack_mode
+        # training with X-SAM's prompts: each sample carries a "prompt_seed" drawn here (the
+        # data-loader RNG is seeded) from which the condition head picks its question and answer
+        self.random_prompts = bool(random_prompts) and is_train
         logger.info(
             "ReferringDatasetMapper(train=%s): long side -> %d, random flip: %s, expressions per image: %d",
             is_train,
@@ -258,6 +306,8 @@ class ReferringDatasetMapper:
             "random_flip": cfg.INPUT.REFER_RANDOM_FLIP,
             "expressions_per_image": cfg.INPUT.EXPRESSIONS_PER_IMAGE if is_train else 1,
             "pack_expressions": cfg.INPUT.PACK_EXPRESSIONS,
+            "pack_mode": cfg.INPUT.PACK_MODE,
+            "random_prompts": cfg.MODEL.LLM.PROMPT_STYLE == "xsam",
         }
 
     def _augmentations(self, height: int, width: int) -> List[Union[T.Augmentation, T.Transform]]:
@@ -274,16 +324,12 @@ class ReferringDatasetMapper:
             candidates = dataset_dict["expressions"]
             if not candidates:
                 raise ValueError(f"{dataset_dict.get('file_name')}: image without expressions")
-            order = np.random.permutation(len(candidates))
-            if self.pack_expressions:
-                chosen, objects = [], set()
-                for i in order:  # one expression per object: the k targets must differ
-                    if _object_key(candidates[i]) not in objects:
-                        objects.add(_object_key(candidates[i]))
-                        chosen.append(candidates[i])
-                chosen = chosen[: np.random.randint(1, self.expressions_per_image + 1)]
+            if self.pack_expressions and self.pack_mode == "all_objects":
+                # every object of the group (a chunk of split_groups_by_objects), in order, with
+                # one of its expressions
+                chosen = [exprs[np.random.randint(len(exprs))] for exprs in _objects(candidates)]
             else:
-                chosen = [candidates[i] for i in order[: self.expressions_per_image]]
+                chosen = self._draw(candidates)
         else:
             chosen = [dataset_dict]
         original = utils.read_image(chosen[0]["file_name"], format=self.image_format)
@@ -293,9 +339,23 @@ class ReferringDatasetMapper:
         image_tensor = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
         flipped = any(isinstance(t, T.HFlipTransform) for t in transforms)
         outs = [self._map_expression(d, original, image_tensor, transforms, flipped) for d in chosen]
+        if self.random_prompts:
+            for out in outs:
+                out["prompt_seed"] = int(np.random.randint(2**31 - 1))
         if grouped and self.pack_expressions:
             return _pack(outs)
         return outs if grouped else outs[0]
+
+    def _draw(self, candidates: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        order = np.random.permutation(len(candidates))
+        if not self.pack_expressions:
+            return [candidates[i] for i in order[: self.expressions_per_image]]
+        chosen, objects = [], set()
+        for i in order:  # one expression per object: the k targets must differ
+            if _object_key(candidates[i]) not in objects:
+                objects.add(_object_key(candidates[i]))
+                chosen.append(candidates[i])
+        return chosen[: np.random.randint(1, self.expressions_per_image + 1)]
 
     def _map_expression(
         self,
