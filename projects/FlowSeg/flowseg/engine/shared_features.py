@@ -243,7 +243,7 @@ def conditions_with_shared_prefix(
     if n_text <= 0:
         return None
     prefix_ids = torch.tensor(ids[0][:n_text], dtype=torch.long, device=device)
-    prefix = embed(prefix_ids)
+    prefix = embed(prefix_ids.clamp(min=0))  # a negative <image> sentinel id (X-SAM) is replaced below
     if image_embeds is not None:
         prefix = torch.cat([prefix[:q], image_embeds[0].to(prefix.dtype), prefix[q + 1 :]])
     p_len = prefix.shape[0]

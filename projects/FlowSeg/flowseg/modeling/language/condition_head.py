@@ -25,7 +25,17 @@ from ..registry import CONDITION_HEAD_REGISTRY
 from .llm import LoraSettings, load_causal_lm, load_tokenizer, parse_dtype, setup_trainable
 from .projector import MLPProjector, pixel_unshuffle_tokens, pool_spans
 from .prompts import IGNORE_INDEX, PROMPT_STYLES, EncodedPrompt, encode_sample, shift_position
-from .tokens import P_END, P_START, SEG, SpecialTokenIds, add_special_tokens, resize_token_embeddings
+from .tokens import (
+    IMAGE_TOKEN_INDEX,
+    P_END,
+    P_START,
+    SEG,
+    SPECIAL_TOKENS,
+    XSAM_SPECIAL_TOKENS,
+    SpecialTokenIds,
+    add_special_tokens,
+    resize_token_embeddings,
+)
 from .vanilla_encoder import VanillaEncoder, build_vision_tower
 
 __all__ = ["LLMConditionHead"]
@@ -89,9 +99,11 @@ class LLMConditionHead(nn.Module):
             raise ValueError(f"unknown MODEL.LLM.PROMPT_STYLE {prompt_style!r}; use one of {PROMPT_STYLES}")
         self.prompt_style = prompt_style
         self.tokenizer = tokenizer
-        new_tokens = add_special_tokens(tokenizer)
-        resize_token_embeddings(llm, tokenizer, new_tokens)
-        self.token_ids = SpecialTokenIds.from_tokenizer(tokenizer)
+        # X-SAM's vocabulary: <SEG>, <p>, </p> only, <image> a sentinel id, matrix cut to the tokenizer
+        xsam = prompt_style == "xsam"
+        new_tokens = add_special_tokens(tokenizer, XSAM_SPECIAL_TOKENS if xsam else SPECIAL_TOKENS)
+        resize_token_embeddings(llm, tokenizer, new_tokens, exact=xsam)
+        self.token_ids = SpecialTokenIds.from_tokenizer(tokenizer, IMAGE_TOKEN_INDEX if xsam else None)
         text_config = llm.config.get_text_config() if hasattr(llm.config, "get_text_config") else llm.config
         self.llm_dim = int(text_config.hidden_size)
         self._logit_softcap = getattr(text_config, "final_logit_softcapping", None)
@@ -316,7 +328,8 @@ class LLMConditionHead(nn.Module):
         embed = self.llm.get_input_embeddings()
         lengths = [len(e.input_ids) for e in encoded]
         flat_ids = torch.tensor([t for e in encoded for t in e.input_ids], dtype=torch.long, device=device)
-        text_embeds = embed(flat_ids).split(lengths)
+        # a negative placeholder id (X-SAM's <image>) has no row: embed any row, it is replaced
+        text_embeds = embed(flat_ids.clamp(min=0)).split(lengths)
 
         image_tokens = self.image_embeddings(batched_inputs, image_tokens, sam_tokens)
         if image_tokens is not None:

@@ -291,6 +291,19 @@ def shift_position(pos: int, image_pos: int | None, num_image_tokens: int) -> in
     return pos + num_image_tokens - 1
 
 
+def _tokenize(tokenizer, text: str, image_id: int) -> list[int]:
+    if image_id >= 0 or IMAGE not in text:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    # <image> is no vocabulary token (X-SAM): tokenise around it and put the sentinel id in its place
+    ids: list[int] = []
+    for i, chunk in enumerate(text.split(IMAGE)):
+        if i:
+            ids.append(image_id)
+        if chunk:
+            ids += tokenizer(chunk, add_special_tokens=False)["input_ids"]
+    return ids
+
+
 @dataclass
 class EncodedPrompt:
     """One tokenised sample. Positions index ``input_ids`` (text tokens, before image insertion)."""
@@ -328,7 +341,7 @@ def encode_sample(
     ids: list[int] = []
     labels: list[int] = []
     for piece, is_answer in pieces:
-        piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
+        piece_ids = _tokenize(tokenizer, piece, token_ids.image)
         ids += piece_ids
         labels += piece_ids if is_answer else [IGNORE_INDEX] * len(piece_ids)
     if max_length > 0 and len(ids) > max_length:
