@@ -235,9 +235,12 @@ def dialogue_pieces(
         return render_segments(tokenizer, build_turns(sample), with_image)
     if style != "xsam":
         raise ValueError(f"unknown MODEL.LLM.PROMPT_STYLE {style!r}; use one of {PROMPT_STYLES}")
-    xsam_task = sample.get("task", "referring") in ("referring", "reasoning")
-    turns = xsam_turns(sample) if xsam_task and not sample.get("prompt") else build_turns(sample)
-    return chatml_pieces(turns, with_image)
+    # a complete instruction (a "prompt", or an expression that marks its own <p> spans) is used
+    # as is, like in the "flowseg" style; only the dialogue format differs
+    own = sample.get("prompt") or count_phrase_spans(str(sample.get("expression") or ""))
+    if sample.get("task", "referring") in ("referring", "reasoning") and not own:
+        return chatml_pieces(xsam_turns(sample), with_image)
+    return chatml_pieces(build_turns(sample), with_image)
 
 
 # ----------------------------------------------------------------------------- token positions

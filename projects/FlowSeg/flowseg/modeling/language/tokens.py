@@ -72,6 +72,8 @@ def add_special_tokens(tokenizer, tokens: tuple[str, ...] = SPECIAL_TOKENS) -> l
 
 
 def _init_rows_to_mean(weight: torch.Tensor, rows: list[int], num_old_rows: int) -> None:
+    if weight.is_meta:  # shapes only (parameter counts): no values to set
+        return
     num_old_rows = min(num_old_rows, weight.shape[0])  # a matrix cut to the tokenizer (exact=True)
     # Mean of the pre-existing rows: a neutral starting point that keeps the new tokens' logits and
     # embeddings in the distribution the LLM was trained on (random rows can dominate the softmax).
