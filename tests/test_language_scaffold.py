@@ -343,3 +343,26 @@ def test_shared_image_features_equal_the_plain_forward_with_sam_tokens(llm):
         assert a["ref_seg"]["query"] == b["ref_seg"]["query"]
         assert abs(a["ref_seg"]["score"] - b["ref_seg"]["score"]) < 1e-5
         assert (a["ref_seg"]["mask"] != b["ref_seg"]["mask"]).float().mean() < 1e-3
+
+
+def test_vanilla_encoder_feature_layer():
+    """FEATURE_LAYER -2: the tower's penultimate layer output, without the final LayerNorm;
+    0: last_hidden_state (with it)."""
+    from flowseg.modeling.language.vanilla_encoder import VanillaEncoder
+    from flowseg.utils.tiny_models import tiny_siglip_vision_config
+    from transformers import SiglipVisionModel
+
+    torch.manual_seed(0)
+    tower = SiglipVisionModel(tiny_siglip_vision_config()).eval()
+    size = tower.config.image_size
+    image = torch.randint(0, 255, (3, 40, 56), dtype=torch.uint8)
+    penultimate = VanillaEncoder(tower, image_size=size, feature_layer=-2)
+    last = VanillaEncoder(tower, image_size=size)
+    with torch.no_grad():
+        ref = tower(pixel_values=penultimate.preprocess([image]), output_hidden_states=True)
+        got, got_last = penultimate([image]), last([image])
+    torch.testing.assert_close(got, ref.hidden_states[-2])
+    torch.testing.assert_close(got_last, ref.last_hidden_state)
+    assert not torch.allclose(got, got_last)
+    with pytest.raises(ValueError, match="FEATURE_LAYER"):
+        VanillaEncoder(tower, image_size=size, feature_layer=1)
