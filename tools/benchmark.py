@@ -70,6 +70,8 @@ TINY_CONFIG = os.path.join(ROOT, "configs", "tiny", "flowseg_refer_tiny.yaml")
 VARIANTS = ("baseline", "flowseg")
 
 #: Qwen3-4B (hf.co/Qwen/Qwen3-4B config.json); tied input/output embeddings.
+#: tokens of Qwen3's tokenizer (its embedding matrix is padded to 151,936 rows)
+QWEN3_TOKENIZER_SIZE = 151_669
 QWEN3_4B = dict(
     vocab_size=151936,
     hidden_size=2560,
@@ -113,6 +115,10 @@ def write_model_files(workdir: str, tiny: bool, vision: str) -> Dict[str, str]:
     from transformers import Qwen3Config, Siglip2VisionConfig, SiglipVisionConfig
 
     tok = make_tokenizer(CHATML_TEMPLATE)  # Qwen's chat format (ChatML)
+    if not tiny:
+        # Qwen3's vocabulary size: X-SAM's vocabulary resizes the embeddings to len(tokenizer)
+        # (151,672 rows with <SEG>, <p>, </p>); the padding tokens never occur in a prompt
+        tok.add_tokens([f"<|vocab_pad_{i}|>" for i in range(len(tok), QWEN3_TOKENIZER_SIZE)])
     paths = {"tokenizer": os.path.join(workdir, "tokenizer")}
     tok.save_pretrained(paths["tokenizer"])
     if tiny:
