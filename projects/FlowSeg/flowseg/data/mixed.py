@@ -39,7 +39,7 @@ from detectron2.utils.env import seed_all_rng
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from .build import MAPPER_REGISTRY
-from .dataset_mappers.referring import group_expressions_by_image, split_groups_by_objects
+from .dataset_mappers.grouping import group_expressions_by_image, split_groups_by_objects
 
 __all__ = [
     "EVALUATOR_TYPE_TO_TRAIN_MAPPER",

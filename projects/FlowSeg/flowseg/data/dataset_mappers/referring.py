@@ -23,6 +23,7 @@ from detectron2.structures import BitMasks, Instances
 from PIL import Image
 
 from ..build import MAPPER_REGISTRY
+from .grouping import group_expressions_by_image, object_key, objects_of, split_groups_by_objects
 
 __all__ = [
     "ReferringDatasetMapper",
@@ -166,65 +167,6 @@ def _sample_id(d: Dict[str, Any]) -> str:
     return f"{d.get('file_name')} ({', '.join(ids)})"
 
 
-def group_expressions_by_image(dataset_dicts: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Per-expression dicts -> one dict per image, its expressions under ``"expressions"``.
-
-    The training form for ``INPUT.EXPRESSIONS_PER_IMAGE > 1`` (LISA samples several expressions of
-    an image per sample as well): the mapper then picks that many of them and shares one image
-    read, one augmentation and, in the model, one image encoding between them. Images keep the
-    order of their first expression; an image is identified by ``image_id`` else ``file_name``.
-    """
-    groups: Dict[Any, Dict[str, Any]] = {}
-    for d in dataset_dicts:
-        key = d.get("image_id", d.get("file_name"))
-        if key not in groups:
-            groups[key] = {k: d[k] for k in ("file_name", "height", "width", "image_id") if k in d}
-            groups[key]["expressions"] = []
-        groups[key]["expressions"].append(d)
-    return list(groups.values())
-
-
-def _object_key(d: Dict[str, Any]) -> Any:
-    # expressions of one object (RefCOCO: one ref = one annotation, several sentences)
-    for k in ("ann_id", "ref_id"):
-        if k in d:
-            return (k, d[k])
-    return ("id", id(d))
-
-
-def _objects(expressions: Sequence[Dict[str, Any]]) -> List[List[Dict[str, Any]]]:
-    """Expressions grouped by object, objects in order of first appearance."""
-    by_object: Dict[Any, List[Dict[str, Any]]] = {}
-    for d in expressions:
-        by_object.setdefault(_object_key(d), []).append(d)
-    return list(by_object.values())
-
-
-def split_groups_by_objects(groups: Sequence[Dict[str, Any]], max_objects: int) -> List[Dict[str, Any]]:
-    """X-SAM's referring training samples from per-image groups (:func:`group_expressions_by_image`).
-
-    An image's objects (ordered by ``ann_id``) are cut into chunks of at most ``max_objects``;
-    with ``PACK_MODE = "all_objects"`` the mapper packs every object of a chunk, one expression
-    each. X-SAM enumerates ``min(sum_o n_o, prod_o n_o)`` sentence combinations per image
-    (``n_o`` sentences of object ``o``) and cuts each into the same chunks, so each chunk is
-    repeated that many times here: images are drawn as often as in X-SAM, and one pass over the
-    list has X-SAM's number of samples per epoch.
-    """
-    if max_objects < 1:
-        raise ValueError(f"max_objects must be >= 1, got {max_objects}")
-    out: List[Dict[str, Any]] = []
-    for group in groups:
-        objects = _objects(group["expressions"])
-        objects.sort(key=lambda exprs: (exprs[0].get("ann_id") is None, exprs[0].get("ann_id", 0)))
-        counts = [len(exprs) for exprs in objects]
-        repeats = min(sum(counts), int(np.prod(counts, dtype=np.float64)))
-        for i in range(0, len(objects), max_objects):
-            chunk = {k: v for k, v in group.items() if k != "expressions"}
-            chunk["expressions"] = [d for exprs in objects[i : i + max_objects] for d in exprs]
-            out += [chunk] * repeats
-    return out
-
-
 class ReferringDatasetMapper:
     """Map a referring / reasoning dataset dict to the model input.
 
@@ -327,7 +269,7 @@ class ReferringDatasetMapper:
             if self.pack_expressions and self.pack_mode == "all_objects":
                 # every object of the group (a chunk of split_groups_by_objects), in order, with
                 # one of its expressions
-                chosen = [exprs[np.random.randint(len(exprs))] for exprs in _objects(candidates)]
+                chosen = [exprs[np.random.randint(len(exprs))] for exprs in objects_of(candidates)]
             else:
                 chosen = self._draw(candidates)
         else:
@@ -352,8 +294,8 @@ class ReferringDatasetMapper:
             return [candidates[i] for i in order[: self.expressions_per_image]]
         chosen, objects = [], set()
         for i in order:  # one expression per object: the k targets must differ
-            if _object_key(candidates[i]) not in objects:
-                objects.add(_object_key(candidates[i]))
+            if object_key(candidates[i]) not in objects:
+                objects.add(object_key(candidates[i]))
                 chosen.append(candidates[i])
         return chosen[: np.random.randint(1, self.expressions_per_image + 1)]
 
