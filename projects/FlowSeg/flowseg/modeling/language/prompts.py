@@ -11,6 +11,10 @@ A sample (one dict of the batch) is turned into one token sequence::
   ``<SEG>`` for the segmentation tasks. The LM loss covers the answer tokens only.
 * Phrase spans and the ``<SEG>`` position are found on the token ids after tokenisation
   (:func:`find_spans`, :func:`find_seg_position`), never on characters.
+
+This is the ``"flowseg"`` prompt style; ``MODEL.LLM.PROMPT_STYLE = "xsam"`` replaces the
+referring / reasoning questions and answers by X-SAM's and the dialogue format by ChatML without
+system message (:mod:`.templates`).
 """
 
 from __future__ import annotations
