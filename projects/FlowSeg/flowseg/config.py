@@ -209,6 +209,7 @@ def add_flowseg_config(cfg: CN) -> CN:
     cfg.MODEL.VANILLA_ENCODER.PIXEL_STD = [127.5, 127.5, 127.5]
     cfg.MODEL.VANILLA_ENCODER.FREEZE = True
     add_connector_config(cfg)
+    add_language_scaffold_config(cfg)
     return cfg
 
 
@@ -240,4 +241,30 @@ def add_connector_config(cfg: CN) -> CN:
     # Output stride BAR runs at: mask logits and pixel features are upsampled (bilinear) from the
     # mask features' stride (COMMON_STRIDE) to it; 0 = the mask features' own stride.
     cfg.MODEL.FLOWSEG.BAR.STRIDE = 0
+    return cfg
+
+
+def add_language_scaffold_config(cfg: CN) -> CN:
+    """Keys of the language side of X-SAM's scaffold (prompts, image tokens, data protocol).
+
+    The defaults keep FlowSeg's original behaviour; the paper configs opt in to X-SAM's.
+    """
+    # "flowseg": one fixed template per task through the tokenizer's chat template;
+    # "xsam": X-SAM's question/answer templates (chosen deterministically, see
+    # flowseg.modeling.language.templates), packed expressions as one turn each, and a ChatML
+    # dialogue without system message rendered independently of the tokenizer's template.
+    cfg.MODEL.LLM.PROMPT_STYLE = "flowseg"
+    # 0: the vision tower's last_hidden_state (after its final LayerNorm); k < 0: hidden_states[k]
+    # (no final norm). X-SAM feeds SigLIP2's penultimate layer (-2) to phi_vis.
+    cfg.MODEL.VANILLA_ENCODER.FEATURE_LAYER = 0
+    # Dual-encoder image tokens (X-SAM): the SAM-ViT's "sam_tokens" output (the second-to-last
+    # block's output) is pixel-unshuffled by 1 / DOWNSAMPLE (0.5: 2x2 -> 4x the channels) and
+    # projected to the LLM width; these tokens follow the vanilla encoder's at <image>.
+    cfg.MODEL.LLM.SAM_TOKENS = CN()
+    cfg.MODEL.LLM.SAM_TOKENS.ENABLED = False
+    cfg.MODEL.LLM.SAM_TOKENS.DOWNSAMPLE = 0.5
+    # Referring data protocol. "packed" with PACK_EXPRESSIONS: "random" draws k ~ U{1..K} objects
+    # of an image with a random expression each; "all_objects" (X-SAM) takes every object of the
+    # image, K per sample (chunks), one random expression each.
+    cfg.INPUT.PACK_MODE = "random"
     return cfg

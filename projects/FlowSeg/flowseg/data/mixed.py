@@ -39,7 +39,7 @@ from detectron2.utils.env import seed_all_rng
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from .build import MAPPER_REGISTRY
-from .dataset_mappers.referring import group_expressions_by_image
+from .dataset_mappers.grouping import group_expressions_by_image, split_groups_by_objects
 
 __all__ = [
     "EVALUATOR_TYPE_TO_TRAIN_MAPPER",
@@ -299,6 +299,9 @@ def _load_dataset_dicts(cfg: CfgNode, name: str) -> List[Dict[str, Any]]:
     evaluator_type = MetadataCatalog.get(name).get("evaluator_type", None)
     if cfg.INPUT.EXPRESSIONS_PER_IMAGE > 1 and evaluator_type in ("refer", "gres", "reason_seg"):
         dicts = group_expressions_by_image(dicts)  # one item per image; the mapper draws expressions
+        if cfg.INPUT.PACK_EXPRESSIONS and cfg.INPUT.PACK_MODE == "all_objects":
+            # X-SAM: chunks of at most K objects, repeated as often as X-SAM enumerates them
+            dicts = split_groups_by_objects(dicts, cfg.INPUT.EXPRESSIONS_PER_IMAGE)
     if not dicts:
         raise ValueError(f"mixed-task loader: dataset {name!r} of DATASETS.TRAIN is empty")
     return dicts

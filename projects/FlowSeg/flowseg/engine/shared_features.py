@@ -194,7 +194,10 @@ def _cache_layers(cache: Any) -> Optional[List[tuple]]:
 
 
 def conditions_with_shared_prefix(
-    head: nn.Module, inputs: Sequence[Dict[str, Any]], vision_tokens: Optional[torch.Tensor]
+    head: nn.Module,
+    inputs: Sequence[Dict[str, Any]],
+    vision_tokens: Optional[torch.Tensor],
+    sam_tokens: Optional[torch.Tensor] = None,
 ) -> Optional[Dict[str, Any]]:
     """``head(inputs)`` for K inputs of one image, running the LLM over their common prefix once.
 
@@ -220,9 +223,12 @@ def conditions_with_shared_prefix(
     embed = head.llm.get_input_embeddings()
     n_img, image_embeds = 0, None
     if q is not None:
-        if vision_tokens is None:
-            vision_tokens = head.vision_encoder([inputs[0]["image"]])
-        image_embeds = head.vis_projector(vision_tokens[:1])  # [1, N, D_llm]
+        if vision_tokens is not None:
+            vision_tokens = vision_tokens[:1]
+        # [1, N, D_llm]: φ_vis tokens (+ the dual encoder's SAM tokens)
+        image_embeds = head.image_embeddings(
+            inputs[:1], vision_tokens, None if sam_tokens is None else sam_tokens[:1]
+        )
         n_img = image_embeds.shape[1]
     # Common prefix in the post-insertion sequence: text before <image>, the image, then any
     # further common text tokens (e.g. "\nPlease segment").
@@ -237,7 +243,7 @@ def conditions_with_shared_prefix(
     if n_text <= 0:
         return None
     prefix_ids = torch.tensor(ids[0][:n_text], dtype=torch.long, device=device)
-    prefix = embed(prefix_ids)
+    prefix = embed(prefix_ids.clamp(min=0))  # a negative <image> sentinel id (X-SAM) is replaced below
     if image_embeds is not None:
         prefix = torch.cat([prefix[:q], image_embeds[0].to(prefix.dtype), prefix[q + 1 :]])
     p_len = prefix.shape[0]
@@ -285,6 +291,7 @@ class SharedImageFeatures:
     mask_features: torch.Tensor  # [1, C, H/4, W/4] (F_pix)
     multi_scale_features: List[torch.Tensor]  # 3 x [1, C, h, w], 1/32, 1/16, 1/8
     vision_tokens: Optional[torch.Tensor]  # [1, N, D_vis] raw vanilla-encoder tokens (before φ_vis)
+    sam_tokens: Optional[torch.Tensor] = None  # [1, C, h, w] the backbone's dual-encoder tokens
 
 
 def _expand(t: torch.Tensor, k: int) -> torch.Tensor:
@@ -352,7 +359,9 @@ class SharedImageFeatureInference(nn.Module):
         ):
             tokens = head.vision_encoder([x["image"]])
         self.images_encoded += 1
-        return SharedImageFeatures(images, mask_features, list(multi_scale), tokens)
+        return SharedImageFeatures(
+            images, mask_features, list(multi_scale), tokens, features.get("sam_tokens")
+        )
 
     def decode(self, feats: SharedImageFeatures, inputs: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
         """Condition head + decoder + selection/BAR for the K expressions of one encoded image."""
@@ -382,15 +391,18 @@ class SharedImageFeatureInference(nn.Module):
         # generic samples get their category names from FlowSeg.encode_conditions: not shared here
         plain = all(x.get("task", "referring") in ("referring", "reasoning") for x in inputs)
         if self.share_llm_prefix and plain and m.condition_head is not None and len(inputs) > 1:
-            cond = conditions_with_shared_prefix(m.condition_head, inputs, feats.vision_tokens)
+            cond = conditions_with_shared_prefix(
+                m.condition_head, inputs, feats.vision_tokens, feats.sam_tokens
+            )
             if cond is not None and not bool(cond["condition_mask"].any(dim=1).all()):
                 # same check as FlowSeg.encode_conditions
                 raise ValueError(
                     "a referring/reasoning sample produced no condition embedding (empty <p> span?)"
                 )
         if cond is None:
+            sam = None if feats.sam_tokens is None else _expand(feats.sam_tokens, len(inputs))
             with _vision_tokens_shared(m.condition_head, feats.vision_tokens):
-                cond = m.encode_conditions(list(inputs))
+                cond = m.encode_conditions(list(inputs), sam_tokens=sam)
         return cond
 
     # ------------------------------------------------------------------ forward

@@ -23,10 +23,12 @@ from detectron2.structures import BitMasks, Instances
 from PIL import Image
 
 from ..build import MAPPER_REGISTRY
+from .grouping import group_expressions_by_image, object_keys, objects_of, split_groups_by_objects
 
 __all__ = [
     "ReferringDatasetMapper",
     "group_expressions_by_image",
+    "split_groups_by_objects",
     "rasterize_segmentation",
     "reasonseg_masks",
     "gt_masks_from_dict",
@@ -171,35 +173,6 @@ def _sample_id(d: Dict[str, Any]) -> str:
     return f"{d.get('file_name')} ({', '.join(ids)})"
 
 
-def group_expressions_by_image(dataset_dicts: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Per-expression dicts -> one dict per image, its expressions under ``"expressions"``.
-
-    The training form for ``INPUT.EXPRESSIONS_PER_IMAGE > 1`` (LISA samples several expressions of
-    an image per sample as well): the mapper then picks that many of them and shares one image
-    read, one augmentation and, in the model, one image encoding between them. Images keep the
-    order of their first expression; an image is identified by ``image_id`` else ``file_name``.
-    """
-    groups: Dict[Any, Dict[str, Any]] = {}
-    for d in dataset_dicts:
-        key = d.get("image_id", d.get("file_name"))
-        if key not in groups:
-            groups[key] = {k: d[k] for k in ("file_name", "height", "width", "image_id") if k in d}
-            groups[key]["expressions"] = []
-        groups[key]["expressions"].append(d)
-    return list(groups.values())
-
-
-def _object_keys(d: Dict[str, Any]) -> set:
-    # the objects an expression denotes (RefCOCO: one ref = one annotation, several sentences;
-    # gRefCOCO: any number of annotations, none for a no-target expression)
-    if "ann_ids" in d:
-        return {("ann_id", a) for a in d["ann_ids"]}
-    for k in ("ann_id", "ref_id"):
-        if k in d:
-            return {(k, d[k])}
-    return {("id", id(d))}
-
-
 class ReferringDatasetMapper:
     """Map a referring / reasoning dataset dict to the model input.
 
@@ -225,6 +198,13 @@ class ReferringDatasetMapper:
     object, all labelled with the expression's condition, and none for a no-target expression;
     in evaluation ``gt_mask`` is the union of the targets (empty for no target).
 
+    With ``pack_mode="all_objects"`` (X-SAM) it packs every object of the group instead, in order,
+    one randomly drawn expression each (groups are cut to at most K objects by
+    :func:`split_groups_by_objects`).
+
+    With ``random_prompts`` (training, ``MODEL.LLM.PROMPT_STYLE = "xsam"``) each output carries a
+    ``prompt_seed`` from which the condition head picks X-SAM's question and answer.
+
     Training follows LISA for ignore regions: they count as background.
     """
 
@@ -239,6 +219,8 @@ class ReferringDatasetMapper:
         flip_prob: float = 0.5,
         expressions_per_image: int = 1,
         pack_expressions: bool = False,
+        pack_mode: str = "random",
+        random_prompts: bool = False,
     ):
         self.is_train = is_train
         self.image_format = image_format
@@ -255,6 +237,12 @@ class ReferringDatasetMapper:
                 "INPUT.PACK_EXPRESSIONS packs up to INPUT.EXPRESSIONS_PER_IMAGE expressions per prompt: "
                 f"set EXPRESSIONS_PER_IMAGE > 1 (it is {self.expressions_per_image})"
             )
+        if pack_mode not in ("random", "all_objects"):
+            raise ValueError(f"INPUT.PACK_MODE must be 'random' or 'all_objects', got {pack_mode!r}")
+        self.pack_mode = pack_mode
+        # training with X-SAM's prompts: each sample carries a "prompt_seed" drawn here (the
+        # data-loader RNG is seeded) from which the condition head picks its question and answer
+        self.random_prompts = bool(random_prompts) and is_train
         logger.info(
             "ReferringDatasetMapper(train=%s): long side -> %d, random flip: %s, expressions per image: %d",
             is_train,
@@ -272,6 +260,8 @@ class ReferringDatasetMapper:
             "random_flip": cfg.INPUT.REFER_RANDOM_FLIP,
             "expressions_per_image": cfg.INPUT.EXPRESSIONS_PER_IMAGE if is_train else 1,
             "pack_expressions": cfg.INPUT.PACK_EXPRESSIONS,
+            "pack_mode": cfg.INPUT.PACK_MODE,
+            "random_prompts": cfg.MODEL.LLM.PROMPT_STYLE == "xsam",
         }
 
     def _augmentations(self, height: int, width: int) -> List[Union[T.Augmentation, T.Transform]]:
@@ -288,17 +278,12 @@ class ReferringDatasetMapper:
             candidates = dataset_dict["expressions"]
             if not candidates:
                 raise ValueError(f"{dataset_dict.get('file_name')}: image without expressions")
-            order = np.random.permutation(len(candidates))
-            if self.pack_expressions:
-                chosen, objects = [], set()
-                for i in order:  # no object referred twice: the k target sets must be disjoint
-                    keys = _object_keys(candidates[i])
-                    if not keys & objects:
-                        objects |= keys
-                        chosen.append(candidates[i])
-                chosen = chosen[: np.random.randint(1, self.expressions_per_image + 1)]
+            if self.pack_expressions and self.pack_mode == "all_objects":
+                # every object of the group (a chunk of split_groups_by_objects), in order, with
+                # one of its expressions
+                chosen = [exprs[np.random.randint(len(exprs))] for exprs in objects_of(candidates)]
             else:
-                chosen = [candidates[i] for i in order[: self.expressions_per_image]]
+                chosen = self._draw(candidates)
         else:
             chosen = [dataset_dict]
         original = utils.read_image(chosen[0]["file_name"], format=self.image_format)
@@ -308,9 +293,24 @@ class ReferringDatasetMapper:
         image_tensor = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
         flipped = any(isinstance(t, T.HFlipTransform) for t in transforms)
         outs = [self._map_expression(d, original, image_tensor, transforms, flipped) for d in chosen]
+        if self.random_prompts:
+            for out in outs:
+                out["prompt_seed"] = int(np.random.randint(2**31 - 1))
         if grouped and self.pack_expressions:
             return _pack(outs)
         return outs if grouped else outs[0]
+
+    def _draw(self, candidates: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        order = np.random.permutation(len(candidates))
+        if not self.pack_expressions:
+            return [candidates[i] for i in order[: self.expressions_per_image]]
+        chosen, objects = [], set()
+        for i in order:  # no object referred twice: the k target sets must be disjoint
+            keys = object_keys(candidates[i])
+            if not keys & objects:
+                objects |= keys
+                chosen.append(candidates[i])
+        return chosen[: np.random.randint(1, self.expressions_per_image + 1)]
 
     def _map_expression(
         self,

@@ -8,8 +8,12 @@ On disk (``$DETECTRON2_DATASETS``, default ``./datasets``)::
       refcocog/instances.json  refcocog/refs(umd).p
       images/mscoco/images/train2014/COCO_train2014_XXXXXXXXXXXX.jpg
 
-Evaluation follows LISA / X-SAM: every sentence of every ref is its own sample, so the
-loader returns one dataset dict per expression.
+The loader returns one dataset dict per expression. Two sentence protocols:
+
+* ``refcoco_unc_val`` ...: every sentence of every ref, as written in the refs file (LISA);
+* ``refcoco_unc_val_dedup`` ...: X-SAM's — each ref's sentences lower-cased and de-duplicated
+  (sorted), so a ref whose annotators wrote the same sentence twice counts it once. X-SAM
+  evaluates (one sentence per sample) and trains on these.
 """
 
 from __future__ import annotations
@@ -96,12 +100,21 @@ def _sentence_text(sent: Any) -> Optional[str]:
     return None
 
 
+def _dedup_sentences(texts: List[tuple]) -> List[tuple]:
+    # X-SAM: sorted(set(sent.lower())) per object; the first sent_id of each text is kept.
+    first: Dict[str, Any] = {}
+    for text, sent_id in texts:
+        first.setdefault(text.lower(), sent_id)
+    return [(text, first[text]) for text in sorted(first)]
+
+
 def load_refer_dataset(
     refer_root: str,
     dataset: str,
     split_by: str,
     split: str,
     image_root: Optional[str] = None,
+    dedup_sentences: bool = False,
 ) -> List[Dict[str, Any]]:
     """Load one split of a refer-format dataset as one dict per referring expression.
 
@@ -111,6 +124,8 @@ def load_refer_dataset(
         split_by: partition scheme (``"unc"``, ``"umd"``, ``"google"``).
         split: ``ref["split"]`` value to keep (``"train"``, ``"val"``, ``"testA"`` ...).
         image_root: image folder; defaults to ``refer_root/images/mscoco/images/train2014``.
+        dedup_sentences: X-SAM's protocol: each ref's sentences lower-cased, de-duplicated and
+            sorted (a kept sentence has the ``sent_id`` of its first occurrence).
 
     Returns:
         dicts with ``file_name, height, width, image_id, ref_id, ann_id, sent_id, expression,
@@ -180,6 +195,7 @@ def load_refer_dataset(
             "category_id": ann.get("category_id", ref.get("category_id")),
             "split": split,
         }
+        texts = []
         for i, sent in enumerate(sentences):
             text = _sentence_text(sent)
             sent_id = sent.get("sent_id") if isinstance(sent, dict) else None
@@ -188,16 +204,21 @@ def load_refer_dataset(
                     f"refer dataset: sentence {i} (sent_id={sent_id}) of ref_id={ref_id} "
                     f"in {refs_path} has no text"
                 )
+            texts.append((text, sent_id))
+        if dedup_sentences:
+            texts = _dedup_sentences(texts)
+        for text, sent_id in texts:
             dataset_dicts.append({**base, "sent_id": sent_id, "expression": text})
 
     logger.info(
-        "Loaded %d expressions (%d refs) of %s/%s(%s) from %s",
+        "Loaded %d expressions (%d refs) of %s/%s(%s) from %s%s",
         len(dataset_dicts),
         len(split_refs),
         dataset,
         split,
         split_by,
         refs_path,
+        " (sentences lower-cased and de-duplicated per ref)" if dedup_sentences else "",
     )
     return dataset_dicts
 
@@ -209,11 +230,13 @@ def register_refer_dataset(
     split_by: str,
     split: str,
     image_root: Optional[str] = None,
+    dedup_sentences: bool = False,
 ) -> None:
     """Register a refer-format split under ``name``; files are read at ``DatasetCatalog.get`` time."""
     image_root = image_root or refer_image_root(refer_root)
     DatasetCatalog.register(
-        name, lambda: load_refer_dataset(refer_root, dataset, split_by, split, image_root)
+        name,
+        lambda: load_refer_dataset(refer_root, dataset, split_by, split, image_root, dedup_sentences),
     )
     MetadataCatalog.get(name).set(
         evaluator_type="refer",
@@ -222,20 +245,23 @@ def register_refer_dataset(
         split_by=split_by,
         split=split,
         image_root=image_root,
+        dedup_sentences=dedup_sentences,
         thing_classes=["object"],  # one condition per sample: the referred object is class 0
     )
 
 
 def register_all_refer(root: str) -> List[str]:
-    """Register RefCOCO/+/g builtins (``refcoco_unc_val`` ...) under ``root/refer_seg``."""
+    """Register RefCOCO/+/g builtins under ``root/refer_seg``: ``refcoco_unc_val`` ... (every
+    sentence) and ``refcoco_unc_val_dedup`` ... (X-SAM's de-duplicated sentences)."""
     refer_root = os.path.join(root, "refer_seg")
     names = []
     for (dataset, split_by), splits in REFER_SPLITS.items():
         for split in splits:
-            name = f"{dataset}_{split_by}_{split}"
-            if name not in DatasetCatalog.list():  # re-import (e.g. importlib.reload) must not fail
-                register_refer_dataset(name, refer_root, dataset, split_by, split)
-            names.append(name)
+            for suffix, dedup in (("", False), ("_dedup", True)):
+                name = f"{dataset}_{split_by}_{split}{suffix}"
+                if name not in DatasetCatalog.list():  # re-import (e.g. importlib.reload) must not fail
+                    register_refer_dataset(name, refer_root, dataset, split_by, split, dedup_sentences=dedup)
+                names.append(name)
     return names
 
 

@@ -20,11 +20,22 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from torch import nn
 
+from ..backbone.sam_vit import sam_vit_embed_dim
 from ..registry import CONDITION_HEAD_REGISTRY
 from .llm import LoraSettings, load_causal_lm, load_tokenizer, parse_dtype, setup_trainable
-from .projector import MLPProjector, pool_spans
-from .prompts import IGNORE_INDEX, EncodedPrompt, encode_sample, shift_position
-from .tokens import P_END, P_START, SEG, SpecialTokenIds, add_special_tokens, resize_token_embeddings
+from .projector import MLPProjector, pixel_unshuffle_tokens, pool_spans
+from .prompts import IGNORE_INDEX, PROMPT_STYLES, EncodedPrompt, encode_sample, shift_position
+from .tokens import (
+    IMAGE_TOKEN_INDEX,
+    P_END,
+    P_START,
+    SEG,
+    SPECIAL_TOKENS,
+    XSAM_SPECIAL_TOKENS,
+    SpecialTokenIds,
+    add_special_tokens,
+    resize_token_embeddings,
+)
 from .vanilla_encoder import VanillaEncoder, build_vision_tower
 
 __all__ = ["LLMConditionHead"]
@@ -62,6 +73,9 @@ class LLMConditionHead(nn.Module):
         freeze_llm: bool = True,
         lora: LoraSettings | None = None,
         gradient_checkpointing: bool = False,
+        sam_token_dim: int = 0,
+        sam_downsample: float = 0.5,
+        prompt_style: str = "flowseg",
     ):
         """
         Args:
@@ -74,12 +88,22 @@ class LLMConditionHead(nn.Module):
             freeze_llm: freeze the base LLM weights (LoRA and the new token rows still train).
             lora: LoRA settings (``None`` or ``enabled=False``: no LoRA).
             gradient_checkpointing: activation checkpointing in the LLM.
+            sam_token_dim: channels of the segmentation encoder's ``sam_tokens`` (X-SAM's dual
+                encoder); > 0 adds ``sam_projector`` = Linear(C/s², D_llm)–GELU–Linear(D_llm, D_llm)
+                on the pixel-unshuffled tokens, placed after the vanilla encoder's at ``<image>``.
+            sam_downsample: the unshuffle factor ``s`` (0.5: 2x2 cells, 4x the channels).
+            prompt_style: ``"flowseg"`` or ``"xsam"`` (:func:`.prompts.encode_sample`).
         """
         super().__init__()
+        if prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"unknown MODEL.LLM.PROMPT_STYLE {prompt_style!r}; use one of {PROMPT_STYLES}")
+        self.prompt_style = prompt_style
         self.tokenizer = tokenizer
-        new_tokens = add_special_tokens(tokenizer)
-        resize_token_embeddings(llm, tokenizer, new_tokens)
-        self.token_ids = SpecialTokenIds.from_tokenizer(tokenizer)
+        # X-SAM's vocabulary: <SEG>, <p>, </p> only, <image> a sentinel id, matrix cut to the tokenizer
+        xsam = prompt_style == "xsam"
+        new_tokens = add_special_tokens(tokenizer, XSAM_SPECIAL_TOKENS if xsam else SPECIAL_TOKENS)
+        resize_token_embeddings(llm, tokenizer, new_tokens, exact=xsam)
+        self.token_ids = SpecialTokenIds.from_tokenizer(tokenizer, IMAGE_TOKEN_INDEX if xsam else None)
         text_config = llm.config.get_text_config() if hasattr(llm.config, "get_text_config") else llm.config
         self.llm_dim = int(text_config.hidden_size)
         self._logit_softcap = getattr(text_config, "final_logit_softcapping", None)
@@ -97,6 +121,15 @@ class LLMConditionHead(nn.Module):
         if vision_encoder is not None:
             self.vis_projector = MLPProjector(vision_encoder.out_dim, self.llm_dim, self.llm_dim)
         self.llm_projector = MLPProjector(self.llm_dim, int(proj_hidden_dim) or self.llm_dim, int(hidden_dim))
+        self.sam_projector = None
+        self.sam_downsample = float(sam_downsample)
+        if sam_token_dim > 0:
+            if vision_encoder is None:
+                raise ValueError(
+                    "MODEL.LLM.SAM_TOKENS needs the vanilla encoder (its tokens come first at <image>)"
+                )
+            in_dim = round(int(sam_token_dim) / self.sam_downsample**2)
+            self.sam_projector = MLPProjector(in_dim, self.llm_dim, self.llm_dim)
         self.hidden_dim = int(hidden_dim)
         self.max_length = int(max_length)
 
@@ -115,6 +148,7 @@ class LLMConditionHead(nn.Module):
                 pixel_std=enc_cfg.PIXEL_STD,
                 freeze=enc_cfg.FREEZE,
                 input_format=cfg.INPUT.FORMAT,
+                feature_layer=enc_cfg.FEATURE_LAYER,
             )
         lora = LoraSettings(
             enabled=llm_cfg.LORA.ENABLED,
@@ -133,6 +167,9 @@ class LLMConditionHead(nn.Module):
             "freeze_llm": llm_cfg.FREEZE,
             "lora": lora,
             "gradient_checkpointing": llm_cfg.GRADIENT_CHECKPOINTING,
+            "sam_token_dim": sam_vit_embed_dim(cfg) if llm_cfg.SAM_TOKENS.ENABLED else 0,
+            "sam_downsample": llm_cfg.SAM_TOKENS.DOWNSAMPLE,
+            "prompt_style": llm_cfg.PROMPT_STYLE,
         }
 
     # ------------------------------------------------------------------------------ helpers
@@ -155,6 +192,7 @@ class LLMConditionHead(nn.Module):
                 self.token_ids,
                 with_image=self.vision_encoder is not None,
                 max_length=self.max_length,
+                style=self.prompt_style,
             )
             for x in batched_inputs
         ]
@@ -221,6 +259,37 @@ class LLMConditionHead(nn.Module):
             "seg_positions": seg_positions,
         }
 
+    def image_embeddings(
+        self,
+        batched_inputs: Sequence[dict[str, Any]],
+        image_tokens: torch.Tensor | None = None,
+        sam_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """The tokens that replace ``<image>``: ``φ_vis`` of the vanilla encoder's tokens, then (dual
+        encoder) the SAM-token projector's, ``[B or 1, N_vis (+ N_sam), D_llm]``; ``None`` without a
+        vanilla encoder. ``image_tokens`` skips the vanilla encoder (see :meth:`forward`)."""
+        if self.vision_encoder is None:
+            return None
+        if image_tokens is None:
+            try:
+                images = [x["image"] for x in batched_inputs]
+            except KeyError:
+                raise ValueError("the vanilla encoder is enabled but a sample has no 'image'") from None
+            image_tokens = self.vision_encoder(images)
+        tokens = self.vis_projector(image_tokens)
+        if self.sam_projector is None:
+            return tokens
+        if sam_tokens is None:
+            raise ValueError(
+                "MODEL.LLM.SAM_TOKENS is enabled but no 'sam_tokens' were given: set "
+                "MODEL.SAM_VIT.RETURN_SAM_TOKENS so that the segmentation encoder returns them"
+            )
+        sam = self.sam_projector(pixel_unshuffle_tokens(sam_tokens, self.sam_downsample))
+        if sam.shape[0] != tokens.shape[0]:  # one image shared by all inputs, on either side
+            n = max(sam.shape[0], tokens.shape[0])
+            sam, tokens = sam.expand(n, -1, -1), tokens.expand(n, -1, -1)
+        return torch.cat([tokens, sam.to(tokens.dtype)], dim=1)
+
     def lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Next-token CE over positions whose target is an answer token (mean over those tokens).
 
@@ -244,12 +313,14 @@ class LLMConditionHead(nn.Module):
         compute_loss: bool | None = None,
         return_hidden_states: bool = False,
         image_tokens: torch.Tensor | None = None,
+        sam_tokens: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         """See the class docstring. ``compute_loss`` defaults to ``self.training``.
 
         ``image_tokens``: the vision encoder's output for these inputs (``[B, N, D_vis]``, or
         ``[1, N, D_vis]`` when all inputs show one image), e.g. computed once per image and shared
-        by its expressions in evaluation; the encoder is then not run.
+        by its expressions in evaluation; the encoder is then not run. ``sam_tokens``: the
+        segmentation encoder's ``[B or 1, C, h, w]`` map, required when ``sam_projector`` exists.
         """
         compute_loss = self.training if compute_loss is None else compute_loss
         device = self.device
@@ -257,19 +328,12 @@ class LLMConditionHead(nn.Module):
         embed = self.llm.get_input_embeddings()
         lengths = [len(e.input_ids) for e in encoded]
         flat_ids = torch.tensor([t for e in encoded for t in e.input_ids], dtype=torch.long, device=device)
-        text_embeds = embed(flat_ids).split(lengths)
+        # a negative placeholder id (X-SAM's <image>) has no row: embed any row, it is replaced
+        text_embeds = embed(flat_ids.clamp(min=0)).split(lengths)
 
-        if self.vision_encoder is not None:
-            if image_tokens is None:
-                try:
-                    images = [x["image"] for x in batched_inputs]
-                except KeyError:
-                    raise ValueError("the vanilla encoder is enabled but a sample has no 'image'") from None
-                image_tokens = self.vision_encoder(images)
-            image_tokens = self.vis_projector(image_tokens).to(text_embeds[0].dtype)
-            image_tokens = image_tokens.expand(len(encoded), -1, -1)
-        else:
-            image_tokens = None
+        image_tokens = self.image_embeddings(batched_inputs, image_tokens, sam_tokens)
+        if image_tokens is not None:
+            image_tokens = image_tokens.to(text_embeds[0].dtype).expand(len(encoded), -1, -1)
 
         seqs, seq_labels, span_positions, seg_positions = [], [], [], []
         for b, enc in enumerate(encoded):

@@ -39,3 +39,26 @@ def pool_spans(hidden: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.
             raise ValueError(f"span {(start, end)} out of range for {hidden.shape[0]} tokens")
         weights[k, start : end + 1] = 1.0 / (end - start + 1)
     return weights @ hidden
+
+
+def pixel_unshuffle_tokens(x: torch.Tensor, downsample: float = 0.5) -> torch.Tensor:
+    """``[B, C, H, W]`` feature map → ``[B, H·s · W·s, C / s²]`` tokens, ``s = downsample``.
+
+    Each output token of grid cell ``(i, j)`` concatenates the ``r × r`` input pixels it covers
+    (``r = 1 / s``), in the channel order of X-SAM's (InternVL's) ``pixel_shuffle`` so that its
+    ``seg_projector`` weights apply unchanged::
+
+        out[b, i * (W·s) + j, (dy * r + dx) * C + c] = x[b, c, r·i + dy, r·j + dx]
+
+    (the row offset ``dy`` is the slower index). Tokens are row-major over the output grid.
+    """
+    r = round(1.0 / downsample)
+    if r < 1 or abs(r * downsample - 1.0) > 1e-6:
+        raise ValueError(f"MODEL.LLM.SAM_TOKENS.DOWNSAMPLE must be 1/r for an integer r, got {downsample}")
+    b, c, h, w = x.shape
+    if h % r or w % r:
+        raise ValueError(
+            f"a {h}x{w} SAM token grid is not divisible by {r} (pad the input to a multiple of {16 * r})"
+        )
+    x = x.reshape(b, c, h // r, r, w // r, r).permute(0, 2, 4, 3, 5, 1)  # b, i, j, dy, dx, c
+    return x.reshape(b, (h // r) * (w // r), r * r * c)

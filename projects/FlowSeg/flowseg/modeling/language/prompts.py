@@ -11,6 +11,10 @@ A sample (one dict of the batch) is turned into one token sequence::
   ``<SEG>`` for the segmentation tasks. The LM loss covers the answer tokens only.
 * Phrase spans and the ``<SEG>`` position are found on the token ids after tokenisation
   (:func:`find_spans`, :func:`find_seg_position`), never on characters.
+
+This is the ``"flowseg"`` prompt style; ``MODEL.LLM.PROMPT_STYLE = "xsam"`` replaces the
+referring / reasoning questions and answers by X-SAM's and the dialogue format by ChatML without
+system message (:mod:`.templates`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from .templates import chatml_pieces, xsam_turns
 from .tokens import IMAGE, P_END, P_START, SEG, SpecialTokenIds
 
 logger = logging.getLogger(__name__)
@@ -51,6 +56,10 @@ SEGMENTATION_TASKS = ("referring", "reasoning", "generic")
 #: Fallback dialogue format for tokenizers without a chat template.
 PLAIN_USER = "USER: {user} ASSISTANT:"
 PLAIN_ANSWER = " {answer}"
+
+#: ``MODEL.LLM.PROMPT_STYLE`` values: FlowSeg's fixed templates through the tokenizer's chat
+#: template, or X-SAM's protocol (:mod:`.templates`).
+PROMPT_STYLES = ("flowseg", "xsam")
 
 _MARKER_RE = re.compile(re.escape(P_START) + "|" + re.escape(P_END))
 
@@ -222,6 +231,22 @@ def render_segments(tokenizer, turns: Sequence[tuple[str, str]], with_image: boo
     return pieces
 
 
+def dialogue_pieces(
+    tokenizer, sample: dict[str, Any], with_image: bool, style: str
+) -> list[tuple[str, bool]]:
+    """``(text, is_answer)`` pieces of ``sample``'s dialogue in prompt ``style``."""
+    if style == "flowseg":
+        return render_segments(tokenizer, build_turns(sample), with_image)
+    if style != "xsam":
+        raise ValueError(f"unknown MODEL.LLM.PROMPT_STYLE {style!r}; use one of {PROMPT_STYLES}")
+    # a complete instruction (a "prompt", or an expression that marks its own <p> spans) is used
+    # as is, like in the "flowseg" style; only the dialogue format differs
+    own = sample.get("prompt") or count_phrase_spans(str(sample.get("expression") or ""))
+    if sample.get("task", "referring") in ("referring", "reasoning") and not own:
+        return chatml_pieces(xsam_turns(sample), with_image)
+    return chatml_pieces(build_turns(sample), with_image)
+
+
 # ----------------------------------------------------------------------------- token positions
 def find_spans(
     input_ids: Sequence[int], p_start_id: int, p_end_id: int, text: str = ""
@@ -250,16 +275,17 @@ def find_spans(
 
 
 def find_seg_position(input_ids: Sequence[int], labels: Sequence[int], seg_id: int) -> int | None:
-    """Position of the first ``<SEG>`` token of the answer (the first one anywhere if the answer
-    has none), or ``None``."""
-    first_any = None
+    """Position of the last ``<SEG>`` token of the answers (the first one anywhere if no answer
+    has one), or ``None``. A packed sample in X-SAM's format has one ``<SEG>`` per turn; X-SAM's
+    segmentor takes the last one as the sample's ``S``."""
+    first_any, last_answer = None, None
     for i, tok in enumerate(input_ids):
         if tok == seg_id:
             if labels[i] != IGNORE_INDEX:
-                return i
-            if first_any is None:
+                last_answer = i
+            elif first_any is None:
                 first_any = i
-    return first_any
+    return last_answer if last_answer is not None else first_any
 
 
 def shift_position(pos: int, image_pos: int | None, num_image_tokens: int) -> int:
@@ -270,6 +296,19 @@ def shift_position(pos: int, image_pos: int | None, num_image_tokens: int) -> in
     if pos == image_pos:
         raise ValueError("the <image> placeholder itself has no position after image tokens are inserted")
     return pos + num_image_tokens - 1
+
+
+def _tokenize(tokenizer, text: str, image_id: int) -> list[int]:
+    if image_id >= 0 or IMAGE not in text:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    # <image> is no vocabulary token (X-SAM): tokenise around it and put the sentinel id in its place
+    ids: list[int] = []
+    for i, chunk in enumerate(text.split(IMAGE)):
+        if i:
+            ids.append(image_id)
+        if chunk:
+            ids += tokenizer(chunk, add_special_tokens=False)["input_ids"]
+    return ids
 
 
 @dataclass
@@ -291,20 +330,25 @@ def encode_sample(
     *,
     with_image: bool = True,
     max_length: int = 0,
+    style: str = "flowseg",
 ) -> EncodedPrompt:
     """Tokenise ``sample`` (see :func:`build_turns`) into ids, labels and special positions.
+
+    ``style`` (:data:`PROMPT_STYLES`): ``"xsam"`` asks referring / reasoning samples without a
+    ``"prompt"`` with X-SAM's questions (:func:`.templates.xsam_turns`) and renders every sample
+    as ChatML without system message (:func:`.templates.chatml_pieces`).
 
     Pieces are tokenised separately, so the prompt/answer boundary is exact: labels are the ids of
     the answer pieces and ``-100`` elsewhere. ``max_length`` (> 0) bounds the number of text tokens:
     a longer conversation sample is truncated; a longer segmentation sample raises ``ValueError``
     (cutting it would silently drop conditions or the ``<SEG>`` token).
     """
-    pieces = render_segments(tokenizer, build_turns(sample), with_image)
+    pieces = dialogue_pieces(tokenizer, sample, with_image, style)
     text = "".join(t for t, _ in pieces)
     ids: list[int] = []
     labels: list[int] = []
     for piece, is_answer in pieces:
-        piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
+        piece_ids = _tokenize(tokenizer, piece, token_ids.image)
         ids += piece_ids
         labels += piece_ids if is_answer else [IGNORE_INDEX] * len(piece_ids)
     if max_length > 0 and len(ids) > max_length:

@@ -18,6 +18,11 @@ P_END = "</p>"
 SEG = "<SEG>"
 IMAGE = "<image>"
 SPECIAL_TOKENS: tuple[str, ...] = (P_START, P_END, SEG, IMAGE)
+#: X-SAM's vocabulary (``MODEL.LLM.PROMPT_STYLE = "xsam"``): these three, in this order, get the
+#: ids after the base vocabulary; ``<image>`` is no token but the sentinel id below, inserted at
+#: tokenisation and replaced by the image tokens, so the embedding matrix has no row for it.
+XSAM_SPECIAL_TOKENS: tuple[str, ...] = (SEG, P_START, P_END)
+IMAGE_TOKEN_INDEX = -200
 
 
 @dataclass(frozen=True)
@@ -30,9 +35,13 @@ class SpecialTokenIds:
     image: int
 
     @classmethod
-    def from_tokenizer(cls, tokenizer) -> SpecialTokenIds:
-        ids = {}
+    def from_tokenizer(cls, tokenizer, image_id: int | None = None) -> SpecialTokenIds:
+        """Ids of the tokens in ``tokenizer``; ``image_id`` (e.g. :data:`IMAGE_TOKEN_INDEX`) stands
+        for ``<image>`` when the placeholder is not a token of the vocabulary."""
+        ids = {} if image_id is None else {"image": int(image_id)}
         for name, tok in zip(("p_start", "p_end", "seg", "image"), SPECIAL_TOKENS):
+            if name in ids:
+                continue
             tid = tokenizer.convert_tokens_to_ids(tok)
             if tid is None or tid == tokenizer.unk_token_id:
                 raise ValueError(f"token {tok!r} is not in the tokenizer; call add_special_tokens() first")
@@ -63,6 +72,9 @@ def add_special_tokens(tokenizer, tokens: tuple[str, ...] = SPECIAL_TOKENS) -> l
 
 
 def _init_rows_to_mean(weight: torch.Tensor, rows: list[int], num_old_rows: int) -> None:
+    if weight.is_meta:  # shapes only (parameter counts): no values to set
+        return
+    num_old_rows = min(num_old_rows, weight.shape[0])  # a matrix cut to the tokenizer (exact=True)
     # Mean of the pre-existing rows: a neutral starting point that keeps the new tokens' logits and
     # embeddings in the distribution the LLM was trained on (random rows can dominate the softmax).
     keep = torch.ones(num_old_rows, dtype=torch.bool, device=weight.device)
@@ -72,18 +84,21 @@ def _init_rows_to_mean(weight: torch.Tensor, rows: list[int], num_old_rows: int)
 
 
 @torch.no_grad()
-def resize_token_embeddings(model: nn.Module, tokenizer, new_tokens: list[str]) -> list[int]:
+def resize_token_embeddings(
+    model: nn.Module, tokenizer, new_tokens: list[str], exact: bool = False
+) -> list[int]:
     """Make ``model``'s embeddings fit ``tokenizer`` and initialise the rows of ``new_tokens``.
 
     The input embedding matrix (and the output one, when it is not tied to the input one) is
     resized to ``len(tokenizer)`` when it is too small; the rows of the newly added tokens are set
     to the mean of the other rows. Models whose matrix is already larger than the tokenizer (Qwen
     pads its vocabulary to a multiple of 128) are not resized, but the rows the new tokens land on
-    are still re-initialised. Returns the ids of ``new_tokens``.
+    are still re-initialised. ``exact`` (X-SAM) resizes to ``len(tokenizer)`` in every case, which
+    cuts such a padded matrix (Qwen3-4B: 151,936 -> 151,672 rows). Returns the ids of ``new_tokens``.
     """
     inp = model.get_input_embeddings()
     num_old_rows = inp.weight.shape[0]
-    if len(tokenizer) > num_old_rows:
+    if len(tokenizer) > num_old_rows or (exact and len(tokenizer) != num_old_rows):
         # mean_resizing=False: we set the new rows ourselves (exact mean, also for pre-sized matrices).
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     ids = [int(tokenizer.convert_tokens_to_ids(t)) for t in new_tokens]

@@ -58,8 +58,16 @@ class VanillaEncoder(nn.Module):
         pixel_std: Sequence[float] = (127.5, 127.5, 127.5),
         freeze: bool = True,
         input_format: str = "RGB",
+        feature_layer: int = 0,
     ):
         super().__init__()
+        if feature_layer > 0:
+            raise ValueError(
+                f"MODEL.VANILLA_ENCODER.FEATURE_LAYER must be 0 or negative, got {feature_layer}"
+            )
+        # 0: last_hidden_state (after the tower's final LayerNorm); k < 0: hidden_states[k], the
+        # output of a transformer layer without that norm (X-SAM: -2, SigLIP2's penultimate layer)
+        self.feature_layer = int(feature_layer)
         self.tower = tower
         self.image_size = int(image_size)
         mean = torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1)
@@ -128,6 +136,7 @@ class VanillaEncoder(nn.Module):
 
     def forward(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
         x = self.preprocess(images)
+        hidden_kw = {"output_hidden_states": True} if self.feature_layer else {}
         dtype = next(self.tower.parameters()).dtype
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
             if self.naflex:
@@ -135,7 +144,10 @@ class VanillaEncoder(nn.Module):
                 shapes = torch.tensor([[g, g]] * b, dtype=torch.long, device=x.device)
                 mask = torch.ones(b, g * g, dtype=torch.long, device=x.device)
                 out = self.tower(
-                    pixel_values=self._patchify(x).to(dtype), pixel_attention_mask=mask, spatial_shapes=shapes
+                    pixel_values=self._patchify(x).to(dtype),
+                    pixel_attention_mask=mask,
+                    spatial_shapes=shapes,
+                    **hidden_kw,
                 )
             else:
                 kwargs = {}
@@ -143,5 +155,7 @@ class VanillaEncoder(nn.Module):
                     kwargs["interpolate_pos_encoding"] = self.image_size != getattr(
                         self.tower.config, "image_size", self.image_size
                     )
-                out = self.tower(pixel_values=x.to(dtype), **kwargs)
+                out = self.tower(pixel_values=x.to(dtype), **kwargs, **hidden_kw)
+        if self.feature_layer:
+            return out.hidden_states[self.feature_layer]
         return out.last_hidden_state

@@ -108,6 +108,11 @@ class FlowSeg(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
+        if cfg.MODEL.LLM.SAM_TOKENS.ENABLED and not cfg.MODEL.SAM_VIT.RETURN_SAM_TOKENS:
+            raise ValueError(
+                "MODEL.LLM.SAM_TOKENS.ENABLED reads the segmentation encoder's 'sam_tokens': "
+                "set MODEL.SAM_VIT.RETURN_SAM_TOKENS True as well"
+            )
         backbone = build_backbone(cfg)
         sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
         has_llm = llm_configured(cfg)
@@ -167,10 +172,12 @@ class FlowSeg(nn.Module):
             )
         return list(names)
 
-    def encode_conditions(self, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
+    def encode_conditions(
+        self, batched_inputs: List[Dict], sam_tokens: Optional[torch.Tensor] = None
+    ) -> Dict[str, torch.Tensor]:
         """Run the condition head. Generic samples (generic mode, or panoptic batches of mixed
         stage-3 training in referring mode) get every category name as one ``<p>`` span, so
-        condition k is class k."""
+        condition k is class k. ``sam_tokens``: the backbone's dual-encoder tokens, one per input."""
         if self.condition_head is None:
             return {}
         inputs = []
@@ -179,7 +186,7 @@ class FlowSeg(nn.Module):
                 names = x.get("class_names") or self._class_names(x.get("dataset_name"))
                 x = {**x, "task": "generic", "class_names": names}
             inputs.append(x)
-        cond = self.condition_head(inputs)
+        cond = self.condition_head(inputs, sam_tokens=sam_tokens)
         if self.mode == "referring" and not bool(cond["condition_mask"].any(dim=1).all()):
             raise ValueError("a referring/reasoning sample produced no condition embedding (empty <p> span?)")
         return cond
@@ -207,7 +214,10 @@ class FlowSeg(nn.Module):
         ``image_index`` ([B], from :meth:`preprocess_shared_images`), one per unique image: the
         encoder and pixel decoder then run once per image and the decoder per input."""
         features = self.backbone(images.tensor)
-        cond = self.encode_conditions(batched_inputs)
+        sam_tokens = features.get("sam_tokens")
+        if sam_tokens is not None and image_index is not None:
+            sam_tokens = sam_tokens.index_select(0, image_index)
+        cond = self.encode_conditions(batched_inputs, sam_tokens=sam_tokens)
         seg_embed = None
         if "seg_embed" in cond:
             seg_embed = cond["seg_embed"] * cond["seg_mask"].unsqueeze(-1).to(cond["seg_embed"].dtype)
@@ -229,7 +239,11 @@ class FlowSeg(nn.Module):
                 raise ValueError(
                     "conversation data needs a language model (MODEL.LLM.PATH or MODEL.LLM.CONFIG)"
                 )
-            loss = self.condition_head(batched_inputs, compute_loss=True)["loss_llm"]
+            sam_tokens = None
+            if getattr(self.condition_head, "sam_projector", None) is not None:
+                # dual-encoder image tokens: the segmentation encoder sees conversation images too
+                sam_tokens = self.backbone(self.preprocess_image(batched_inputs).tensor)["sam_tokens"]
+            loss = self.condition_head(batched_inputs, compute_loss=True, sam_tokens=sam_tokens)["loss_llm"]
             return {"loss_llm": loss * self.llm_loss_weight}
         images, image_index = self.preprocess_shared_images(batched_inputs)
         outputs, cond = self.run_head(batched_inputs, images, image_index=image_index)
