@@ -3,9 +3,13 @@
 Differences from ``DefaultTrainer`` (everything else, incl. hooks, ``resume_or_load``, ETA printing
 by ``CommonMetricPrinter``, is Detectron2's):
 
-* the train loader uses the mapper named by ``INPUT.DATASET_MAPPER_NAME`` (one training data set) or
-  :func:`flowseg.data.mixed.build_mixed_train_loader` (several, or ``DATALOADER.TASK_RATIOS`` set);
-  test loaders use the mapper of each test data set's kind (:mod:`flowseg.data.build`);
+* the train loader is :func:`flowseg.data.mixed.build_mixed_train_loader` (a seeded, step-indexed
+  stream that can resume mid-run; one training data set is read with the mapper named by
+  ``INPUT.DATASET_MAPPER_NAME``), or Detectron2's loader when ``DATALOADER.SAMPLER_TRAIN`` is not
+  ``TrainingSampler``; test loaders use the mapper of each test data set's kind
+  (:mod:`flowseg.data.build`);
+* checkpoints carry the RNG states and ``--resume`` continues the data stream where it stopped
+  (:mod:`flowseg.engine.resume`): kill + resume gives the weights of an uninterrupted run;
 * :func:`flowseg.engine.build_optimizer` and :func:`flowseg.engine.build_evaluator`;
 * ``test`` writes ``OUTPUT_DIR/metrics_<dataset>.json`` and ``OUTPUT_DIR/metrics_all.json``
   (``metrics.json`` is Detectron2's training log);
@@ -32,11 +36,13 @@ from detectron2.utils.logger import setup_logger
 
 from ..checkpoint.checkpointer import FlowSegCheckpointer
 from ..data.build import build_test_mapper, build_train_mapper
+from ..data.mixed import build_mixed_train_loader
 from .efficiency import ddp_kwargs
 from .evaluation import build_evaluator, check_num_classes, write_metrics_json
 from .freezing import apply_stage_freezing
 from .hooks import CheckedAMPTrainer, CheckedSimpleTrainer, NonFiniteLossError, SafePeriodicCheckpointer
 from .optimizer import build_optimizer
+from .resume import ExactResumeHook
 from .shared_features import SharedImageFeatureInference, build_grouped_test_loader
 
 __all__ = ["FlowSegTrainer", "resolve_amp"]
@@ -97,7 +103,8 @@ class FlowSegTrainer(DefaultTrainer):
         # FlowSeg's checkpointer: converts SAM / Mask2Former / earlier-stage checkpoints and
         # reports missing keys by component (DefaultTrainer made a plain one just before)
         self.checkpointer = FlowSegCheckpointer.from_checkpointer(self.checkpointer, cfg=self.cfg)
-        ret = super().build_hooks()
+        # first, so that the RNG state it keeps is taken before the checkpointer saves it
+        ret = [ExactResumeHook()] + super().build_hooks()
         for i, h in enumerate(ret):
             if type(h) is hooks.PeriodicCheckpointer:
                 ret[i] = SafePeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD)
@@ -126,16 +133,19 @@ class FlowSegTrainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg: CfgNode) -> Any:
         check_num_classes(cfg, cfg.DATASETS.TRAIN)
-        if (
-            len(cfg.DATASETS.TRAIN) > 1
-            or len(cfg.DATALOADER.TASK_RATIOS) > 0
-            or cfg.INPUT.EXPRESSIONS_PER_IMAGE > 1
-        ):
+        mixed = len(cfg.DATASETS.TRAIN) > 1 or len(cfg.DATALOADER.TASK_RATIOS) > 0
+        mixed = mixed or cfg.INPUT.EXPRESSIONS_PER_IMAGE > 1
+        if mixed or cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler":
             # stage 3: every batch from one task, drawn with DATALOADER.TASK_RATIOS (and the loader
-            # that reads referring data per image when EXPRESSIONS_PER_IMAGE > 1)
-            from ..data.mixed import build_mixed_train_loader  # local: only mixed-data runs need it
-
-            return build_mixed_train_loader(cfg)
+            # that reads referring data per image when EXPRESSIONS_PER_IMAGE > 1); one data set:
+            # the same seeded, step-indexed stream, which is what lets --resume continue it exactly
+            mappers = None if mixed else {cfg.DATASETS.TRAIN[0]: build_train_mapper(cfg)}
+            return build_mixed_train_loader(cfg, mappers)
+        logger.warning(
+            "DATALOADER.SAMPLER_TRAIN=%s: Detectron2's training loader is used; --resume restarts "
+            "its sampler, so a resumed run will not repeat an uninterrupted one exactly.",
+            cfg.DATALOADER.SAMPLER_TRAIN,
+        )
         return build_detection_train_loader(cfg, mapper=build_train_mapper(cfg))
 
     @classmethod
