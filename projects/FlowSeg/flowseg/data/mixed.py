@@ -46,7 +46,7 @@ from detectron2.utils.env import seed_all_rng
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from ..utils.rng import step_seeded_rngs
-from .build import MAPPER_REGISTRY
+from .build import MAPPER_REGISTRY, guard_mapper
 from .dataset_mappers.referring import group_expressions_by_image
 
 __all__ = [
@@ -363,7 +363,7 @@ def _build_mixed_train_loader(
                         f"mixed-task loader: dataset {name!r} needs mapper {mapper_name!r}, "
                         f"which is not registered (known: {known})"
                     )
-                built[mapper_name] = MAPPER_REGISTRY.get(mapper_name)(cfg, True)
+                built[mapper_name] = guard_mapper(cfg, MAPPER_REGISTRY.get(mapper_name)(cfg, True), True)
             mapper = built[mapper_name]
         dataset_mappers.append(mapper)
         mapper_names.append(mapper_name)
