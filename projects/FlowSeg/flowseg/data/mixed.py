@@ -12,16 +12,12 @@ see disjoint samples of the same dataset within an epoch.
 
 Determinism: the task of step ``s`` and the sample indices of its batch depend only on the seed,
 the rank and the world size, not on ``DATALOADER.NUM_WORKERS``: each worker walks the whole
-(cheap, index-only) schedule and maps only its share of the steps, in the order in which torch's
-DataLoader collects batches from its workers. Random augmentations inside mappers draw from the
-global RNGs (``random``, NumPy, torch CPU), which are seeded from (seed, rank, step) before each
-batch is mapped and put back afterwards: a batch's augmentation does not depend on the worker
-count or on what the process did before, and mapping in the main process (0 workers) leaves the
-training loop's RNGs untouched.
-
-Resuming: :func:`set_start_step` makes the stream begin at step ``s`` (the iteration training
-resumes at). The skipped steps are replayed index-only (no image is read), so the batches from
-``s`` on are the ones an uninterrupted run would have drawn, bit for bit.
+(cheap, index-only) schedule and maps only its share of the steps, in the order torch's DataLoader
+collects them. Mappers' augmentations draw from the global RNGs, seeded from (seed, rank, step)
+for each batch and put back afterwards (:func:`flowseg.utils.rng.step_seeded_rngs`): a batch does
+not depend on the worker count or the process's history, and 0 workers leave the training loop's
+RNGs untouched. :func:`set_start_step` starts the stream at step ``s`` (resume): earlier steps are
+replayed index-only, so the batches from ``s`` on are an uninterrupted run's, bit for bit.
 
 Aspect-ratio grouping (``DATALOADER.ASPECT_RATIO_GROUPING``) is not applied: FlowSeg's mappers
 emit square LSJ crops or long-side-resized images that the model pads to a square, and grouping
@@ -234,17 +230,13 @@ class MixedTaskStream(IterableDataset):
             with step_seeded_rngs(self.seed, self.rank, step):
                 for slot, i in enumerate(indices):
                     out = self._map(d, i, step, slot)
-                    # a mapper may give several samples per dataset item (an image's expressions),
-                    # kept consecutive so the model can share their image encoding
+                    # several samples per item (an image's expressions) stay consecutive: shared encoding
                     batch.extend(out if isinstance(out, list) else [out])
             yield batch
 
 
 def set_start_step(loader: DataLoader, step: int) -> None:
-    """Make a mixed-task ``loader`` start at ``step`` the next time it is iterated (resume).
-
-    Must be called before ``iter(loader)``: worker processes copy the stream when they start.
-    """
+    """Make a mixed-task ``loader`` start at ``step`` (resume); call it before ``iter(loader)``."""
     if not isinstance(loader.dataset, MixedTaskStream):
         raise TypeError(f"set_start_step needs a mixed-task loader, got a loader of {type(loader.dataset)}")
     loader.dataset.start_step = int(step)

@@ -68,14 +68,18 @@ def check_device(cfg: CfgNode) -> None:
     if not device.startswith("cuda"):
         return
     if not torch.cuda.is_available():
-        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, no GPU visible"
+        build = (
+            "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, no GPU visible"
+        )
         raise ValueError(
             f"MODEL.DEVICE is {device!r} but torch {torch.__version__} ({build}) has no CUDA device: "
             "set MODEL.DEVICE cpu (e.g. append `MODEL.DEVICE cpu` to the command line)"
         )
     index = device.partition(":")[2]
     if index and int(index) >= torch.cuda.device_count():
-        raise ValueError(f"MODEL.DEVICE is {device!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+        raise ValueError(
+            f"MODEL.DEVICE is {device!r} but only {torch.cuda.device_count()} CUDA device(s) exist"
+        )
 
 
 def load_model(cfg: CfgNode, log: logging.Logger = logger) -> torch.nn.Module:
