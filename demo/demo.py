@@ -11,7 +11,10 @@ prepared like the evaluation mapper does (long side resized to ``INPUT.IMAGE_SIZ
 pads); the mask comes back at the original resolution.
 
 Errors (exit status 1, message on stderr naming the problem): a missing / unreadable image or an
-empty folder, a missing checkpoint file, an empty expression, a config not in referring mode.
+empty folder, a missing checkpoint file, a file that is not a checkpoint, a checkpoint of another
+config, ``MODEL.DEVICE cuda`` without a GPU, an empty expression or one with unbalanced ``<p>``
+markers or longer than ``MODEL.LLM.MAX_LENGTH``, a config not in referring mode. A 16-bit image is
+scaled to 8 bits with a warning.
 When the selected mask is empty the demo warns "no target found for <expression>" and still
 writes the picture.
 """
@@ -33,8 +36,18 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from detectron2.config import CfgNode  # noqa: E402
 from detectron2.data import detection_utils as utils  # noqa: E402
+from flowseg.checkpoint.checkpointer import CheckpointShapeError, NotACheckpointError  # noqa: E402
 from flowseg.data.dataset_mappers.referring import resize_long_side  # noqa: E402
-from flowseg.utils.inference import add_opts_argument, build_cfg, check_cfg_args, load_model  # noqa: E402
+from flowseg.data.image_io import read_image as read_image_file  # noqa: E402
+from flowseg.modeling.language.prompts import count_phrase_spans  # noqa: E402
+from flowseg.utils.bad_samples import BadSampleError  # noqa: E402
+from flowseg.utils.inference import (  # noqa: E402
+    add_opts_argument,
+    build_cfg,
+    check_cfg_args,
+    check_device,
+    load_model,
+)
 from flowseg.utils.visualize import draw_referring_overlay  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -55,6 +68,10 @@ def setup_cfg(config_file: str, weights: Optional[str], opts: Sequence[Any] = ()
     except (FileNotFoundError, ValueError) as e:
         raise DemoError(str(e)) from e
     cfg = build_cfg(config_file, weights, opts)
+    try:
+        check_device(cfg)
+    except ValueError as e:
+        raise DemoError(str(e)) from e
     if cfg.MODEL.FLOWSEG.MODE != "referring":
         raise DemoError(
             f"the model config {config_file} is not in referring mode (MODEL.FLOWSEG.MODE is "
@@ -92,9 +109,10 @@ def check_image(path: str) -> None:
 
 
 def read_image(path: str, image_format: str) -> np.ndarray:
-    """HxWx3 uint8 in ``image_format`` (EXIF orientation applied, like Detectron2's loaders)."""
+    """HxWx3 uint8 in ``image_format`` (EXIF orientation applied, like Detectron2's loaders; a 16-bit
+    image is scaled to 8 bits with a warning, :mod:`flowseg.data.image_io`)."""
     try:
-        return utils.read_image(path, format=image_format)
+        return read_image_file(path, format=image_format)
     except Exception as e:  # PIL raises several types for truncated / non-image files
         raise DemoError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
@@ -135,16 +153,26 @@ def run(args: argparse.Namespace) -> List[str]:
     expression = (args.expression or "").strip()
     if not expression:
         raise DemoError('the expression is empty: pass --expression "the object to segment"')
+    try:
+        count_phrase_spans(expression)
+    except ValueError as e:
+        raise DemoError(f"--expression: {e}") from e
     images = list_images(args.input)  # before the (slow) model build: fail fast on a bad path
     for path in images:
         check_image(path)
     cfg = setup_cfg(args.config_file, args.weights, args.opts)
-    demo = ReferringDemo(cfg)
+    try:
+        demo = ReferringDemo(cfg)
+    except (NotACheckpointError, CheckpointShapeError) as e:
+        raise DemoError(str(e)) from e
     os.makedirs(args.output, exist_ok=True)
     written = []
     for path in images:
         image = read_image(path, demo.image_format)
-        ref = demo(image, expression, args.task)
+        try:
+            ref = demo(image, expression, args.task)
+        except BadSampleError as e:  # e.g. longer than MODEL.LLM.MAX_LENGTH
+            raise DemoError(str(e)) from e
         mask = ref["mask"].cpu().numpy().astype(bool)
         if not mask.any():
             msg = f"no target found for {expression!r} in {path}"

@@ -32,6 +32,7 @@ from detectron2.utils.logger import setup_logger
 from flowseg import add_flowseg_config
 from flowseg.checkpoint import FlowSegCheckpointer
 from flowseg.engine import FlowSegTrainer, build_evaluator, build_optimizer, resolve_amp
+from flowseg.utils.inference import check_device
 
 
 class Trainer(FlowSegTrainer):
@@ -71,6 +72,7 @@ def setup(args: Any) -> CfgNode:
     add_flowseg_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    check_device(cfg)  # MODEL.DEVICE cuda without a GPU: say which key to change
     resolve_amp(cfg)  # AMP needs CUDA: a CPU run of a GPU config trains in float32
     cfg.freeze()
     default_setup(cfg, args)

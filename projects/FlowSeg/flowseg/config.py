@@ -42,6 +42,9 @@ def add_flowseg_config(cfg: CN) -> CN:
     cfg.INPUT.CONVERSATION_MAX_TURNS = 1  # conversation mapper: human/gpt pairs kept (<= 0: all)
 
     cfg.DATALOADER.TASK_RATIOS = []  # stage-3 mixed data: one ratio per entry of DATASETS.TRAIN
+    # a sample whose input cannot be used (unreadable image, prompt too long, ...): "error" stops
+    # with its file / ids, "skip" leaves it out with a warning and lists it (flowseg.utils.bad_samples)
+    cfg.DATALOADER.ON_BAD_SAMPLE = "error"
 
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
@@ -137,6 +140,11 @@ def add_flowseg_config(cfg: CN) -> CN:
     cfg.MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD = 0.8
     cfg.MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD = 0.8
     cfg.MODEL.MASK_FORMER.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE = False
+
+    # A FlowSeg checkpoint whose tensor shapes differ from the model's (another config) is an
+    # error; True loads the tensors that fit and leaves the others initialised (fine-tuning to
+    # another class count or vocabulary). SAM / Mask2Former sources are always loaded partially.
+    cfg.MODEL.WEIGHTS_PARTIAL_LOAD = False
 
     # ---------------------------------------------------------------- FlowSeg (paper §3.3–3.5)
     cfg.MODEL.FLOWSEG = CN()

@@ -72,7 +72,9 @@ except ImportError:  # pragma: no cover - older fvcore
 
 __all__ = [
     "COMPONENTS",
+    "CheckpointShapeError",
     "FlowSegCheckpointer",
+    "NotACheckpointError",
     "LoadReport",
     "align_llm_layout",
     "canonical_key",
@@ -448,6 +450,24 @@ _STAGE_REASONS = {
 
 
 # ----------------------------------------------------------------------------------- checkpointer
+class NotACheckpointError(ValueError):
+    """``MODEL.WEIGHTS`` names a file that holds no model weights."""
+
+
+class CheckpointShapeError(ValueError):
+    """A FlowSeg checkpoint's tensors do not fit the model (a checkpoint of another config)."""
+
+
+def _shape_error(report: LoadReport) -> str:
+    shown = "; ".join(f"{k}: checkpoint {a} vs model {b}" for k, a, b in report.incorrect_shapes[:5])
+    return (
+        f"{report.source}: {len(report.incorrect_shapes)} tensors have other shapes than the model's "
+        f"(a checkpoint of another config?), e.g. {shown}. Loading it would leave them randomly "
+        "initialised. Use the config the checkpoint was trained with, or set "
+        "MODEL.WEIGHTS_PARTIAL_LOAD True to load only the tensors whose shapes match."
+    )
+
+
 class FlowSegCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` for FlowSeg; see the module docstring.
 
@@ -456,6 +476,9 @@ class FlowSegCheckpointer(DetectionCheckpointer):
         cfg: optional; ``MODEL.LLM.PATH`` / ``MODEL.VANILLA_ENCODER.PATH`` then say whether LLM /
             vision-tower weights absent from a checkpoint come from a pretrained folder (INFO) or
             stay randomly initialised (WARNING). Without it this is read off the models themselves.
+        allow_partial: load a FlowSeg checkpoint whose tensors' shapes differ from the model's
+            (skipping those); default ``cfg.MODEL.WEIGHTS_PARTIAL_LOAD`` (False without cfg): a
+            :class:`CheckpointShapeError` otherwise.
     """
 
     def __init__(
@@ -465,10 +488,12 @@ class FlowSegCheckpointer(DetectionCheckpointer):
         *,
         save_to_disk: Optional[bool] = None,
         cfg: Optional[CfgNode] = None,
+        allow_partial: Optional[bool] = None,
         **checkpointables: Any,
     ) -> None:
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         self.cfg = cfg
+        self.allow_partial = allow_partial
         self.last_report: Optional[LoadReport] = None
         self._source = ""
 
@@ -499,11 +524,24 @@ class FlowSegCheckpointer(DetectionCheckpointer):
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         self._source = filename
-        if filename.endswith(".safetensors"):
-            from safetensors.torch import load_file
+        try:
+            if filename.endswith(".safetensors"):
+                from safetensors.torch import load_file
 
-            return {"model": load_file(filename, device="cpu")}
-        return super()._load_file(filename)
+                loaded = {"model": load_file(filename, device="cpu")}
+            else:
+                loaded = super()._load_file(filename)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # torch.load / pickle / safetensors raise many types for other files
+            raise NotACheckpointError(
+                f"{filename} is not a checkpoint (MODEL.WEIGHTS / --weights): it cannot be read as a "
+                f"torch, pickle or safetensors file ({type(e).__name__}: {str(e)[:300]})"
+            ) from e
+        model = loaded.get("model") if isinstance(loaded, dict) else None
+        if not isinstance(model, Mapping) or not model:
+            raise NotACheckpointError(f"{filename} is not a checkpoint (MODEL.WEIGHTS): it holds no weights")
+        return loaded
 
     def _convert_source(self, state_dict: StateDict, fmt: str) -> StateDict:
         if fmt == "sam":
@@ -615,7 +653,14 @@ class FlowSegCheckpointer(DetectionCheckpointer):
         unused = set(incompatible.unexpected_keys)
         report.num_loaded = sum(1 for k in state_dict if k not in unused and k not in shape_skipped)
         self.last_report = report
+        if report.incorrect_shapes and fmt == "flowseg" and not self._allow_partial():
+            raise CheckpointShapeError(_shape_error(report))
         return incompatible
+
+    def _allow_partial(self) -> bool:
+        if self.allow_partial is not None:
+            return self.allow_partial
+        return bool(self.cfg is not None and self.cfg.MODEL.get("WEIGHTS_PARTIAL_LOAD", False))
 
     def _log_incompatible_keys(self, incompatible: _IncompatibleKeys) -> None:
         # Replaces fvcore's flat lists by the grouped report built in _load_model.

@@ -6,6 +6,10 @@ decorated with ``@configurable`` whose ``from_config(cls, cfg, is_train=True)`` 
 arguments is such a factory, and so is a plain function (used when training and testing need
 different mapper classes, as for COCO-panoptic).
 
+The training and test loaders wrap these mappers in :class:`GuardedMapper` (:func:`guard_mapper`):
+an ``OSError`` / ``ValueError`` of a sample then names it (file, ids), and
+``DATALOADER.ON_BAD_SAMPLE "skip"`` leaves it out instead (:mod:`flowseg.utils.bad_samples`).
+
 Names in use: ``"coco_panoptic_lsj"`` (this package), ``"referring"``, ``"reasoning"``
 (registered by the referring / reasoning data modules). Register your own with::
 
@@ -15,14 +19,19 @@ Names in use: ``"coco_panoptic_lsj"`` (this package), ``"referring"``, ``"reason
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+import os
+from typing import Any, Callable, Dict, Optional, Union
 
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.utils.registry import Registry
 
+from ..utils.bad_samples import BAD_INPUT_ERRORS, annotate_error, check_policy, describe_sample, record_skip
+
 __all__ = [
+    "GuardedMapper",
     "MAPPER_REGISTRY",
+    "guard_mapper",
     "build_train_mapper",
     "build_test_mapper",
     "mapper_name_for_dataset",
@@ -66,6 +75,38 @@ def _get(name: str) -> Callable[..., Callable[[dict], Any]]:
             "Import the module that registers it (``import flowseg`` registers FlowSeg's)."
         )
     return MAPPER_REGISTRY.get(name)
+
+
+class GuardedMapper:
+    """A mapper whose bad-input errors name the sample, or skip it (``DATALOADER.ON_BAD_SAMPLE``).
+
+    Skipping returns ``None`` in training (the loader draws a replacement) and, at test time, a
+    placeholder ``{"bad_sample": {...ids, "cause"}}`` that the evaluation loop leaves out and counts
+    (test loaders must keep one output per sample).
+    """
+
+    def __init__(
+        self, mapper: Callable[[dict], Any], policy: str, is_train: bool, log_file: Optional[str] = None
+    ) -> None:
+        self.mapper, self.policy, self.is_train = mapper, check_policy(policy), bool(is_train)
+        self.log_file = log_file
+
+    def __call__(self, dataset_dict: Dict[str, Any]) -> Any:
+        try:
+            return self.mapper(dataset_dict)
+        except BAD_INPUT_ERRORS as e:
+            if self.policy == "error":
+                annotate_error(e, describe_sample(dataset_dict))
+                raise
+            rec = record_skip(dataset_dict, e, self.log_file)
+            return None if self.is_train else {"bad_sample": rec}
+
+
+def guard_mapper(cfg: CfgNode, mapper: Callable[[dict], Any], is_train: bool) -> GuardedMapper:
+    """``mapper`` under ``cfg.DATALOADER.ON_BAD_SAMPLE`` (training skips are listed in
+    ``OUTPUT_DIR/skipped_samples_train.jsonl``)."""
+    log = os.path.join(cfg.OUTPUT_DIR, "skipped_samples_train.jsonl") if is_train and cfg.OUTPUT_DIR else None
+    return GuardedMapper(mapper, cfg.DATALOADER.ON_BAD_SAMPLE, is_train, log)
 
 
 def build_train_mapper(cfg: CfgNode) -> Callable[[dict], Any]:

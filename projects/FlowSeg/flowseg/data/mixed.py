@@ -12,9 +12,12 @@ see disjoint samples of the same dataset within an epoch.
 
 Determinism: the task of step ``s`` and the sample indices of its batch depend only on the seed,
 the rank and the world size, not on ``DATALOADER.NUM_WORKERS``: each worker walks the whole
-(cheap, index-only) schedule and maps only the steps ``s % num_workers == worker_id``, which is
-the order in which torch's DataLoader collects batches from its workers. Random augmentations
-inside mappers draw from each worker's RNG, seeded from (seed, rank, worker id).
+(cheap, index-only) schedule and maps only its share of the steps, in the order torch's DataLoader
+collects them. Mappers' augmentations draw from the global RNGs, seeded from (seed, rank, step)
+for each batch and put back afterwards (:func:`flowseg.utils.rng.step_seeded_rngs`): a batch does
+not depend on the worker count or the process's history, and 0 workers leave the training loop's
+RNGs untouched. :func:`set_start_step` starts the stream at step ``s`` (resume): earlier steps are
+replayed index-only, so the batches from ``s`` on are an uninterrupted run's, bit for bit.
 
 Aspect-ratio grouping (``DATALOADER.ASPECT_RATIO_GROUPING``) is not applied: FlowSeg's mappers
 emit square LSJ crops or long-side-resized images that the model pads to a square, and grouping
@@ -38,7 +41,8 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from .build import MAPPER_REGISTRY
+from ..utils.rng import step_seeded_rngs
+from .build import MAPPER_REGISTRY, guard_mapper
 from .dataset_mappers.grouping import group_expressions_by_image, split_groups_by_objects
 
 __all__ = [
@@ -48,6 +52,7 @@ __all__ = [
     "build_mixed_loader_from_datasets",
     "build_mixed_train_loader",
     "resolve_task_ratios",
+    "set_start_step",
     "train_mapper_name_for_dataset",
 ]
 
@@ -127,6 +132,7 @@ class MixedTaskStream(IterableDataset):
         rank, world_size: this process's shard.
         names: dataset names (logs, errors, ``dataset_name`` of the outputs).
         default_tasks: ``task`` set on outputs that lack one (``None``: leave as is).
+        start_step: first step yielded (the earlier ones are replayed index-only and skipped).
     """
 
     def __init__(
@@ -141,6 +147,7 @@ class MixedTaskStream(IterableDataset):
         world_size: int = 1,
         names: Optional[Sequence[str]] = None,
         default_tasks: Optional[Sequence[Optional[str]]] = None,
+        start_step: int = 0,
     ) -> None:
         n = len(datasets)
         if n == 0:
@@ -164,6 +171,7 @@ class MixedTaskStream(IterableDataset):
         self.seed = int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
         self.default_tasks = list(default_tasks) if default_tasks is not None else [None] * n
+        self.start_step = int(start_step)
 
     def task_indices(self) -> Iterator[int]:
         """Infinite sequence of dataset indices, one per step; identical on every rank."""
@@ -218,15 +226,22 @@ class MixedTaskStream(IterableDataset):
         info = get_worker_info()
         num_workers, worker_id = (1, 0) if info is None else (info.num_workers, info.id)
         for step, (d, indices) in enumerate(self.schedule()):
-            if step % num_workers != worker_id:
-                continue  # another worker maps this step; DataLoader collects workers round-robin
+            if step < self.start_step or (step - self.start_step) % num_workers != worker_id:
+                continue  # skipped on resume, or another worker's step (collected round-robin)
             batch: List[Dict[str, Any]] = []
-            for slot, i in enumerate(indices):
-                out = self._map(d, i, step, slot)
-                # a mapper may give several samples per dataset item (an image's expressions),
-                # kept consecutive so the model can share their image encoding
-                batch.extend(out if isinstance(out, list) else [out])
+            with step_seeded_rngs(self.seed, self.rank, step):
+                for slot, i in enumerate(indices):
+                    out = self._map(d, i, step, slot)
+                    # several samples per item (an image's expressions) stay consecutive: shared encoding
+                    batch.extend(out if isinstance(out, list) else [out])
             yield batch
+
+
+def set_start_step(loader: DataLoader, step: int) -> None:
+    """Make a mixed-task ``loader`` start at ``step`` (resume); call it before ``iter(loader)``."""
+    if not isinstance(loader.dataset, MixedTaskStream):
+        raise TypeError(f"set_start_step needs a mixed-task loader, got a loader of {type(loader.dataset)}")
+    loader.dataset.start_step = int(step)
 
 
 def build_mixed_loader_from_datasets(
@@ -345,7 +360,7 @@ def _build_mixed_train_loader(
                         f"mixed-task loader: dataset {name!r} needs mapper {mapper_name!r}, "
                         f"which is not registered (known: {known})"
                     )
-                built[mapper_name] = MAPPER_REGISTRY.get(mapper_name)(cfg, True)
+                built[mapper_name] = guard_mapper(cfg, MAPPER_REGISTRY.get(mapper_name)(cfg, True), True)
             mapper = built[mapper_name]
         dataset_mappers.append(mapper)
         mapper_names.append(mapper_name)

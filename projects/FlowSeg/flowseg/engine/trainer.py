@@ -3,11 +3,16 @@
 Differences from ``DefaultTrainer`` (everything else, incl. hooks, ``resume_or_load``, ETA printing
 by ``CommonMetricPrinter``, is Detectron2's):
 
-* the train loader uses the mapper named by ``INPUT.DATASET_MAPPER_NAME`` (one training data set) or
-  :func:`flowseg.data.mixed.build_mixed_train_loader` (several, or ``DATALOADER.TASK_RATIOS`` set);
-  test loaders use the mapper of each test data set's kind (:mod:`flowseg.data.build`);
+* the train loader is :func:`flowseg.data.mixed.build_mixed_train_loader` (a seeded, step-indexed
+  stream that can resume mid-run; one training data set is read with the mapper named by
+  ``INPUT.DATASET_MAPPER_NAME``), or Detectron2's loader when ``DATALOADER.SAMPLER_TRAIN`` is not
+  ``TrainingSampler``; test loaders use the mapper of each test data set's kind
+  (:mod:`flowseg.data.build`);
+* checkpoints carry the RNG states and ``--resume`` continues the data stream where it stopped
+  (:mod:`flowseg.engine.resume`): kill + resume gives the weights of an uninterrupted run;
 * :func:`flowseg.engine.build_optimizer` and :func:`flowseg.engine.build_evaluator`;
-* ``test`` writes ``OUTPUT_DIR/metrics_<dataset>.json`` and ``OUTPUT_DIR/metrics_all.json``
+* ``test`` evaluates under ``DATALOADER.ON_BAD_SAMPLE`` (:mod:`flowseg.engine.skipping`) and writes
+  ``OUTPUT_DIR/metrics_<dataset>.json`` and ``OUTPUT_DIR/metrics_all.json``
   (``metrics.json`` is Detectron2's training log);
 * a non-finite loss raises :class:`NonFiniteLossError` on every rank before the optimizer step
   and the last checkpoint is kept (:mod:`flowseg.engine.hooks`).
@@ -18,12 +23,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 import weakref
+from collections import OrderedDict
 from typing import Any, Dict, List, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, TrainerBase, create_ddp_model, hooks
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
@@ -31,13 +37,16 @@ from detectron2.utils.events import EventWriter, TensorboardXWriter, get_event_s
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint.checkpointer import FlowSegCheckpointer
-from ..data.build import build_test_mapper, build_train_mapper
+from ..data.build import build_test_mapper, build_train_mapper, guard_mapper
+from ..data.mixed import build_mixed_train_loader
 from .ddp import ddp_kwargs
 from .evaluation import build_evaluator, check_num_classes, write_metrics_json
 from .freezing import apply_stage_freezing
 from .hooks import CheckedAMPTrainer, CheckedSimpleTrainer, NonFiniteLossError, SafePeriodicCheckpointer
 from .optimizer import build_optimizer
+from .resume import ExactResumeHook
 from .shared_features import SharedImageFeatureInference, build_grouped_test_loader
+from .skipping import BadSampleGuard, write_skipped
 
 __all__ = ["FlowSegTrainer", "resolve_amp"]
 
@@ -56,6 +65,12 @@ def resolve_amp(cfg: CfgNode) -> CfgNode:
         )
         cfg.SOLVER.AMP.ENABLED = False
     return cfg
+
+
+def _no_skip_reason(dataset_name: str) -> str:
+    if MetadataCatalog.get(dataset_name).get("evaluator_type", None) == "coco_panoptic_seg":
+        return "panoptic quality needs a prediction for every image of the panoptic json"
+    return ""
 
 
 def _shares_image_features(cfg: CfgNode) -> bool:
@@ -97,7 +112,8 @@ class FlowSegTrainer(DefaultTrainer):
         # FlowSeg's checkpointer: converts SAM / Mask2Former / earlier-stage checkpoints and
         # reports missing keys by component (DefaultTrainer made a plain one just before)
         self.checkpointer = FlowSegCheckpointer.from_checkpointer(self.checkpointer, cfg=self.cfg)
-        ret = super().build_hooks()
+        # first, so that the RNG state it keeps is taken before the checkpointer saves it
+        ret = [ExactResumeHook()] + super().build_hooks()
         for i, h in enumerate(ret):
             if type(h) is hooks.PeriodicCheckpointer:
                 ret[i] = SafePeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD)
@@ -126,25 +142,31 @@ class FlowSegTrainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg: CfgNode) -> Any:
         check_num_classes(cfg, cfg.DATASETS.TRAIN)
-        if (
-            len(cfg.DATASETS.TRAIN) > 1
-            or len(cfg.DATALOADER.TASK_RATIOS) > 0
-            or cfg.INPUT.EXPRESSIONS_PER_IMAGE > 1
-        ):
+        mixed = len(cfg.DATASETS.TRAIN) > 1 or len(cfg.DATALOADER.TASK_RATIOS) > 0
+        mixed = mixed or cfg.INPUT.EXPRESSIONS_PER_IMAGE > 1
+        if mixed or cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler":
             # stage 3: every batch from one task, drawn with DATALOADER.TASK_RATIOS (and the loader
-            # that reads referring data per image when EXPRESSIONS_PER_IMAGE > 1)
-            from ..data.mixed import build_mixed_train_loader  # local: only mixed-data runs need it
-
-            return build_mixed_train_loader(cfg)
-        return build_detection_train_loader(cfg, mapper=build_train_mapper(cfg))
+            # that reads referring data per image when EXPRESSIONS_PER_IMAGE > 1); one data set:
+            # the same seeded, step-indexed stream, which is what lets --resume continue it exactly
+            mappers = (
+                None if mixed else {cfg.DATASETS.TRAIN[0]: guard_mapper(cfg, build_train_mapper(cfg), True)}
+            )
+            return build_mixed_train_loader(cfg, mappers)
+        logger.warning(
+            "DATALOADER.SAMPLER_TRAIN=%s: Detectron2's training loader is used; --resume restarts "
+            "its sampler, so a resumed run will not repeat an uninterrupted one exactly.",
+            cfg.DATALOADER.SAMPLER_TRAIN,
+        )
+        return build_detection_train_loader(cfg, mapper=guard_mapper(cfg, build_train_mapper(cfg), True))
 
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str) -> Any:
         check_num_classes(cfg, [dataset_name])
+        mapper = guard_mapper(cfg, build_test_mapper(cfg, dataset_name), False)  # DATALOADER.ON_BAD_SAMPLE
         if _shares_image_features(cfg):
             # one image's expressions per batch (same samples, mapper and sharding)
-            return build_grouped_test_loader(cfg, dataset_name)
-        return build_detection_test_loader(cfg, dataset_name, mapper=build_test_mapper(cfg, dataset_name))
+            return build_grouped_test_loader(cfg, dataset_name, mapper=mapper)
+        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
 
     @classmethod
     def build_evaluator(
@@ -162,8 +184,23 @@ class FlowSegTrainer(DefaultTrainer):
                 max_expressions_per_pass=cfg.TEST.EXPRESSIONS_PER_PASS,
                 share_llm_prefix=cfg.TEST.SHARED_LLM_PREFIX,
             )
-        results = super().test(cfg, model, evaluators)
         names = list(cfg.DATASETS.TEST)
+        if evaluators is not None and len(evaluators) != len(names):
+            raise ValueError(f"{len(evaluators)} evaluators for {len(names)} data sets of DATASETS.TEST")
+        per_name: Dict[str, Any] = OrderedDict()
+        for i, name in enumerate(names):  # one at a time: skipped samples are counted per data set
+            guard = BadSampleGuard(model, cfg.DATALOADER.ON_BAD_SAMPLE, _no_skip_reason(name))
+            one = cfg.clone()
+            one.defrost()
+            one.DATASETS.TEST = (name,)
+            res = super().test(one, guard, None if evaluators is None else [evaluators[i]])
+            skipped = guard.pop_skipped()
+            if skipped:
+                res = {**res, "bad_samples": {"skipped": len(skipped)}}
+                if comm.is_main_process():
+                    write_skipped(cfg.OUTPUT_DIR, name, skipped)
+            per_name[name] = res
+        results = per_name[names[0]] if len(names) == 1 else per_name
         if comm.is_main_process() and cfg.TEST.SAVE_METRICS_JSON and names:
             # DefaultTrainer.test unwraps a single data set's results; wrap them again by name.
             per_dataset = {names[0]: results} if len(names) == 1 else dict(results)

@@ -6,7 +6,8 @@ documented in :mod:`flowseg.evaluation.metrics`.
 
 Every sentence of every ref is its own sample. The model's outputs are reduced to a few counts
 per sample in :meth:`process` (no masks are kept), gathered to the main process and aggregated
-there. With ``output_dir`` set, ``per_expression.json`` lists every sample's IoU / oracle IoU /
+there. When every ground-truth mask is empty a warning is logged and the metrics get
+``all_empty: True`` (empty-vs-empty counts IoU 1). With ``output_dir`` set, ``per_expression.json`` lists every sample's IoU / oracle IoU /
 Boundary IoU / score (failure-case analysis of Table 6: pick the samples where one model fails
 and re-score them with another's file) and ``metrics.json`` the results.
 """
@@ -129,6 +130,7 @@ class MaskRecordEvaluator(DatasetEvaluator):
             "intersection": inter,
             "union": union,
             "iou": float(iou_from_iu(inter, union)),
+            "gt_empty": not bool((gt if ignore is None else gt & ~ignore).any()),
         }
         record.update(self._extra_fields(inp, ref, SampleMasks(pred, gt, ignore)))
         return record
@@ -158,6 +160,14 @@ class MaskRecordEvaluator(DatasetEvaluator):
             logger.warning(f"{type(self).__name__} on {self._dataset_name}: no predictions received.")
             return {}
         metrics = self._summarize(records)
+        if all(r.get("gt_empty") for r in records):
+            # empty-vs-empty scores IoU 1 (LISA's rule): every metric would read 100 for any model
+            logger.warning(
+                f"{type(self).__name__} on {self._dataset_name}: the ground-truth masks of all "
+                f"{len(records)} samples are empty, so the metrics do not measure the model "
+                "(an empty prediction scores 100); check the annotations. Flagged as 'all_empty'."
+            )
+            metrics["all_empty"] = True
         logger.info(
             f"{type(self).__name__} on {self._dataset_name} ({len(records)} samples):\n"
             + create_small_table(metrics)

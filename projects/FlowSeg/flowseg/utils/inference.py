@@ -13,13 +13,13 @@ import os
 from typing import Any, List, Optional, Sequence
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import build_model
 
+from ..checkpoint.checkpointer import FlowSegCheckpointer
 from ..config import add_flowseg_config
 
-__all__ = ["add_opts_argument", "check_cfg_args", "build_cfg", "load_model"]
+__all__ = ["add_opts_argument", "check_cfg_args", "check_device", "build_cfg", "load_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +62,36 @@ def build_cfg(config_file: str, weights: Optional[str] = None, opts: Sequence[An
     return cfg
 
 
+def check_device(cfg: CfgNode) -> None:
+    """Raise ``ValueError`` naming ``MODEL.DEVICE`` when it asks for CUDA that this torch lacks."""
+    device = str(cfg.MODEL.DEVICE)
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        build = (
+            "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, no GPU visible"
+        )
+        raise ValueError(
+            f"MODEL.DEVICE is {device!r} but torch {torch.__version__} ({build}) has no CUDA device: "
+            "set MODEL.DEVICE cpu (e.g. append `MODEL.DEVICE cpu` to the command line)"
+        )
+    index = device.partition(":")[2]
+    if index and int(index) >= torch.cuda.device_count():
+        raise ValueError(
+            f"MODEL.DEVICE is {device!r} but only {torch.cuda.device_count()} CUDA device(s) exist"
+        )
+
+
 def load_model(cfg: CfgNode, log: logging.Logger = logger) -> torch.nn.Module:
-    """``build_model(cfg)`` with ``cfg.MODEL.WEIGHTS`` loaded (Detectron2's non-strict load), eval mode.
+    """``build_model(cfg)`` with ``cfg.MODEL.WEIGHTS`` loaded by ``FlowSegCheckpointer``, eval mode.
 
     With no weights the model stays randomly initialised, with a warning on ``log``.
     """
+    check_device(cfg)
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        # FlowSeg's checkpointer: converted sources, and a checkpoint of another config is an error
+        FlowSegCheckpointer(model, cfg=cfg).load(cfg.MODEL.WEIGHTS)
     else:
         log.warning("MODEL.WEIGHTS is empty: the model is randomly initialised")
     return model.eval()

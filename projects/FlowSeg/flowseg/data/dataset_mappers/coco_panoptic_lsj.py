@@ -29,8 +29,11 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from panopticapi.utils import rgb2id
 
 from ..build import MAPPER_REGISTRY
+from ..datasets.validation import check_panoptic_segments
+from ..image_io import read_image
 
 __all__ = [
+    "CheckedPanopticTestMapper",
     "COCOPanopticLSJDatasetMapper",
     "build_coco_panoptic_mapper",
     "build_coco_panoptic_test_mapper",
@@ -88,7 +91,7 @@ class COCOPanopticLSJDatasetMapper:
 
     def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
         dataset_dict = copy.deepcopy(dataset_dict)  # it is modified below
-        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
+        image = read_image(dataset_dict["file_name"], format=self.image_format)
         utils.check_image_size(dataset_dict, image)
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)
@@ -100,7 +103,9 @@ class COCOPanopticLSJDatasetMapper:
 
         # The PNG is RGB-encoded ids: nearest-neighbour transforms keep the colours exact, and the
         # 255-padding of FixedSizeCrop decodes to an id that no segment uses.
-        pan = utils.read_image(dataset_dict.pop("pan_seg_file_name"), "RGB")
+        pan_file = dataset_dict.pop("pan_seg_file_name")
+        pan = read_image(pan_file, "RGB")
+        check_panoptic_segments(rgb2id(pan), dataset_dict["segments_info"], _where(pan_file, dataset_dict))
         pan_ids = rgb2id(transforms.apply_segmentation(pan))
         classes, masks = [], []
         for seg in dataset_dict["segments_info"]:
@@ -125,10 +130,28 @@ class COCOPanopticLSJDatasetMapper:
         return dataset_dict
 
 
+def _where(pan_file: str, d: Dict[str, Any]) -> str:
+    return f"panoptic PNG {pan_file} (image_id={d.get('image_id')}, image {d.get('file_name')})"
+
+
+class CheckedPanopticTestMapper(DatasetMapper):
+    """Detectron2's ``DatasetMapper`` that also checks the ground truth PQ will be computed on:
+    every ``segments_info`` id must occur in the panoptic PNG (else PQ counts an unmatchable
+    segment as a false negative without a word)."""
+
+    def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
+        pan_file = dataset_dict.get("pan_seg_file_name")
+        if pan_file and "segments_info" in dataset_dict:
+            pan_ids = rgb2id(read_image(pan_file, "RGB"))
+            check_panoptic_segments(pan_ids, dataset_dict["segments_info"], _where(pan_file, dataset_dict))
+        return super().__call__(dataset_dict)
+
+
 def build_coco_panoptic_test_mapper(cfg: CfgNode) -> DatasetMapper:
-    """Detectron2's ``DatasetMapper`` resizing the long side to ``INPUT.IMAGE_SIZE``."""
+    """Detectron2's ``DatasetMapper`` resizing the long side to ``INPUT.IMAGE_SIZE``
+    (:class:`CheckedPanopticTestMapper`: with the ground-truth check)."""
     size = cfg.INPUT.IMAGE_SIZE
-    return DatasetMapper(
+    return CheckedPanopticTestMapper(
         is_train=False,
         augmentations=[T.ResizeShortestEdge(short_edge_length=size, max_size=size)],
         image_format=cfg.INPUT.FORMAT,

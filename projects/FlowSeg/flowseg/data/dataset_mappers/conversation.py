@@ -28,10 +28,10 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 import torch
 from detectron2.config import configurable
-from detectron2.data import detection_utils as utils
 
 from ..build import MAPPER_REGISTRY
 from ..datasets.conversation import IMAGE_PLACEHOLDER, validate_conversation
+from ..image_io import read_image
 from .referring import resize_long_side
 
 __all__ = ["ConversationDatasetMapper", "strip_image_placeholder", "TEXT_ONLY_IMAGE_SIZE"]
@@ -88,7 +88,7 @@ class ConversationDatasetMapper:
     def _read_image(self, file_name: str, where: str) -> Tuple[np.ndarray, int, int]:
         """(resized image, original height, original width)."""
         try:
-            image = utils.read_image(file_name, format=self.image_format)
+            image = read_image(file_name, format=self.image_format)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{where}: image not found: {file_name}") from e
         except OSError as e:  # PIL's UnidentifiedImageError is an OSError

@@ -23,6 +23,7 @@ from detectron2.structures import BitMasks, Instances
 from PIL import Image
 
 from ..build import MAPPER_REGISTRY
+from ..image_io import read_image
 from .grouping import group_expressions_by_image, object_keys, objects_of, split_groups_by_objects
 
 __all__ = [
@@ -286,7 +287,7 @@ class ReferringDatasetMapper:
                 chosen = self._draw(candidates)
         else:
             chosen = [dataset_dict]
-        original = utils.read_image(chosen[0]["file_name"], format=self.image_format)
+        original = read_image(chosen[0]["file_name"], format=self.image_format)
         height, width = original.shape[:2]
         aug_input = T.AugInput(original)
         transforms = T.AugmentationList(self._augmentations(height, width))(aug_input)

@@ -21,6 +21,8 @@ from typing import Any, Dict, List, Tuple
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
+from .validation import check_phrase_markers, read_text_file
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -55,16 +57,10 @@ def _image_size(path: str) -> Tuple[int, int]:
 
 
 def _read_json(path: str) -> Any:
+    # UTF-8 (BOM allowed), else cp1252 with a warning: some published ReasonSeg files are cp1252
+    text = read_text_file(path, "ReasonSeg")
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except UnicodeDecodeError:
-        # Some published ReasonSeg files are cp1252-encoded (LISA reads them the same way).
-        try:
-            with open(path, encoding="cp1252") as f:
-                return json.load(f)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"ReasonSeg: {path} is not valid JSON: {e}") from e
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"ReasonSeg: {path} is not valid JSON: {e}") from e
 
@@ -114,6 +110,7 @@ def parse_reasonseg_json(path: str) -> Dict[str, Any]:
     for i, t in enumerate(texts):
         if not isinstance(t, str) or not t.strip():
             raise ValueError(f"ReasonSeg: query {i} in {path} is not a non-empty string")
+        check_phrase_markers(t, f"ReasonSeg: query {i} in {path}")
     is_sentence = anno.get("is_sentence")
     if not isinstance(is_sentence, bool):
         raise ValueError(f"ReasonSeg: {path} has no boolean 'is_sentence' (got {is_sentence!r})")

@@ -26,6 +26,8 @@ from typing import Any, Dict, List, Optional
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from .validation import check_phrase_markers, segmentation_problem
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -160,9 +162,10 @@ def load_refer_dataset(
                 f"which is not in {inst_path}"
             )
         segm = ann.get("segmentation")
-        if not segm:  # None, [] or {} are all unusable ground truth
+        problem = segmentation_problem(segm)  # [[]], 2-point or zero-area polygons, empty RLE
+        if problem:
             raise ValueError(
-                f"refer dataset: annotation id={ann_id} in {inst_path} (ref_id={ref_id}) has no segmentation"
+                f"refer dataset: annotation id={ann_id} in {inst_path} (ref_id={ref_id}) has {problem}"
             )
         image_id = ann.get("image_id", ref.get("image_id"))
         if ref.get("image_id") is not None and ref["image_id"] != image_id:
@@ -204,6 +207,8 @@ def load_refer_dataset(
                     f"refer dataset: sentence {i} (sent_id={sent_id}) of ref_id={ref_id} "
                     f"in {refs_path} has no text"
                 )
+            where = f"refer dataset: sentence sent_id={sent_id} of ref_id={ref_id} in {refs_path}"
+            check_phrase_markers(text, where)
             texts.append((text, sent_id))
         if dedup_sentences:
             texts = _dedup_sentences(texts)

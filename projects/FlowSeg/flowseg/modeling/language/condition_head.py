@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from torch import nn
 
+from ...utils.bad_samples import BadSampleError, describe_sample
 from ..backbone.sam_vit import sam_vit_embed_dim
 from ..registry import CONDITION_HEAD_REGISTRY
 from .llm import LoraSettings, load_causal_lm, load_tokenizer, parse_dtype, setup_trainable
@@ -184,18 +185,27 @@ class LLMConditionHead(nn.Module):
         return {P_START: t.p_start, P_END: t.p_end, SEG: t.seg, "<image>": t.image}
 
     def encode(self, batched_inputs: Sequence[dict[str, Any]]) -> list[EncodedPrompt]:
-        """Tokenise each sample (text tokens only; image tokens are inserted in :meth:`forward`)."""
-        return [
-            encode_sample(
-                self.tokenizer,
-                x,
-                self.token_ids,
-                with_image=self.vision_encoder is not None,
-                max_length=self.max_length,
-                style=self.prompt_style,
-            )
-            for x in batched_inputs
-        ]
+        """Tokenise each sample (text tokens only; image tokens are inserted in :meth:`forward`).
+
+        A sample whose text cannot be used (empty, unbalanced ``<p>`` markers, longer than
+        ``max_length``) raises :class:`~flowseg.utils.bad_samples.BadSampleError` naming it.
+        """
+        encoded = []
+        for x in batched_inputs:
+            try:
+                encoded.append(
+                    encode_sample(
+                        self.tokenizer,
+                        x,
+                        self.token_ids,
+                        with_image=self.vision_encoder is not None,
+                        max_length=self.max_length,
+                        style=self.prompt_style,
+                    )
+                )
+            except ValueError as e:
+                raise BadSampleError(f"{describe_sample(x)}: {e}") from e
+        return encoded
 
     def _decoder(self) -> nn.Module | None:
         base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm

@@ -62,6 +62,7 @@ PLAIN_ANSWER = " {answer}"
 PROMPT_STYLES = ("flowseg", "xsam")
 
 _MARKER_RE = re.compile(re.escape(P_START) + "|" + re.escape(P_END))
+_EMPTY_SPAN_RE = re.compile(re.escape(P_START) + r"\s*" + re.escape(P_END))
 
 
 # ----------------------------------------------------------------------------- phrase markers
@@ -148,6 +149,8 @@ def build_instruction(sample: dict[str, Any]) -> str:
         phrases = []
         for e in sample["expressions"]:
             e = _strip_image_placeholder(str(e))
+            if not e.strip():
+                raise ValueError(f"a packed expression of a {task!r} sample is empty")
             if _MARKER_RE.search(e) or SEG in e:
                 raise ValueError(f"packed expression {e!r} contains a special token")
             phrases.append(f"{P_START}{e}{P_END}")
@@ -156,7 +159,11 @@ def build_instruction(sample: dict[str, Any]) -> str:
     if expression is None:
         raise ValueError(f"a {task!r} sample needs an 'expression'")
     expression = _strip_image_placeholder(str(expression))
+    if task in SEGMENTATION_TASKS and not _EMPTY_SPAN_RE.sub("", expression).strip():
+        raise ValueError(f"the expression of a {task!r} sample is empty ({expression!r}): nothing to segment")
     if count_phrase_spans(expression) and task in SEGMENTATION_TASKS:
+        if _EMPTY_SPAN_RE.search(expression):
+            raise ValueError(f"empty {P_START}{P_END} phrase in {expression!r}")
         return expression
     # str.replace, not str.format: expressions may contain braces.
     return template.replace("{expression}", expression)
