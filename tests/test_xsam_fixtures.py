@@ -94,6 +94,8 @@ def test_stage1_fixture_holds_its_dataset_and_pq() -> None:
     coco = json.loads(fx["dataset_files"]["panoptic_val.json"])
     assert coco == fx["coco_panoptic"]
     assert 0.0 < fx["xsam_pq"]["All"]["pq"] < 1.0
+    sensitivity = fx["sensitivity_to_1e-6_weight_noise"]
+    assert sensitivity["class_queries_logits"] < 1e-4 and sensitivity["category_changed_pixels"] == 0
     num_classes = len(coco["categories"])
     assert fx["state_dict"]["segmentor.class_predictor.predictor.weight"].shape[0] == num_classes + 1
     for image, result in zip(coco["images"], fx["outputs"]["per_image"]):
