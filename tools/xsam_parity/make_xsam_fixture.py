@@ -2,10 +2,11 @@
 
 This script is run OUTSIDE FlowSeg's environment, in an environment made for X-SAM's
 published code, and imports X-SAM's modules from a local checkout. It never copies X-SAM's
-code: it only builds X-SAM's classes with tiny random configurations, runs X-SAM's own
-data path (its ``ImgRefSegDataset`` item building, ``xsam_collate_fn``, ``XSamModel``
-forward in ``mode="tensor"`` with ``do_postprocess=True``, exactly what X-SAM's
-``ValLoop`` does for RefCOCO evaluation) and records what comes out.
+code: it builds X-SAM's classes with tiny random configurations, trains them a few steps with
+X-SAM's own loss, runs X-SAM's own evaluation path (its dataset classes, ``xsam_collate_fn``,
+``XSamModel`` in ``mode="tensor"`` with ``do_postprocess=True``, as X-SAM's ``ValLoop`` does;
+for stage 1 also its panoptic evaluator) and records what comes out. What the fixtures hold and
+what they show about X-SAM is in this folder's README.md.
 
 X-SAM source: github ``wanghao9610/X-SAM``, commit
 ``2e76946bcd690d40ac473a50753ac23e1a138330`` (2026-07-13)::
@@ -19,7 +20,8 @@ X-SAM's Mask2Former falls back to its PyTorch implementation by itself)::
     python3 -m venv /work/xsam_env
     /work/xsam_env/bin/pip install torch==2.13.0 transformers==4.57.1 mmengine==0.10.6 \
         peft scipy tokenizers einops loguru safetensors pycocotools opencv-python-headless \
-        "numpy>=2,<2.4" "huggingface-hub>=0.34,<1.0" "datasets>=3.2,<4.1" "pandas>=2.2.3"
+        scikit-learn tabulate pycocoevalcap "numpy>=2,<2.4" "huggingface-hub>=0.34,<1.0" \
+        "datasets>=3.2,<4.1" "pandas>=2.2.3"
     /work/xsam_env/bin/pip install --no-deps panopticapi-lite
 
 (``torch==2.13.0`` must resolve to the CPU wheel; ``panopticapi-lite`` provides the
@@ -32,7 +34,8 @@ Command (writes ``tests/fixtures/xsam_tiny_{qwen3,phi3,stage1}.pt`` and ``.json`
     nice -n 15 /work/xsam_env/bin/python tools/xsam_parity/make_xsam_fixture.py \
         --xsam-root /work/xsam_src/xsam --out-dir tests/fixtures
 
-Everything is seeded; two runs give bit-identical tensors on the same machine.
+Everything is seeded; two runs give bit-identical fixtures on the same machine (about four
+minutes on two shared cores).
 """
 
 from __future__ import annotations
