@@ -314,8 +314,9 @@ class FlowSeg(nn.Module):
             if self.return_candidates:
                 cand = self._upsample(pred_masks[b][None], images)[0]
                 cand = sem_seg_postprocess(cand, image_size, height, width) > 0
-                # the selected query's candidate is what was output (BAR-refined), so the oracle
-                # (best candidate, Table 5) is an upper bound of the selection by construction
+                # the selected query's candidate is what was output (BAR-refined), so each
+                # sample's oracle IoU (best candidate, Table 5) is at least its IoU: oracle gIoU
+                # bounds gIoU (oracle cIoU, a ratio of sums, bounds nothing)
                 cand[ref["query"]] = ref["mask"]
                 ref["candidates"] = cand
             results.append({"ref_seg": ref, "ref_segs": per_cond})
