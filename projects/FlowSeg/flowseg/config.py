@@ -57,6 +57,11 @@ def add_flowseg_config(cfg: CN) -> CN:
     cfg.TEST.SHARED_IMAGE_FEATURES = True
     cfg.TEST.SHARED_LLM_PREFIX = True
     cfg.TEST.EXPRESSIONS_PER_PASS = 16  # K of one LLM + decoder pass (memory bound)
+    # Referring inference: also return every query's mask at the original size
+    # (ref_seg["candidates"], [Q, H, W] bool) for the oracle cIoU / gIoU of the evaluator and
+    # tools/analysis/oracle_vs_selected.py. Off: only the selected mask(s) are upsampled (at 1024^2
+    # the candidates cost Q x 1024^2 floats per sample before thresholding).
+    cfg.TEST.RETURN_CANDIDATES = False
 
     # ---------------------------------------------------------------- segmentation encoder
     cfg.MODEL.SAM_VIT = CN()

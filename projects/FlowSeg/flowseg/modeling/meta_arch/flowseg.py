@@ -63,7 +63,7 @@ class FlowSeg(nn.Module):
         test_topk_per_image: int,
         llm_loss_weight: float = 1.0,
         seg_loss_weight: float = 1.0,
-        return_candidates: bool = True,
+        return_candidates: bool = False,
     ):
         super().__init__()
         if mode not in ("generic", "referring"):
@@ -127,6 +127,7 @@ class FlowSeg(nn.Module):
             "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "llm_loss_weight": cfg.MODEL.FLOWSEG.LLM_LOSS_WEIGHT,
             "seg_loss_weight": cfg.MODEL.FLOWSEG.SEG_LOSS_WEIGHT,
+            "return_candidates": cfg.TEST.RETURN_CANDIDATES,
         }
 
     @property
