@@ -49,6 +49,10 @@ def add_flowseg_config(cfg: CN) -> CN:
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
     cfg.SOLVER.LLM_MULTIPLIER = 1.0
+    # Periodic / final checkpoints hold what training changes plus the names and fingerprints of the
+    # frozen weights and the files they come from (MODEL.LLM.PATH, the MODEL.WEIGHTS the run started
+    # from, ...); loading one rebuilds the full model. False: full state dicts (~10 GB at paper size).
+    cfg.SOLVER.CHECKPOINT_TRAINABLE_ONLY = True
 
     cfg.TEST.SAVE_METRICS_JSON = True
     # Referring evaluation: image encoders (and the LLM's image prefix) run once per image and are

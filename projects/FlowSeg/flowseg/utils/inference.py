@@ -13,10 +13,10 @@ import os
 from typing import Any, List, Optional, Sequence
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import build_model
 
+from ..checkpoint.checkpointer import FlowSegCheckpointer
 from ..config import add_flowseg_config
 
 __all__ = ["add_opts_argument", "check_cfg_args", "build_cfg", "load_model"]
@@ -63,13 +63,16 @@ def build_cfg(config_file: str, weights: Optional[str] = None, opts: Sequence[An
 
 
 def load_model(cfg: CfgNode, log: logging.Logger = logger) -> torch.nn.Module:
-    """``build_model(cfg)`` with ``cfg.MODEL.WEIGHTS`` loaded (Detectron2's non-strict load), eval mode.
+    """``build_model(cfg)`` with ``cfg.MODEL.WEIGHTS`` loaded (non-strict, through
+    :class:`FlowSegCheckpointer`: trainable-only checkpoints included), eval mode.
 
     With no weights the model stays randomly initialised, with a warning on ``log``.
     """
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        # FlowSeg's checkpointer: converts SAM / Mask2Former files and rebuilds the full model from a
+        # trainable-only checkpoint (its frozen weights come from the files the config names)
+        FlowSegCheckpointer(model, cfg=cfg).load(cfg.MODEL.WEIGHTS)
     else:
         log.warning("MODEL.WEIGHTS is empty: the model is randomly initialised")
     return model.eval()
