@@ -264,18 +264,19 @@ def loaded_checkpoint_info(model: nn.Module) -> Dict[str, Any]:
 def checkpoint_bytes(
     model: nn.Module, cfg: Any, loaded: Optional[Mapping[str, Any]] = None
 ) -> Dict[str, int]:
-    """Bytes of the model tensors in a full vs a trainable-only checkpoint (shapes and dtypes only:
-    works on the meta device; optimizer state and pickling overhead not included)."""
-    full = model.state_dict()
+    """Bytes of the model tensors in a full vs a trainable-only checkpoint, and of AdamW's two
+    moments (fp32) of the trainable parameters, which training checkpoints add to both. Shapes and
+    dtypes only: works on the meta device. Tied weights count once, as ``torch.save`` stores them."""
     groups, _, _ = frozen_sources(model, cfg, loaded)
     left_out = {k for keys in groups.values() for k in keys}
-    seen, total, kept = set(), 0, 0
-    for k, v in full.items():
-        key = (v.data_ptr(), v.dtype, tuple(v.shape)) if v.device.type != "meta" else k
-        if key in seen:
-            continue  # tied weights are stored once by torch.save
-        seen.add(key)
-        n = v.numel() * v.element_size()
-        total += n
-        kept += 0 if k in left_out else n
-    return {"full": total, "trainable_only": kept}
+    params = dict(model.named_parameters(remove_duplicate=True))
+    all_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    buffers = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in all_names}
+    full = kept = optim = 0
+    for name, t in list(params.items()) + list(buffers.items()):
+        n = t.numel() * t.element_size()
+        full += n
+        kept += 0 if name in left_out else n
+        if name in params and t.requires_grad:
+            optim += 2 * 4 * t.numel()
+    return {"full": full, "trainable_only": kept, "optimizer": optim}

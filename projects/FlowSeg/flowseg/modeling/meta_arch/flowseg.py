@@ -156,10 +156,16 @@ class FlowSeg(nn.Module):
             )
         return list(names)
 
-    def encode_conditions(self, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
+    def encode_conditions(
+        self,
+        batched_inputs: List[Dict],
+        image_index: Optional[torch.Tensor] = None,
+        share_llm_prefix: bool = False,
+    ) -> Dict[str, torch.Tensor]:
         """Run the condition head. Generic samples (generic mode, or panoptic batches of mixed
         stage-3 training in referring mode) get every category name as one ``<p>`` span, so
-        condition k is class k."""
+        condition k is class k. ``image_index`` / ``share_llm_prefix``: see
+        :meth:`LLMConditionHead.forward` (``image_index``, ``share_prefix``)."""
         if self.condition_head is None:
             return {}
         inputs = []
@@ -168,7 +174,12 @@ class FlowSeg(nn.Module):
                 names = x.get("class_names") or self._class_names(x.get("dataset_name"))
                 x = {**x, "task": "generic", "class_names": names}
             inputs.append(x)
-        cond = self.condition_head(inputs)
+        kwargs: Dict[str, object] = {}  # only when used: a custom head need not take them
+        if image_index is not None:
+            kwargs["image_index"] = image_index
+        if share_llm_prefix:
+            kwargs["share_prefix"] = True
+        cond = self.condition_head(inputs, **kwargs)
         if self.mode == "referring" and not bool(cond["condition_mask"].any(dim=1).all()):
             raise ValueError("a referring/reasoning sample produced no condition embedding (empty <p> span?)")
         return cond
@@ -191,12 +202,15 @@ class FlowSeg(nn.Module):
         images: ImageList,
         return_intermediates: bool = False,
         image_index: Optional[torch.Tensor] = None,
+        share_llm_prefix: bool = False,
     ) -> Tuple[Dict, Dict]:
         """Encoder, condition head and decoder. ``images`` has one entry per input, or, with
         ``image_index`` ([B], from :meth:`preprocess_shared_images`), one per unique image: the
-        encoder and pixel decoder then run once per image and the decoder per input."""
+        encoder, pixel decoder and vision tower then run once per image and the decoder per input.
+        ``share_llm_prefix`` (inference): the LLM runs once over the prompt prefix the inputs
+        share (one image's expressions: chat prefix + image tokens)."""
         features = self.backbone(images.tensor)
-        cond = self.encode_conditions(batched_inputs)
+        cond = self.encode_conditions(batched_inputs, image_index, share_llm_prefix)
         seg_embed = None
         if "seg_embed" in cond:
             seg_embed = cond["seg_embed"] * cond["seg_mask"].unsqueeze(-1).to(cond["seg_embed"].dtype)
