@@ -233,3 +233,19 @@ def test_training_mode_and_generic_mode_call_the_model(setup):
     wrapper.eval()
     model.mode = "generic"  # nothing per expression to share: the model's own forward
     assert wrapper([x]) == ["plain"] and calls == [2, 1]
+
+
+def test_head_image_index_runs_the_tower_once_per_unique_image(setup):
+    head = _model(_cfg(setup["llm"])).condition_head
+    a = torch.randint(0, 255, (3, 40, 56), dtype=torch.uint8)
+    b = torch.randint(0, 255, (3, 40, 56), dtype=torch.uint8)
+    texts = ["the red circle", "the blue square", "the dog", "the cat"]
+    inputs = [{"image": img, "expression": t, "task": "referring"} for img, t in zip([a, a, b, b], texts)]
+    vision = _Calls(head.vision_encoder)
+    with torch.no_grad():
+        ref = head(inputs)
+        got = head(inputs, image_index=torch.tensor([0, 0, 1, 1]))
+    vision.handle.remove()
+    assert [o.shape[0] for o in vision.outputs] == [4, 2]  # per input, then per unique image
+    torch.testing.assert_close(got["conditions"], ref["conditions"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["seg_embed"], ref["seg_embed"], atol=1e-5, rtol=1e-5)

@@ -288,16 +288,10 @@ def _pick(tokens: Dict[str, int], tasks: Sequence[str]) -> str:
     return max(pool, key=lambda t: (tokens.get(t, 0), t))
 
 
-def _autocast(cfg: Any):
-    import contextlib
-
-    if cfg.SOLVER.AMP.ENABLED:  # as the GPU run's AMP, in bf16 (the CPU's autocast type)
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def run_on_cpu(cfg: Any, samples: Dict[str, Dict[str, Any]], tokens: Dict[str, int]) -> Dict[str, Any]:
-    """One training step and one inference on the CPU: time (s) and peak RSS (bytes) of each."""
+    """One training step and one inference on the CPU: time (s) and peak RSS (bytes) of each.
+    As ``train_net.py`` on a CPU: AMP off (the segmentor in fp32), the LLM / tower in
+    ``MODEL.LLM.TORCH_DTYPE``."""
     from detectron2.modeling import build_model
     from flowseg.engine import build_optimizer
     from flowseg.engine.freezing import apply_stage_freezing
@@ -319,8 +313,7 @@ def run_on_cpu(cfg: Any, samples: Dict[str, Dict[str, Any]], tokens: Dict[str, i
     model.train()
     with PeakRSS() as mem:
         t0 = time.perf_counter()
-        with _autocast(cfg):
-            losses = model(batch)
+        losses = model(batch)
         loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -333,8 +326,7 @@ def run_on_cpu(cfg: Any, samples: Dict[str, Dict[str, Any]], tokens: Dict[str, i
     model.eval()
     with PeakRSS() as mem, torch.no_grad():
         t0 = time.perf_counter()
-        with _autocast(cfg):
-            result = model([samples[task]])[0]
+        result = model([samples[task]])[0]
         out["inference"] = {"task": task, "s": time.perf_counter() - t0, "outputs": sorted(result)}
     out["inference"].update(peak_rss=mem.peak, extra_rss=mem.extra)
     return out

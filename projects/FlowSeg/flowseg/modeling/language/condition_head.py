@@ -343,8 +343,9 @@ class LLMConditionHead(nn.Module):
     ) -> dict[str, Any]:
         """See the class docstring. ``compute_loss`` defaults to ``self.training``.
 
-        ``image_tokens``: the vision encoder's output for these inputs (``[B, N, D_vis]``, or
-        ``[1, N, D_vis]`` when all inputs show one image); the encoder is then not run.
+        ``image_tokens``: the vision encoder's output for these inputs (``[B, N, D_vis]``, one row
+        per unique image with ``image_index``, or ``[1, N, D_vis]`` when all inputs show one
+        image); the encoder is then not run.
         ``image_index`` ([B] long): input b shows unique image ``image_index[b]`` (e.g. an image's
         expressions, :meth:`FlowSeg.preprocess_shared_images`): the encoder and ``φ_vis`` run once
         per unique image, on its first input.
