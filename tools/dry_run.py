@@ -298,6 +298,7 @@ def run_on_cpu(cfg: Any, samples: Dict[str, Dict[str, Any]], tokens: Dict[str, i
     from flowseg.utils.memory import PeakRSS
 
     out: Dict[str, Any] = {}
+    _progress(f"{cfg.OUTPUT_DIR}: building the model")
     with PeakRSS() as mem:
         t0 = time.perf_counter()
         torch.manual_seed(0)
@@ -311,6 +312,9 @@ def run_on_cpu(cfg: Any, samples: Dict[str, Dict[str, Any]], tokens: Dict[str, i
     batch = [_with_instances(samples[task], num_classes)]
     optimizer = build_optimizer(cfg, model)
     model.train()
+    _progress(
+        f"training step ({task}, {tokens.get(task, 0)} prompt tokens) after {out['build_s']:.0f} s of build"
+    )
     with PeakRSS() as mem:
         t0 = time.perf_counter()
         losses = model(batch)
@@ -324,12 +328,17 @@ def run_on_cpu(cfg: Any, samples: Dict[str, Dict[str, Any]], tokens: Dict[str, i
     test_tasks = [t for t in _tasks_of(cfg, cfg.DATASETS.TEST) if t in samples and t != "conversation"]
     task = _pick(tokens, test_tasks or [t for t in samples if t != "conversation"])
     model.eval()
+    _progress(f"inference ({task}) after a {out['train']['s']:.0f} s training step")
     with PeakRSS() as mem, torch.no_grad():
         t0 = time.perf_counter()
         result = model([samples[task]])[0]
         out["inference"] = {"task": task, "s": time.perf_counter() - t0, "outputs": sorted(result)}
     out["inference"].update(peak_rss=mem.peak, extra_rss=mem.extra)
     return out
+
+
+def _progress(msg: str) -> None:
+    print(f"[dry_run {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def _tasks_of(cfg: Any, names: Sequence[str]) -> List[str]:
