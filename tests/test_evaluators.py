@@ -157,13 +157,14 @@ def test_referring_evaluator_known_answer():
     assert r["Pr@0.8"] == pytest.approx(100 / 3)
     assert r["Pr@0.9"] == pytest.approx(0.0)
     assert r["oracle_cIoU"] == pytest.approx(100 * (2 + 4 + 6) / (2 + 5 + 10))
+    assert r["oracle_gIoU"] == pytest.approx(100 * (1.0 + 0.8 + 0.6) / 3)
     # 4x4 masks: d = 1, so each band is the mask minus its 1-px erosion (zero-padded border).
     #   A: GT band = GT (2 px), pred band = pred (4 px): I=2, U=4
     #   B: GT band = GT (4 px, a 2x2 block erodes to nothing); pred band = pred (5 px): I=4, U=5
     #   C: GT band = GT (6 px); pred band = pred (10 px, nothing survives a 3x3 erosion): I=6, U=10
     assert r["cBIoU"] == pytest.approx(100 * 12 / 19)
     assert r["gBIoU"] == pytest.approx(100 * 1.9 / 3)
-    assert set(r) == {"cIoU", "gIoU", "cBIoU", "gBIoU", "oracle_cIoU", "num_samples"} | {
+    assert set(r) == {"cIoU", "gIoU", "cBIoU", "gBIoU", "oracle_cIoU", "oracle_gIoU", "num_samples"} | {
         f"Pr@{t}" for t in (0.5, 0.6, 0.7, 0.8, 0.9)
     }
 
@@ -177,12 +178,62 @@ def test_referring_empty_empty_counts_one():
     assert r["gBIoU"] == pytest.approx(100 * 2.9 / 4)
     assert r["Pr@0.9"] == pytest.approx(25.0)
     assert r["oracle_cIoU"] == pytest.approx(100 * 12 / 17)  # best for D: the empty candidate
+    assert r["oracle_gIoU"] == pytest.approx(100 * 3.4 / 4)
 
 
 def test_referring_without_candidates_reports_no_oracle_and_gather_path():
     _, res = _run_referring(candidates=False, distributed=True)  # world size 1: comm.gather path
-    assert "oracle_cIoU" not in res["referring"]
+    assert "oracle_cIoU" not in res["referring"] and "oracle_gIoU" not in res["referring"]
     assert res["referring"]["cIoU"] == pytest.approx(100 * 12 / 19)
+
+
+def _rows(*spans):
+    """20x20 mask with rows [a, b) set for each (a, b), or (row, c0, c1) for a part of one row."""
+    m = np.zeros((20, 20), bool)
+    for span in spans:
+        if len(span) == 2:
+            m[span[0] : span[1]] = True
+        else:
+            m[span[0], span[1] : span[2]] = True
+    return m
+
+
+def test_oracle_giou_bounds_giou_but_oracle_ciou_does_not_bound_ciou():
+    """Two samples. A: the selected mask covers 10 of the 100 GT pixels (I=10, U=100, IoU 0.10);
+    another candidate covers 30 GT pixels plus 100 outside (I=30, U=200, IoU 0.15) and is the
+    oracle's pick. B: the selected mask is the GT (I=U=100). Per sample the oracle is never worse,
+    so oracle gIoU >= gIoU; but A's oracle union doubles, so oracle cIoU (130/300) < cIoU (110/200)."""
+    gt = _rows((0, 5))
+    sel_a = _rows((0, 0, 10))
+    better_a = _rows((0, 1), (1, 0, 10), (10, 15))
+    assert M.intersection_union(sel_a, gt) == (10, 100) and M.intersection_union(better_a, gt) == (30, 200)
+    ev = ReferringEvaluator("x", distributed=False)
+    ev.reset()
+    ev.process([_inp(0, gt), _inp(1, gt)], [_out(sel_a, 0.9, [sel_a, better_a]), _out(gt, 0.9, [gt])])
+    r = ev.evaluate()["referring"]
+    assert r["gIoU"] == pytest.approx(100 * (0.10 + 1.0) / 2)
+    assert r["oracle_gIoU"] == pytest.approx(100 * (0.15 + 1.0) / 2)
+    assert r["oracle_gIoU"] >= r["gIoU"]
+    assert r["cIoU"] == pytest.approx(100 * 110 / 200)
+    assert r["oracle_cIoU"] == pytest.approx(100 * 130 / 300)
+    assert r["oracle_cIoU"] < r["cIoU"]  # the counter-example: no bound for a ratio of sums
+
+
+def test_oracle_giou_bound_holds_on_random_samples():
+    """Per sample the oracle maximises IoU over candidates that include the selected mask, so oracle
+    gIoU >= gIoU whatever the masks (random 8x8 samples, 5 candidates each)."""
+    rng = np.random.default_rng(0)
+    ev = ReferringEvaluator("x", distributed=False)
+    ev.reset()
+    for i in range(40):
+        gt = rng.random((8, 8)) < rng.random()
+        cands = rng.random((5, 8, 8)) < rng.random((5, 1, 1))
+        sel = int(rng.integers(5))
+        ev.process([_inp(i, gt)], [_out(cands[sel], 0.5, list(cands))])
+    r = ev.evaluate()["referring"]
+    assert r["oracle_gIoU"] >= r["gIoU"]
+    recs = ev._records
+    assert all(x["oracle_iou"] >= x["iou"] for x in recs)
 
 
 def test_referring_boundary_iou_aggregation():

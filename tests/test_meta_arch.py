@@ -110,7 +110,7 @@ def test_referring_inference_returns_selected_mask_score_and_candidates(llm_path
     ref = out[0]["ref_seg"]
     assert ref["mask"].shape == (150, 200) and ref["mask"].dtype == torch.bool
     assert ref["candidates"].shape == (model.num_queries, 150, 200)
-    # the selected candidate is the output mask itself (BAR-refined), so oracle >= selected
+    # the selected candidate is the output mask itself (BAR-refined): per sample, oracle IoU >= IoU
     assert torch.equal(ref["candidates"][ref["query"]], ref["mask"])
     # the selected query is the argmax of p(condition 0 | q) and its mask is that candidate's
     prob = outputs["pred_logits"][0].softmax(-1)[:, 0]

@@ -1,6 +1,7 @@
 """Evaluation with image features shared across the expressions of an image
-(:mod:`flowseg.engine.shared_features`): same outputs as the per-expression path, one encoder
-pass per image, correct grouping and sharding."""
+(:mod:`flowseg.engine.shared_features` grouping, the model's own sharing in ``FlowSeg.run_head`` and
+``LLMConditionHead.forward``): same outputs as the per-expression path, one encoder pass per image
+pass, correct grouping and sharding."""
 
 import time
 
@@ -17,7 +18,6 @@ from flowseg.engine.shared_features import (
     GroupedInferenceSampler,
     SharedImageFeatureInference,
     build_grouped_test_loader,
-    conditions_with_shared_prefix,
     evaluate_with_shared_features,
     group_consecutive_inputs,
 )
@@ -116,9 +116,10 @@ def test_grouped_outputs_equal_per_expression_and_encode_each_image_once(referen
     finally:
         for c in (backbone, vision, predictor):
             c.handle.remove()
-    assert len(backbone) == len(vision) == len(batches)  # once per image
+    assert len(backbone) == len(vision) == 2 * len(batches)  # once per pass (two per image)
     assert len(predictor) == 2 * len(batches)  # one decoder call per pass, batch = expressions
-    assert wrapper.images_encoded == len(batches) and wrapper.expressions == n
+    assert all(o.shape[0] == 1 for o in vision.outputs)  # the tower sees the image once per pass
+    assert wrapper.images_encoded == 2 * len(batches) and wrapper.expressions == n
     _assert_same_outputs(reference["outputs"], got)
     got_dec = [
         (o["pred_logits"][i], o["pred_masks"][i])
@@ -165,10 +166,25 @@ def test_prefix_shared_conditions_equal_the_heads(setup, opts):
     image = torch.randint(0, 255, (3, 40, 56), dtype=torch.uint8)
     texts = ["the red circle", "the blue square on the left", "<p>the dog</p> and <p>the cat</p>"]
     inputs = [{"image": image, "expression": t, "task": "referring"} for t in texts]
-    with torch.no_grad():
-        ref = head(inputs)
-        got = conditions_with_shared_prefix(head, inputs, None)
-    assert got is not None
+    index = torch.zeros(len(inputs), dtype=torch.long)
+    decoder = head._decoder()
+    lengths = []
+    hook = decoder.register_forward_hook(
+        lambda m, a, kw, o: lengths.append(kw["inputs_embeds"].shape), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            ref = head(inputs)
+            got = head(inputs, image_index=index, share_prefix=True)
+    finally:
+        hook.remove()
+    full = lengths.pop(0)  # [3, T]: the plain pass
+    if opts[0] != "none":
+        # then the LLM ran twice: over the shared prefix (batch 1, through the image tokens), then
+        # over the three rests on top of its cache, which together make the full sequences
+        assert len(lengths) == 2 and lengths[0][0] == 1 and lengths[1][0] == 3
+        assert lengths[0][1] > head.vision_encoder.num_tokens
+        assert lengths[0][1] + lengths[1][1] == full[1]
     for key in ("condition_mask", "seg_mask"):
         assert torch.equal(got[key], ref[key])
     assert got["span_positions"] == ref["span_positions"] and got["seg_positions"] == ref["seg_positions"]
@@ -217,3 +233,19 @@ def test_training_mode_and_generic_mode_call_the_model(setup):
     wrapper.eval()
     model.mode = "generic"  # nothing per expression to share: the model's own forward
     assert wrapper([x]) == ["plain"] and calls == [2, 1]
+
+
+def test_head_image_index_runs_the_tower_once_per_unique_image(setup):
+    head = _model(_cfg(setup["llm"])).condition_head
+    a = torch.randint(0, 255, (3, 40, 56), dtype=torch.uint8)
+    b = torch.randint(0, 255, (3, 40, 56), dtype=torch.uint8)
+    texts = ["the red circle", "the blue square", "the dog", "the cat"]
+    inputs = [{"image": img, "expression": t, "task": "referring"} for img, t in zip([a, a, b, b], texts)]
+    vision = _Calls(head.vision_encoder)
+    with torch.no_grad():
+        ref = head(inputs)
+        got = head(inputs, image_index=torch.tensor([0, 0, 1, 1]))
+    vision.handle.remove()
+    assert [o.shape[0] for o in vision.outputs] == [4, 2]  # per input, then per unique image
+    torch.testing.assert_close(got["conditions"], ref["conditions"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["seg_embed"], ref["seg_embed"], atol=1e-5, rtol=1e-5)

@@ -22,7 +22,8 @@ Reported for both (median of ``--reps`` after ``--warmup``, ``cuda.synchronize``
   scale, + BSF), the total without LoRA and BAR, the BSF delta and BAR's parameters;
 * inference latency per sample and its peak memory (``torch.cuda.max_memory_allocated``,
   weights included), batch 1, one 1024x768 image (a 640x480 COCO image resized to long side 1024)
-  and one RefCOCO-like expression, outputs at 640x480 with all 200 candidates (as in evaluation);
+  and one RefCOCO-like expression, outputs at 640x480 (the selected mask only, as evaluation
+  does with ``TEST.RETURN_CANDIDATES`` off; ``tools/candidates_cost.py`` measures the candidates);
 * GFLOPs of that forward with fvcore's ``FlopCountAnalysis`` (through Detectron2's tracing
   adapter), whole model and per component. fvcore counts one multiply-add as one flop. It has no
   rule for ``aten::scaled_dot_product_attention`` (LLM, SigLIP, and the decoder's

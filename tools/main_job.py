@@ -219,11 +219,11 @@ def gres_test(base: list, opts: list, weights: str, output_dir: str, metrics: di
 def save_overlays(config_file: str, opts: list, weights: str, dataset: str, out_dir: str, n: int) -> None:
     import cv2
     import torch
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.config import get_cfg
     from detectron2.data import DatasetCatalog
     from detectron2.modeling import build_model
     from flowseg import add_flowseg_config
+    from flowseg.checkpoint import FlowSegCheckpointer
     from flowseg.data.build import build_test_mapper
     from flowseg.evaluation.metrics import intersection_union, iou_from_iu
     from flowseg.utils.visualize import draw_referring_overlay
@@ -233,7 +233,7 @@ def save_overlays(config_file: str, opts: list, weights: str, dataset: str, out_
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(opts)
     model = build_model(cfg).eval()
-    DetectionCheckpointer(model).load(weights)
+    FlowSegCheckpointer(model, cfg=cfg).load(weights)  # trainable-only checkpoints too
     mapper = build_test_mapper(cfg, dataset)
     os.makedirs(out_dir, exist_ok=True)
     for i, d in enumerate(DatasetCatalog.get(dataset)[:n]):

@@ -1,7 +1,7 @@
 """Shared pieces of the analysis tools in ``tools/analysis``.
 
 * config + model: :func:`setup_cfg` (``--config-file``, ``--weights``, ``--opts KEY VALUE ...``)
-  and :func:`load_model` (``build_model`` + ``DetectionCheckpointer``, eval mode), both on top of
+  and :func:`load_model` (``build_model`` + ``FlowSegCheckpointer``, eval mode), both on top of
   :mod:`flowseg.utils.inference`;
 * data: :func:`iterate_dataset` runs a registered data set through the project's test mapper
   (the same inputs ``train_net.py --eval-only`` feeds the model), optionally only the first
@@ -131,7 +131,7 @@ def require_referring(cfg: CfgNode, config_file: str = "") -> None:
 
 
 def load_model(cfg: CfgNode) -> torch.nn.Module:
-    """``build_model(cfg)`` with ``cfg.MODEL.WEIGHTS`` loaded (Detectron2's non-strict load), eval mode."""
+    """``build_model(cfg)`` with ``cfg.MODEL.WEIGHTS`` loaded (non-strict; trainable-only files too), eval mode."""
     check_weights(cfg.MODEL.WEIGHTS)
     return inference.load_model(cfg, logger)
 

@@ -5,7 +5,9 @@ For each results file (``ReferringEvaluator``'s per-sample records, evaluated wi
 
 * selected cIoU = ΣI / ΣU of the selected masks, gIoU = mean per-sample IoU;
 * oracle cIoU / gIoU = the same with each sample's best-IoU candidate (``oracle_intersection``,
-  ``oracle_union``, ``oracle_iou``: the best of all queries' masks);
+  ``oracle_union``, ``oracle_iou``: the best of all queries' masks). Oracle gIoU is an upper
+  bound of gIoU (the selected mask is a candidate); oracle cIoU is not one of cIoU (a ratio of
+  sums: a better-IoU candidate with a larger union can lower it), so read the gap on gIoU;
 * semantic misalignment: a failure is a sample with IoU < ``fail_threshold`` (0.5); it is
   *misaligned* when its oracle IoU >= ``fail_threshold`` (a good candidate existed but another
   was selected). Share = misaligned failures / failures (over samples that have an oracle IoU).

@@ -50,6 +50,10 @@ def add_flowseg_config(cfg: CN) -> CN:
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
     cfg.SOLVER.LLM_MULTIPLIER = 1.0
+    # Periodic / final checkpoints hold what training changes plus the names and fingerprints of the
+    # frozen weights and the files they come from (MODEL.LLM.PATH, the MODEL.WEIGHTS the run started
+    # from, ...); loading one rebuilds the full model. False: full state dicts (~10 GB at paper size).
+    cfg.SOLVER.CHECKPOINT_TRAINABLE_ONLY = True
 
     cfg.TEST.SAVE_METRICS_JSON = True
     # Referring evaluation: image encoders (and the LLM's image prefix) run once per image and are
@@ -58,6 +62,11 @@ def add_flowseg_config(cfg: CN) -> CN:
     cfg.TEST.SHARED_IMAGE_FEATURES = True
     cfg.TEST.SHARED_LLM_PREFIX = True
     cfg.TEST.EXPRESSIONS_PER_PASS = 16  # K of one LLM + decoder pass (memory bound)
+    # Referring inference: also return every query's mask at the original size
+    # (ref_seg["candidates"], [Q, H, W] bool) for the oracle cIoU / gIoU of the evaluator and
+    # tools/analysis/oracle_vs_selected.py. Off: only the selected mask(s) are upsampled (at 1024^2
+    # the candidates cost Q x 1024^2 floats per sample before thresholding).
+    cfg.TEST.RETURN_CANDIDATES = False
 
     # ---------------------------------------------------------------- segmentation encoder
     cfg.MODEL.SAM_VIT = CN()

@@ -34,13 +34,13 @@ file layout, so ``--resume`` and the periodic checkpoints are unchanged) plus:
   when the model classifies by query–condition similarity instead, and so is the auxiliary
   segment classifier (``MODEL.MASK_FORMER.SEGMENT_AUX_WEIGHT``) when the model has none.
 
-**What a FlowSeg checkpoint contains.** The model's *full* state dict, the frozen LLM and vision
-tower included, even when ``MODEL.LLM.PATH`` also provides them. That keeps a checkpoint
-self-contained (evaluation and later stages do not depend on the LLM folder staying identical;
-full fine-tuning with ``MODEL.LLM.FREEZE False`` works the same way) at the price of size: for the
-paper's model about 10 GB per checkpoint (Qwen3-4B in bf16 ≈ 8 GB, SigLIP2-so400m ≈ 0.8 GB,
-SAM-L encoder + heads in fp32 ≈ 1.3 GB), plus the optimizer state of the trainable part in
-training checkpoints. Raise ``SOLVER.CHECKPOINT_PERIOD`` when disk space matters.
+**What a FlowSeg checkpoint contains.** With ``SOLVER.CHECKPOINT_TRAINABLE_ONLY`` (the default;
+``trainable_only=True``) the trainer's checkpoints hold what training changes plus the names and
+fingerprints of the frozen tensors and the files they come from (:mod:`.trainable`; loading one
+rebuilds the full model from those files). Otherwise, and for a checkpointer made without a config,
+a checkpoint is the model's *full* state dict (~10 GB at the paper's sizes: Qwen3-4B in bf16
+≈ 8 GB, SigLIP2-so400m ≈ 0.8 GB, SAM-L encoder + heads in fp32 ≈ 1.3 GB);
+``tools/export_full_checkpoint.py`` turns any checkpoint into one.
 """
 
 from __future__ import annotations
@@ -489,6 +489,7 @@ class FlowSegCheckpointer(DetectionCheckpointer):
         save_to_disk: Optional[bool] = None,
         cfg: Optional[CfgNode] = None,
         allow_partial: Optional[bool] = None,
+        trainable_only: Optional[bool] = None,
         **checkpointables: Any,
     ) -> None:
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
@@ -496,6 +497,9 @@ class FlowSegCheckpointer(DetectionCheckpointer):
         self.allow_partial = allow_partial
         self.last_report: Optional[LoadReport] = None
         self._source = ""
+        if trainable_only is None:  # the config decides; without one, full state dicts
+            trainable_only = bool(cfg is not None and cfg.SOLVER.get("CHECKPOINT_TRAINABLE_ONLY", False))
+        self.trainable_only = trainable_only
 
     @classmethod
     def from_checkpointer(
@@ -505,6 +509,33 @@ class FlowSegCheckpointer(DetectionCheckpointer):
         return cls(
             other.model, other.save_dir, save_to_disk=other.save_to_disk, cfg=cfg, **other.checkpointables
         )
+
+    # ------------------------------------------------------------------ writing
+    def save(self, name: str, **kwargs: Any) -> None:
+        """``Checkpointer.save``; with ``trainable_only`` the model part is
+        :func:`.trainable.trainable_state_dict` and the manifest of the frozen tensors is added."""
+        if not self.trainable_only:
+            return super().save(name, **kwargs)
+        from .trainable import MANIFEST_KEY, loaded_checkpoint_info, trainable_state_dict
+
+        if not self.save_dir or not self.save_to_disk:
+            return None
+        state, manifest = trainable_state_dict(self.model, self.cfg, loaded_checkpoint_info(self.model))
+        data: Dict[str, Any] = {"model": state, MANIFEST_KEY: manifest}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        save_file = os.path.join(self.save_dir, f"{name}.pth")
+        self.logger.info(
+            "Saving trainable-only checkpoint to %s (%d tensors; %d frozen ones named with their source)",
+            save_file,
+            manifest["num_saved"],
+            manifest["num_left_out"],
+        )
+        with self.path_manager.open(save_file, "wb") as f:
+            torch.save(data, f)
+        self.tag_last_checkpoint(os.path.basename(save_file))
+        return None
 
     # ------------------------------------------------------------------ reading
     def load(self, path: str, *args: Any, **kwargs: Any) -> Dict[str, Any]:
@@ -592,6 +623,10 @@ class FlowSegCheckpointer(DetectionCheckpointer):
 
     # ------------------------------------------------------------------ loading
     def _load_model(self, checkpoint: Any) -> _IncompatibleKeys:
+        from .trainable import note_loaded_checkpoint, restore_frozen_base
+
+        # a trainable-only checkpoint: its base loaded first, its frozen tensors filled in
+        checkpoint, pending = restore_frozen_base(self, checkpoint)
         model = _unwrap(self.model)
         state_dict: StateDict = dict(checkpoint["model"])
         self._convert_ndarray_to_tensor(state_dict)
@@ -655,6 +690,7 @@ class FlowSegCheckpointer(DetectionCheckpointer):
         self.last_report = report
         if report.incorrect_shapes and fmt == "flowseg" and not self._allow_partial():
             raise CheckpointShapeError(_shape_error(report))
+        note_loaded_checkpoint(model, pending, (k for k in state_dict if k not in unused | shape_skipped))
         return incompatible
 
     def _allow_partial(self) -> bool:

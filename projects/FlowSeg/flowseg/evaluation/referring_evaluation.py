@@ -1,8 +1,14 @@
 """Referring expression segmentation evaluator (RefCOCO / RefCOCO+ / RefCOCOg).
 
 Reports, in percent: cIoU, gIoU (FlowSeg Table 1), cBIoU / gBIoU (Boundary IoU, Table 7, 8),
-oracle cIoU (best candidate among all queries, Table 5), Pr@0.5..0.9. Metric conventions are
-documented in :mod:`flowseg.evaluation.metrics`.
+oracle cIoU and oracle gIoU (each sample's best-IoU candidate among all queries, Table 5; only
+when the model returns candidates, ``TEST.RETURN_CANDIDATES``), Pr@0.5..0.9. Metric conventions
+are documented in :mod:`flowseg.evaluation.metrics`.
+
+The oracle picks, per sample, the candidate of highest IoU. Since the selected mask is one of the
+candidates, each sample's oracle IoU is at least its IoU, so **oracle gIoU >= gIoU**. Oracle cIoU
+is no such bound: cIoU is a ratio of sums, and a candidate of higher IoU can have a larger union
+(two samples suffice: ``tests/test_evaluators.py``), so it can be below the selected cIoU.
 
 Every sentence of every ref is its own sample. The model's outputs are reduced to a few counts
 per sample in :meth:`process` (no masks are kept), gathered to the main process and aggregated
@@ -186,11 +192,13 @@ class MaskRecordEvaluator(DatasetEvaluator):
 
 
 class ReferringEvaluator(MaskRecordEvaluator):
-    """cIoU / gIoU / cBIoU / gBIoU / oracle cIoU / Pr@k of referring segmentation, in percent.
+    """cIoU / gIoU / cBIoU / gBIoU / oracle cIoU / oracle gIoU / Pr@k of referring segmentation, in
+    percent.
 
     Inputs need ``gt_mask`` (HxW at the original resolution) and may have ``ignore_mask``;
     outputs need ``ref_seg = {"mask": [H,W] bool, "score": float, "candidates": [N,H,W] bool
-    (optional: oracle cIoU)}``. Returns ``{"referring": {...}}`` on the main process.
+    (optional)}``. Without candidates no oracle value is reported (the keys are absent and the log
+    says why). Returns ``{"referring": {...}}`` on the main process.
     """
 
     task_key = "referring"
@@ -234,9 +242,13 @@ class ReferringEvaluator(MaskRecordEvaluator):
         if with_cand:
             if len(with_cand) < len(records):
                 logger.warning(
-                    f"oracle cIoU over the {len(with_cand)} of {len(records)} samples that have candidates"
+                    f"oracle cIoU / gIoU over the {len(with_cand)} of {len(records)} samples that have candidates"
                 )
-            res["oracle_cIoU"] = 100.0 * cumulative_iou(*_iu(with_cand, "oracle_"))
+            res["oracle_cIoU"], res["oracle_gIoU"] = ciou_giou(with_cand, "oracle_")
+        else:
+            logger.info(
+                "no oracle cIoU / gIoU: the outputs carry no candidates (TEST.RETURN_CANDIDATES is off)"
+            )
         for t, p in precision_at([r["iou"] for r in records], PR_THRESHOLDS).items():
             res[f"Pr@{t}"] = 100.0 * p
         res["num_samples"] = len(records)

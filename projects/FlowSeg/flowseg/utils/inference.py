@@ -83,14 +83,16 @@ def check_device(cfg: CfgNode) -> None:
 
 
 def load_model(cfg: CfgNode, log: logging.Logger = logger) -> torch.nn.Module:
-    """``build_model(cfg)`` with ``cfg.MODEL.WEIGHTS`` loaded by ``FlowSegCheckpointer``, eval mode.
+    """``build_model(cfg)`` with ``cfg.MODEL.WEIGHTS`` loaded by ``FlowSegCheckpointer`` (trainable-only
+    checkpoints included), eval mode.
 
     With no weights the model stays randomly initialised, with a warning on ``log``.
     """
     check_device(cfg)
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
-        # FlowSeg's checkpointer: converted sources, and a checkpoint of another config is an error
+        # FlowSeg's checkpointer: converted sources, the full model rebuilt from a trainable-only
+        # checkpoint, and a checkpoint of another config is an error
         FlowSegCheckpointer(model, cfg=cfg).load(cfg.MODEL.WEIGHTS)
     else:
         log.warning("MODEL.WEIGHTS is empty: the model is randomly initialised")

@@ -269,37 +269,6 @@ class LLMConditionHead(nn.Module):
             "seg_positions": seg_positions,
         }
 
-    def image_embeddings(
-        self,
-        batched_inputs: Sequence[dict[str, Any]],
-        image_tokens: torch.Tensor | None = None,
-        sam_tokens: torch.Tensor | None = None,
-    ) -> torch.Tensor | None:
-        """The tokens that replace ``<image>``: ``φ_vis`` of the vanilla encoder's tokens, then (dual
-        encoder) the SAM-token projector's, ``[B or 1, N_vis (+ N_sam), D_llm]``; ``None`` without a
-        vanilla encoder. ``image_tokens`` skips the vanilla encoder (see :meth:`forward`)."""
-        if self.vision_encoder is None:
-            return None
-        if image_tokens is None:
-            try:
-                images = [x["image"] for x in batched_inputs]
-            except KeyError:
-                raise ValueError("the vanilla encoder is enabled but a sample has no 'image'") from None
-            image_tokens = self.vision_encoder(images)
-        tokens = self.vis_projector(image_tokens)
-        if self.sam_projector is None:
-            return tokens
-        if sam_tokens is None:
-            raise ValueError(
-                "MODEL.LLM.SAM_TOKENS is enabled but no 'sam_tokens' were given: set "
-                "MODEL.SAM_VIT.RETURN_SAM_TOKENS so that the segmentation encoder returns them"
-            )
-        sam = self.sam_projector(pixel_unshuffle_tokens(sam_tokens, self.sam_downsample))
-        if sam.shape[0] != tokens.shape[0]:  # one image shared by all inputs, on either side
-            n = max(sam.shape[0], tokens.shape[0])
-            sam, tokens = sam.expand(n, -1, -1), tokens.expand(n, -1, -1)
-        return torch.cat([tokens, sam.to(tokens.dtype)], dim=1)
-
     def lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Next-token CE over positions whose target is an answer token (mean over those tokens).
 
@@ -316,35 +285,51 @@ class LLMConditionHead(nn.Module):
         return F.cross_entropy(logits, targets[valid])
 
     # ------------------------------------------------------------------------------ forward
-    def forward(
+    def image_embeddings(
         self,
         batched_inputs: Sequence[dict[str, Any]],
-        *,
-        compute_loss: bool | None = None,
-        return_hidden_states: bool = False,
         image_tokens: torch.Tensor | None = None,
         sam_tokens: torch.Tensor | None = None,
-    ) -> dict[str, Any]:
-        """See the class docstring. ``compute_loss`` defaults to ``self.training``.
+        image_index: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """The tokens that replace ``<image>``, one row per input ``[B, N_vis (+ N_sam), D_llm]``:
+        ``φ_vis`` of the vanilla encoder's tokens, then (dual encoder) the SAM-token projector's;
+        ``None`` without a vanilla encoder. The tower and the projectors run once per unique image
+        (``image_index``, see :meth:`forward`) or once for a single ``[1, ...]`` image.
+        ``image_tokens`` skips the vanilla encoder; ``sam_tokens``: the segmentation encoder's
+        ``[U or 1, C, h, w]`` map, one per unique image, required when ``sam_projector`` exists."""
+        if self.vision_encoder is None:
+            return None
+        if image_tokens is None:
+            firsts = list(range(len(batched_inputs)))
+            if image_index is not None:  # the first input of each unique image
+                firsts = [image_index.tolist().index(u) for u in range(int(image_index.max()) + 1)]
+            try:
+                image_tokens = self.vision_encoder([batched_inputs[i]["image"] for i in firsts])
+            except KeyError:
+                raise ValueError("the vanilla encoder is enabled but a sample has no 'image'") from None
+        tokens = self.vis_projector(image_tokens)
+        if self.sam_projector is not None:
+            if sam_tokens is None:
+                raise ValueError(
+                    "MODEL.LLM.SAM_TOKENS is enabled but no 'sam_tokens' were given: set "
+                    "MODEL.SAM_VIT.RETURN_SAM_TOKENS so that the segmentation encoder returns them"
+                )
+            sam = self.sam_projector(pixel_unshuffle_tokens(sam_tokens, self.sam_downsample))
+            if sam.shape[0] != tokens.shape[0]:  # one image shared by all inputs, on either side
+                n = max(sam.shape[0], tokens.shape[0])
+                sam, tokens = sam.expand(n, -1, -1), tokens.expand(n, -1, -1)
+            tokens = torch.cat([tokens, sam.to(tokens.dtype)], dim=1)
+        if image_index is not None and tokens.shape[0] > 1:
+            return tokens.index_select(0, image_index)
+        return tokens.expand(len(batched_inputs), -1, -1)
 
-        ``image_tokens``: the vision encoder's output for these inputs (``[B, N, D_vis]``, or
-        ``[1, N, D_vis]`` when all inputs show one image), e.g. computed once per image and shared
-        by its expressions in evaluation; the encoder is then not run. ``sam_tokens``: the
-        segmentation encoder's ``[B or 1, C, h, w]`` map, required when ``sam_projector`` exists.
-        """
-        compute_loss = self.training if compute_loss is None else compute_loss
+    def _sequences(
+        self, encoded: list[EncodedPrompt], text_embeds, image_tokens
+    ) -> tuple[list, list, list, list]:
+        """Per sample: input embeddings with the image tokens at ``<image>``, labels, span and
+        ``<SEG>`` positions in that sequence."""
         device = self.device
-        encoded = self.encode(batched_inputs)
-        embed = self.llm.get_input_embeddings()
-        lengths = [len(e.input_ids) for e in encoded]
-        flat_ids = torch.tensor([t for e in encoded for t in e.input_ids], dtype=torch.long, device=device)
-        # a negative placeholder id (X-SAM's <image>) has no row: embed any row, it is replaced
-        text_embeds = embed(flat_ids.clamp(min=0)).split(lengths)
-
-        image_tokens = self.image_embeddings(batched_inputs, image_tokens, sam_tokens)
-        if image_tokens is not None:
-            image_tokens = image_tokens.to(text_embeds[0].dtype).expand(len(encoded), -1, -1)
-
         seqs, seq_labels, span_positions, seg_positions = [], [], [], []
         for b, enc in enumerate(encoded):
             emb = text_embeds[b]
@@ -363,12 +348,104 @@ class LLMConditionHead(nn.Module):
             seg_positions.append(None if seg is None else shift_position(seg, img_pos, n_img))
             seqs.append(emb)
             seq_labels.append(lab)
+        return seqs, seq_labels, span_positions, seg_positions
+
+    def _shared_prefix_len(self, encoded: list[EncodedPrompt], seqs: list[torch.Tensor], n_img: int) -> int:
+        """Length of the embedded prefix all samples share (0: none worth sharing): their common
+        text tokens, which must reach past ``<image>`` when there is one, with equal image tokens;
+        every sample keeps at least one token of its own."""
+        ids = [e.input_ids for e in encoded]
+        shortest = min(len(x) for x in ids)
+        n_text = next((i for i in range(shortest) if any(x[i] != ids[0][i] for x in ids[1:])), shortest)
+        q = encoded[0].image_position
+        if q is not None:
+            same = all(e.image_position == q for e in encoded)
+            if (
+                not same
+                or n_text <= q
+                or not all(torch.equal(s[q : q + n_img], seqs[0][q : q + n_img]) for s in seqs)
+            ):
+                return 0
+            n_text += n_img - 1
+        return max(0, min(n_text, min(s.shape[0] for s in seqs) - 1))
+
+    def _last_hidden_shared_prefix(self, seqs: list[torch.Tensor], prefix: int) -> torch.Tensor | None:
+        """Last hidden states [K, T, D] of K right-padded sequences that share their first ``prefix``
+        embeddings: the prefix runs once with a key/value cache (transformers' ``DynamicCache``,
+        repeated K times with its public ``batch_repeat_interleave``), the K rests on top of it.
+        Causal attention makes this the full pass up to float reduction order. None without a
+        decoder stack."""
+        decoder = self._decoder()
+        if decoder is None:
+            return None
+        out = decoder(inputs_embeds=seqs[0][None, :prefix], use_cache=True)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(len(seqs))
+        rests = [s[prefix:] for s in seqs]
+        rest_len = max(r.shape[0] for r in rests)
+        rest_embeds = rests[0].new_zeros(len(seqs), rest_len, rests[0].shape[-1])
+        attention_mask = torch.zeros(len(seqs), prefix + rest_len, dtype=torch.long, device=self.device)
+        attention_mask[:, :prefix] = 1
+        for b, r in enumerate(rests):
+            rest_embeds[b, : r.shape[0]] = r
+            attention_mask[b, prefix : prefix + r.shape[0]] = 1
+        rest_hidden = decoder(
+            inputs_embeds=rest_embeds, attention_mask=attention_mask, past_key_values=cache, use_cache=True
+        ).last_hidden_state
+        return torch.cat([out.last_hidden_state.expand(len(seqs), -1, -1), rest_hidden], dim=1)
+
+    def forward(
+        self,
+        batched_inputs: Sequence[dict[str, Any]],
+        *,
+        compute_loss: bool | None = None,
+        return_hidden_states: bool = False,
+        image_tokens: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
+        share_prefix: bool = False,
+        sam_tokens: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
+        """See the class docstring. ``compute_loss`` defaults to ``self.training``.
+
+        ``image_tokens``: the vision encoder's output for these inputs (``[B, N, D_vis]``, one row
+        per unique image with ``image_index``, or ``[1, N, D_vis]`` when all inputs show one
+        image); the encoder is then not run. ``sam_tokens``: the segmentation encoder's map, one
+        per unique image (see :meth:`image_embeddings`).
+        ``image_index`` ([B] long): input b shows unique image ``image_index[b]`` (e.g. an image's
+        expressions, :meth:`FlowSeg.preprocess_shared_images`): the encoder and ``φ_vis`` run once
+        per unique image, on its first input.
+        ``share_prefix`` (inference: no loss, no hidden states): run the LLM once over the prompt
+        prefix all inputs share — chat prefix and image tokens when they show one image, ~95% of
+        an expression's tokens at paper sizes — and then over each input's rest; outputs equal
+        the full pass up to float reduction order. Without a common prefix reaching past the
+        image tokens, the full pass runs.
+        """
+        compute_loss = self.training if compute_loss is None else compute_loss
+        encoded = self.encode(batched_inputs)
+        embed = self.llm.get_input_embeddings()
+        lengths = [len(e.input_ids) for e in encoded]
+        flat_ids = torch.tensor(
+            [t for e in encoded for t in e.input_ids], dtype=torch.long, device=self.device
+        )
+        # a negative placeholder id (X-SAM's <image>) has no row: embed any row, it is replaced
+        text_embeds = embed(flat_ids.clamp(min=0)).split(lengths)
+        tokens = self.image_embeddings(batched_inputs, image_tokens, sam_tokens, image_index)
+        if tokens is not None:
+            tokens = tokens.to(text_embeds[0].dtype)
+        seqs, seq_labels, span_positions, seg_positions = self._sequences(encoded, text_embeds, tokens)
+
+        if share_prefix and not compute_loss and not return_hidden_states and len(seqs) > 1:
+            n_img = 0 if tokens is None else tokens.shape[1]
+            prefix = self._shared_prefix_len(encoded, seqs, n_img)
+            hidden = self._last_hidden_shared_prefix(seqs, prefix) if prefix > 0 else None
+            if hidden is not None:
+                return self.pool_outputs(hidden, span_positions, seg_positions)
 
         # Right padding: positions 0..len-1 stay what the model would see for an unpadded sequence.
         bsz, max_len = len(seqs), max(s.shape[0] for s in seqs)
         inputs_embeds = seqs[0].new_zeros(bsz, max_len, seqs[0].shape[-1])
-        attention_mask = torch.zeros(bsz, max_len, dtype=torch.long, device=device)
-        labels = torch.full((bsz, max_len), IGNORE_INDEX, dtype=torch.long, device=device)
+        attention_mask = torch.zeros(bsz, max_len, dtype=torch.long, device=self.device)
+        labels = torch.full((bsz, max_len), IGNORE_INDEX, dtype=torch.long, device=self.device)
         for b, (s, lab) in enumerate(zip(seqs, seq_labels)):
             inputs_embeds[b, : s.shape[0]] = s
             attention_mask[b, : s.shape[0]] = 1

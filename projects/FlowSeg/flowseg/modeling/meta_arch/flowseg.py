@@ -64,7 +64,7 @@ class FlowSeg(nn.Module):
         test_topk_per_image: int,
         llm_loss_weight: float = 1.0,
         seg_loss_weight: float = 1.0,
-        return_candidates: bool = True,
+        return_candidates: bool = False,
         gres_score_threshold: float = 0.5,
         gres_no_target_threshold: float = 0.5,
         gres_all_samples: bool = False,
@@ -144,6 +144,7 @@ class FlowSeg(nn.Module):
             "gres_score_threshold": cfg.MODEL.FLOWSEG.GRES.SCORE_THRESHOLD,
             "gres_no_target_threshold": cfg.MODEL.FLOWSEG.GRES.NO_TARGET_THRESHOLD,
             "gres_all_samples": cfg.MODEL.FLOWSEG.GRES.ALL_SAMPLES,
+            "return_candidates": cfg.TEST.RETURN_CANDIDATES,
         }
 
     @property
@@ -173,11 +174,17 @@ class FlowSeg(nn.Module):
         return list(names)
 
     def encode_conditions(
-        self, batched_inputs: List[Dict], sam_tokens: Optional[torch.Tensor] = None
+        self,
+        batched_inputs: List[Dict],
+        image_index: Optional[torch.Tensor] = None,
+        share_llm_prefix: bool = False,
+        sam_tokens: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
         """Run the condition head. Generic samples (generic mode, or panoptic batches of mixed
         stage-3 training in referring mode) get every category name as one ``<p>`` span, so
-        condition k is class k. ``sam_tokens``: the backbone's dual-encoder tokens, one per input."""
+        condition k is class k. ``image_index`` / ``share_llm_prefix``: see
+        :meth:`LLMConditionHead.forward` (``image_index``, ``share_prefix``). ``sam_tokens``: the
+        backbone's dual-encoder tokens, one per image of ``images``."""
         if self.condition_head is None:
             return {}
         inputs = []
@@ -186,7 +193,14 @@ class FlowSeg(nn.Module):
                 names = x.get("class_names") or self._class_names(x.get("dataset_name"))
                 x = {**x, "task": "generic", "class_names": names}
             inputs.append(x)
-        cond = self.condition_head(inputs, sam_tokens=sam_tokens)
+        kwargs: Dict[str, object] = {}  # only when used: a custom head need not take them
+        if image_index is not None:
+            kwargs["image_index"] = image_index
+        if share_llm_prefix:
+            kwargs["share_prefix"] = True
+        if sam_tokens is not None:
+            kwargs["sam_tokens"] = sam_tokens
+        cond = self.condition_head(inputs, **kwargs)
         if self.mode == "referring" and not bool(cond["condition_mask"].any(dim=1).all()):
             raise ValueError("a referring/reasoning sample produced no condition embedding (empty <p> span?)")
         return cond
@@ -209,15 +223,17 @@ class FlowSeg(nn.Module):
         images: ImageList,
         return_intermediates: bool = False,
         image_index: Optional[torch.Tensor] = None,
+        share_llm_prefix: bool = False,
     ) -> Tuple[Dict, Dict]:
         """Encoder, condition head and decoder. ``images`` has one entry per input, or, with
         ``image_index`` ([B], from :meth:`preprocess_shared_images`), one per unique image: the
-        encoder and pixel decoder then run once per image and the decoder per input."""
+        encoder, pixel decoder and vision tower then run once per image and the decoder per input.
+        ``share_llm_prefix`` (inference): the LLM runs once over the prompt prefix the inputs
+        share (one image's expressions: chat prefix + image tokens)."""
         features = self.backbone(images.tensor)
-        sam_tokens = features.get("sam_tokens")
-        if sam_tokens is not None and image_index is not None:
-            sam_tokens = sam_tokens.index_select(0, image_index)
-        cond = self.encode_conditions(batched_inputs, sam_tokens=sam_tokens)
+        cond = self.encode_conditions(
+            batched_inputs, image_index, share_llm_prefix, sam_tokens=features.get("sam_tokens")
+        )
         seg_embed = None
         if "seg_embed" in cond:
             seg_embed = cond["seg_embed"] * cond["seg_mask"].unsqueeze(-1).to(cond["seg_embed"].dtype)
@@ -346,8 +362,9 @@ class FlowSeg(nn.Module):
             if self.return_candidates:
                 cand = self._upsample(pred_masks[b][None], images)[0]
                 cand = sem_seg_postprocess(cand, image_size, height, width) > 0
-                # the selected query's candidate is what was output (BAR-refined), so the oracle
-                # (best candidate, Table 5) is an upper bound of the selection by construction
+                # the selected query's candidate is what was output (BAR-refined), so each
+                # sample's oracle IoU (best candidate, Table 5) is at least its IoU: oracle gIoU
+                # bounds gIoU (oracle cIoU, a ratio of sums, bounds nothing)
                 cand[ref["query"]] = ref["mask"]
                 ref["candidates"] = cand
             results.append({"ref_seg": ref, "ref_segs": per_cond})
