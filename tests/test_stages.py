@@ -168,28 +168,13 @@ def test_stage_chain_1_2_3_keeps_every_trained_tensor(stage1: Dict[str, Any], tm
     assert torch.equal(s2[delta2[0]], s3[delta3[0]])
 
 
-class _StageTrainer(train_net.Trainer):
-    """train_net's Trainer with the two changes proposed for FlowSegTrainer (stage freezing in
-    build_model; FlowSegCheckpointer installed in build_hooks, before the hooks capture it)."""
-
-    @classmethod
-    def build_model(cls, cfg):
-        model = super().build_model(cfg)
-        apply_stage_freezing(model, cfg)
-        return model
-
-    def build_hooks(self):
-        self.checkpointer = FlowSegCheckpointer.from_checkpointer(self.checkpointer, cfg=self.cfg)
-        return super().build_hooks()
-
-
 def test_trainer_runs_stage3_from_stage1_with_flowseg_checkpointer(stage1: Dict[str, Any], tmp_path) -> None:
     opts = tiny_llm_cfg_overrides(stage1["llm"], from_weights=True, lora=True)
     opts += ["MODEL.WEIGHTS", stage1["weights"], "OUTPUT_DIR", str(tmp_path), "SOLVER.MAX_ITER", 2]
     opts += ["SOLVER.IMS_PER_BATCH", 2, "DATASETS.TEST", "()", "DATALOADER.TASK_RATIOS", [1.0, 1.0, 1.0]]
     cfg = resolve_amp(_cfg(STAGE3, *opts))
     cfg.freeze()
-    trainer = _StageTrainer(cfg)
+    trainer = train_net.Trainer(cfg)
     assert isinstance(trainer.checkpointer, FlowSegCheckpointer)
     periodic = [h for h in trainer._hooks if isinstance(h, SafePeriodicCheckpointer)]
     assert len(periodic) == 1 and periodic[0].checkpointer is trainer.checkpointer

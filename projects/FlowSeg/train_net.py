@@ -17,53 +17,27 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 if importlib.util.find_spec("flowseg") is None:  # a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import flowseg  # noqa: F401,E402  (registers FlowSeg's models, datasets and mappers)
-import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
-from detectron2.evaluation import DatasetEvaluator, verify_results
+from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from flowseg import add_flowseg_config
 from flowseg.checkpoint import FlowSegCheckpointer
-from flowseg.engine import FlowSegTrainer, build_evaluator, build_optimizer, resolve_amp
+from flowseg.engine import FlowSegTrainer, resolve_amp
 from flowseg.utils.inference import check_device
 
 
 class Trainer(FlowSegTrainer):
-    """``DefaultTrainer`` for FlowSeg; override these to customise a run."""
-
-    @classmethod
-    def build_train_loader(cls, cfg: CfgNode) -> Any:
-        # mapper chosen by INPUT.DATASET_MAPPER_NAME (flowseg.data.build.MAPPER_REGISTRY)
-        return super().build_train_loader(cfg)
-
-    @classmethod
-    def build_test_loader(cls, cfg: CfgNode, dataset_name: str) -> Any:
-        # mapper chosen by the dataset's evaluator_type (panoptic / referring / reasoning)
-        return super().build_test_loader(cfg, dataset_name)
-
-    @classmethod
-    def build_evaluator(
-        cls, cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None
-    ) -> DatasetEvaluator:
-        return build_evaluator(cfg, dataset_name, output_folder)
-
-    @classmethod
-    def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
-        return build_optimizer(cfg, model)
-
-    @classmethod
-    def test(
-        cls, cfg: CfgNode, model: torch.nn.Module, evaluators: Optional[List[DatasetEvaluator]] = None
-    ) -> Dict:
-        # writes OUTPUT_DIR/metrics_<dataset>.json and metrics_all.json on the main process
-        return super().test(cfg, model, evaluators)
+    """The extension point of a run: override ``DefaultTrainer``'s class methods here
+    (``build_train_loader``, ``build_test_loader``, ``build_evaluator``, ``build_optimizer``,
+    ``test``); :class:`flowseg.engine.FlowSegTrainer` holds FlowSeg's versions."""
 
 
 def setup(args: Any) -> CfgNode:

@@ -27,7 +27,6 @@ from collections import OrderedDict
 from typing import Any, Dict, List, Optional
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, TrainerBase, create_ddp_model, hooks
@@ -96,11 +95,13 @@ class FlowSegTrainer(DefaultTrainer):
         loop = CheckedAMPTrainer if cfg.SOLVER.AMP.ENABLED else CheckedSimpleTrainer
         self._trainer = loop(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        # FlowSeg's checkpointer: converts SAM / Mask2Former / earlier-stage checkpoints and
+        # reports missing keys by component
+        self.checkpointer = FlowSegCheckpointer(model, cfg.OUTPUT_DIR, cfg=cfg, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
-        self.register_hooks(self.build_hooks())  # build_hooks swaps in FlowSegCheckpointer
+        self.register_hooks(self.build_hooks())
 
     @classmethod
     def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
@@ -109,9 +110,6 @@ class FlowSegTrainer(DefaultTrainer):
         return model
 
     def build_hooks(self) -> List[hooks.HookBase]:
-        # FlowSeg's checkpointer: converts SAM / Mask2Former / earlier-stage checkpoints and
-        # reports missing keys by component (DefaultTrainer made a plain one just before)
-        self.checkpointer = FlowSegCheckpointer.from_checkpointer(self.checkpointer, cfg=self.cfg)
         # first, so that the RNG state it keeps is taken before the checkpointer saves it
         ret = [ExactResumeHook()] + super().build_hooks()
         for i, h in enumerate(ret):
