@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import fvcore.nn.weight_init as weight_init
@@ -447,118 +448,38 @@ class BSFTransformerDecoder(nn.Module):
                 f"condition_logits={self.condition_logits}); pass conditions=[B,K,hidden] "
                 "or switch these off."
             )
-
-        src: List[Tensor] = []
-        pos: List[Tensor] = []
-        size_list: List[Tuple[int, int]] = []
-        for i in range(self.num_feature_levels):
-            size_list.append(tuple(x[i].shape[-2:]))
-            # [B,C,H,W] -> [HW,B,C]
-            pos.append(self.pe_layer(x[i], None).flatten(2).permute(2, 0, 1))
-            feat = self.input_proj[i](x[i]).flatten(2) + self.level_embed.weight[i][None, :, None]
-            src.append(feat.permute(2, 0, 1))
+        src, pos, size_list = self._memory(x)
         bs = src[0].shape[1]
-
         query_embed = self.query_embed.weight.unsqueeze(1).repeat(1, bs, 1)  # [Q,B,h]
         output = self.query_feat.weight.unsqueeze(1).repeat(1, bs, 1)
         if seg_embed is not None and self.add_seg_embed_to_queries:
             output = output + seg_embed.to(output.dtype).unsqueeze(0)  # Q(0) <- Q(0) + S (paper §3.1)
-
-        cond_seq = None  # C in [K,B,h] (sequence-first, like the queries)
-        valid = condition_mask
-        key_padding_mask = None
-        has_condition = None
-        all_have_condition = True
-        if conditions is not None:
-            # The LLM side may run in another dtype (bf16); the decoder's attention needs its own.
-            cond_seq = conditions.transpose(0, 1).to(output.dtype)
-            if valid is None:
-                valid = torch.ones(conditions.shape[:2], dtype=torch.bool, device=conditions.device)
-            valid = valid.to(torch.bool)
-            has_condition = valid.any(dim=1)  # [B]
-            # A sample without any valid condition would make the softmax all -inf (NaN): unmask it
-            # here and discard its semantic branch below (Q_fused = Q_vis).
-            key_padding_mask = ~valid & has_condition[:, None]
-            all_have_condition = bool(has_condition.all())  # one host sync, not one per layer
-
-        def cond_batch_first() -> Optional[Tensor]:
-            return None if cond_seq is None else cond_seq.transpose(0, 1)
+        cond = _Conditions.of(conditions, condition_mask, output.dtype)
 
         inter: Dict[str, List[Tensor]] = {"gates": [], "conditions": [], "sem_attn": [], "cond_attn": []}
-        if return_intermediates and cond_seq is not None:
-            inter["conditions"].append(cond_batch_first())
+        if not return_intermediates:
+            inter = {}
+        if inter and cond.seq is not None:
+            inter["conditions"].append(cond.batch_first())
 
         predictions_class: List[Optional[Tensor]] = []
         predictions_mask: List[Tensor] = []
         outputs_class, outputs_mask, attn_mask, _ = self.forward_prediction_heads(
-            output, mask_features, size_list[0], cond_batch_first(), valid
+            output, mask_features, size_list[0], cond.batch_first(), cond.valid
         )
         predictions_class.append(outputs_class)
         predictions_mask.append(outputs_mask)
 
         for i in range(self.num_layers):
-            level_index = i % self.num_feature_levels
-            # A query whose mask covers nothing would attend to nothing: let it attend everywhere.
-            attn_mask = attn_mask & ~attn_mask.all(dim=-1, keepdim=True)
-
-            q_vis = self.transformer_cross_attention_layers[i](
-                output,
-                src[level_index],
-                memory_mask=attn_mask,
-                memory_key_padding_mask=None,  # padded pixels are not masked (as in Mask2Former)
-                pos=pos[level_index],
-                query_pos=query_embed,
-            )
-
-            if self.semantic_refinement:
-                if self.visual_cross_attn_control:
-                    memory, memory_pos, memory_kpm = src[level_index], pos[level_index], None
-                else:
-                    memory, memory_pos, memory_kpm = cond_seq, None, key_padding_mask
-                q_sem, sem_w = self.semantic_cross_attention_layers[i](
-                    q_vis,
-                    memory,
-                    memory_key_padding_mask=memory_kpm,
-                    pos=memory_pos,
-                    query_pos=query_embed,
-                    need_weights=return_intermediates,
-                )
-                gate = torch.sigmoid(self.fusion_gates[i](torch.cat([q_vis, q_sem], dim=-1)))  # eq. 2
-                q_fused = gate * q_vis + (1.0 - gate) * q_sem  # eq. 3
-                if not self.visual_cross_attn_control and not all_have_condition:
-                    q_fused = torch.where(has_condition[None, :, None], q_fused, q_vis)
-                if return_intermediates:
-                    inter["gates"].append(gate.transpose(0, 1))
-                    inter["sem_attn"].append(sem_w)
-            else:
-                q_fused = q_vis
-
-            q_s = self.transformer_self_attention_layers[i](
-                q_fused, tgt_mask=None, tgt_key_padding_mask=None, query_pos=query_embed
-            )  # eq. 4
-
-            if self.condition_refinement:
-                cond_seq, cond_w = self.condition_refinement_layers[i](
-                    cond_seq,
-                    q_s,
-                    query_pos=query_embed,
-                    condition_valid=valid,
-                    need_weights=return_intermediates,
-                )  # eq. 5
-                if return_intermediates:
-                    inter["cond_attn"].append(cond_w)
-            if return_intermediates and cond_seq is not None:
-                inter["conditions"].append(cond_batch_first())
-
-            output = self.transformer_ffn_layers[i](q_s)
-
+            level = i % self.num_feature_levels
+            output = self.bsf_layer(i, output, cond, attn_mask, src[level], pos[level], query_embed, inter)
             last = i == self.num_layers - 1
             outputs_class, outputs_mask, attn_mask, decoder_output = self.forward_prediction_heads(
                 output,
                 mask_features,
                 None if last else size_list[(i + 1) % self.num_feature_levels],
-                cond_batch_first(),  # prediction l is matched against C(l) (deep supervision per layer)
-                valid,
+                cond.batch_first(),  # prediction l is matched against C(l) (deep supervision per layer)
+                cond.valid,
             )
             predictions_class.append(outputs_class)
             predictions_mask.append(outputs_mask)
@@ -569,9 +490,94 @@ class BSFTransformerDecoder(nn.Module):
             "aux_outputs": self._set_aux_loss(predictions_class, predictions_mask),
             "query_embeds": decoder_output,
         }
-        if return_intermediates:
-            out.update(inter)
+        out.update(inter)
         return out
+
+    def _memory(self, x: List[Tensor]) -> Tuple[List[Tensor], List[Tensor], List[Tuple[int, int]]]:
+        """Per level: projected features + level embedding and positional encodings, both
+        [HW,B,C] (sequence-first), and the level's (H, W)."""
+        src: List[Tensor] = []
+        pos: List[Tensor] = []
+        size_list: List[Tuple[int, int]] = []
+        for i in range(self.num_feature_levels):
+            size_list.append(tuple(x[i].shape[-2:]))
+            pos.append(self.pe_layer(x[i], None).flatten(2).permute(2, 0, 1))
+            feat = self.input_proj[i](x[i]).flatten(2) + self.level_embed.weight[i][None, :, None]
+            src.append(feat.permute(2, 0, 1))
+        return src, pos, size_list
+
+    def bsf_layer(
+        self,
+        i: int,
+        output: Tensor,
+        cond: _Conditions,
+        attn_mask: Tensor,
+        memory: Tensor,
+        memory_pos: Tensor,
+        query_embed: Tensor,
+        inter: Dict[str, List[Tensor]],
+    ) -> Tensor:
+        """Decoder layer ``i`` of Algorithm 1 on queries ``output`` [Q,B,h]; refines ``cond.seq``
+        (CR) in place and returns the layer's output queries. ``inter`` (when not empty) collects
+        gates, attention weights and C(l)."""
+        # A query whose mask covers nothing would attend to nothing: let it attend everywhere.
+        attn_mask = attn_mask & ~attn_mask.all(dim=-1, keepdim=True)
+        q_vis = self.transformer_cross_attention_layers[i](
+            output,
+            memory,
+            memory_mask=attn_mask,
+            memory_key_padding_mask=None,  # padded pixels are not masked (as in Mask2Former)
+            pos=memory_pos,
+            query_pos=query_embed,
+        )
+        q_fused = q_vis
+        if self.semantic_refinement:
+            q_fused = self._semantic_refinement(i, q_vis, cond, memory, memory_pos, query_embed, inter)
+        q_s = self.transformer_self_attention_layers[i](
+            q_fused, tgt_mask=None, tgt_key_padding_mask=None, query_pos=query_embed
+        )  # eq. 4
+        if self.condition_refinement:
+            cond.seq, cond_w = self.condition_refinement_layers[i](
+                cond.seq, q_s, query_pos=query_embed, condition_valid=cond.valid, need_weights=bool(inter)
+            )  # eq. 5
+            if inter:
+                inter["cond_attn"].append(cond_w)
+        if inter and cond.seq is not None:
+            inter["conditions"].append(cond.batch_first())
+        return self.transformer_ffn_layers[i](q_s)
+
+    def _semantic_refinement(
+        self,
+        i: int,
+        q_vis: Tensor,
+        cond: _Conditions,
+        memory: Tensor,
+        memory_pos: Tensor,
+        query_embed: Tensor,
+        inter: Dict[str, List[Tensor]],
+    ) -> Tensor:
+        """Eq. 1-3: semantic cross-attention to C (or, for the Table 11 control, to the pixel
+        features of this layer's level) and the fusion gate."""
+        if self.visual_cross_attn_control:
+            mem, mem_pos, mem_kpm = memory, memory_pos, None
+        else:
+            mem, mem_pos, mem_kpm = cond.seq, None, cond.key_padding_mask
+        q_sem, sem_w = self.semantic_cross_attention_layers[i](
+            q_vis,
+            mem,
+            memory_key_padding_mask=mem_kpm,
+            pos=mem_pos,
+            query_pos=query_embed,
+            need_weights=bool(inter),
+        )  # eq. 1
+        gate = torch.sigmoid(self.fusion_gates[i](torch.cat([q_vis, q_sem], dim=-1)))  # eq. 2
+        q_fused = gate * q_vis + (1.0 - gate) * q_sem  # eq. 3
+        if not self.visual_cross_attn_control and not cond.all_have_condition:
+            q_fused = torch.where(cond.has_condition[None, :, None], q_fused, q_vis)
+        if inter:
+            inter["gates"].append(gate.transpose(0, 1))
+            inter["sem_attn"].append(sem_w)
+        return q_fused
 
     @torch.jit.unused
     def _set_aux_loss(
@@ -583,3 +589,40 @@ class BSFTransformerDecoder(nn.Module):
                 for a, b in zip(outputs_class[:-1], outputs_seg_masks[:-1])
             ]
         return [{"pred_masks": b} for b in outputs_seg_masks[:-1]]
+
+
+@dataclass
+class _Conditions:
+    """The decoder's view of the conditions: C sequence-first [K,B,h] (refined in place by CR),
+    the valid mask [B,K], and the attention padding mask. A sample without any valid condition
+    would make the attention softmax all -inf (NaN): it is unmasked for the attention and its
+    semantic branch is discarded (Q_fused = Q_vis)."""
+
+    seq: Optional[Tensor] = None
+    valid: Optional[Tensor] = None
+    key_padding_mask: Optional[Tensor] = None
+    has_condition: Optional[Tensor] = None
+    all_have_condition: bool = True
+
+    @classmethod
+    def of(
+        cls, conditions: Optional[Tensor], condition_mask: Optional[Tensor], dtype: torch.dtype
+    ) -> _Conditions:
+        if conditions is None:
+            return cls(valid=condition_mask)
+        # The LLM side may run in another dtype (bf16); the decoder's attention needs its own.
+        valid = condition_mask
+        if valid is None:
+            valid = torch.ones(conditions.shape[:2], dtype=torch.bool, device=conditions.device)
+        valid = valid.to(torch.bool)
+        has_condition = valid.any(dim=1)  # [B]
+        return cls(
+            seq=conditions.transpose(0, 1).to(dtype),
+            valid=valid,
+            key_padding_mask=~valid & has_condition[:, None],
+            has_condition=has_condition,
+            all_have_condition=bool(has_condition.all()),  # one host sync, not one per layer
+        )
+
+    def batch_first(self) -> Optional[Tensor]:
+        return None if self.seq is None else self.seq.transpose(0, 1)
