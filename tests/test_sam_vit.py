@@ -9,7 +9,8 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_backbone
 from flowseg import add_flowseg_config
 from flowseg.checkpoint.sam import convert_sam_checkpoint, load_sam_checkpoint
-from flowseg.modeling.backbone.sam_vit import SAM_VIT_PRESETS, build_sam_vit, conv_stem
+from flowseg.modeling.backbone.sam_vit import SAM_VIT_PRESETS, build_sam_vit
+from flowseg.modeling.from_scratch import conv_stem
 from transformers import SamVisionConfig, SamVisionModel
 
 IMG = 128  # 8x8 tokens: windows of 4 tile them, windows of 3 need padding

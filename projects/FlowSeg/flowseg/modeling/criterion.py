@@ -26,6 +26,7 @@ from detectron2.utils import comm
 from torch import Tensor, nn
 
 from ..config import uses_class_head
+from .from_scratch import segment_class_loss
 from .matcher import HungarianMatcher, build_matcher
 
 __all__ = [
@@ -34,7 +35,6 @@ __all__ = [
     "build_weight_dict",
     "calculate_uncertainty",
     "dice_loss",
-    "segment_class_loss",
     "sigmoid_ce_loss",
 ]
 
@@ -67,30 +67,6 @@ def sigmoid_ce_loss(inputs: Tensor, targets: Tensor, num_masks: float) -> Tensor
     """
     loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
     return loss.mean(1).sum() / num_masks
-
-
-def segment_class_loss(logits: Tensor, targets: Sequence[Dict[str, Tensor]]) -> Tensor:
-    """Cross-entropy of every target segment classified from the mean of the per-pixel class
-    ``logits`` [B, K, h, w] inside its mask (area-downsampled to h x w), averaged over segments.
-
-    The mean of a 1x1-conv's logits over a mask is that linear classifier applied to the mask's
-    mean feature: a bag of local features, which is what makes shape learnable by it (corners
-    and concavities) where a per-pixel loss asks an interior pixel what it cannot see.
-    Returns a zero that keeps the graph when there is no segment.
-    """
-    h, w = logits.shape[-2:]
-    pooled, labels = [], []
-    for b, t in enumerate(targets):
-        if len(t["labels"]) == 0:
-            continue
-        weights = F.interpolate(t["masks"][None].to(logits), size=(h, w), mode="area")[0]  # [T, h, w]
-        area = weights.flatten(1).sum(1)
-        keep = area > 0  # a segment smaller than one cell at every position cannot be pooled
-        pooled.append(torch.einsum("khw,thw->tk", logits[b], weights[keep]) / area[keep, None])
-        labels.append(t["labels"][keep.to(t["labels"].device)].to(logits.device))
-    if sum(len(x) for x in labels) == 0:
-        return logits.sum() * 0.0
-    return F.cross_entropy(torch.cat(pooled), torch.cat(labels))
 
 
 def calculate_uncertainty(logits: Tensor) -> Tensor:

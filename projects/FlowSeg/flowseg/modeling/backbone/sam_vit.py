@@ -30,6 +30,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.vit import Block, SimpleFeaturePyramid, ViT
 
+from ..from_scratch import conv_stem
 from .connector import (
     SamTokensOutput,
     SAMViTConnector,
@@ -46,7 +47,6 @@ __all__ = [
     "SAMViTFeaturePyramid",
     "build_sam_vit",
     "build_sam_vit_backbone",
-    "conv_stem",
     "freeze_sam_vit",
     "sam_vit_embed_dim",
 ]
@@ -112,33 +112,6 @@ class SAMViTFeaturePyramid(SamTokensOutput, SimpleFeaturePyramid):
         out = {f: stage(last) for f, stage in zip(self._out_features, self.stages)}
         out["sam_tokens"] = blocks[self.sam_tokens_layer].permute(0, 3, 1, 2)
         return out
-
-
-def conv_stem(in_chans: int, embed_dim: int, patch_size: int) -> nn.Sequential:
-    """Convolutional patch embedding ("Early Convolutions Help Transformers See Better",
-    Xiao et al. 2021): log2(patch_size) 3x3 stride-2 convs (GroupNorm + GELU), then a 1x1
-    projection to ``embed_dim``. Same input/output shapes as SAM's single ``patch_size`` conv.
-
-    Only for models trained from scratch (the synthetic CPU configs): a randomly initialised ViT
-    with a linear patch embedding learns shape late, convolutions give it local edge/corner
-    features from the first step. Official SAM checkpoints have no weights for it.
-    """
-    n = patch_size.bit_length() - 1
-    if patch_size < 2 or 2**n != patch_size:
-        raise ValueError(f"the conv stem needs a power-of-two patch size, got {patch_size}")
-    layers = []
-    c_in = in_chans
-    for i in range(n):
-        c_out = max(embed_dim >> (n - 1 - i), 8)
-        groups = 8 if c_out % 8 == 0 else 1
-        layers += [
-            nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
-            nn.GroupNorm(groups, c_out),
-            nn.GELU(),
-        ]
-        c_in = c_out
-    layers.append(nn.Conv2d(c_in, embed_dim, 1))
-    return nn.Sequential(*layers)
 
 
 def freeze_sam_vit(backbone: nn.Module) -> None:

@@ -34,6 +34,7 @@ from detectron2.layers import Conv2d
 from torch import Tensor, nn
 
 from ...config import llm_configured
+from ..from_scratch import MASK_POSITION_FEATURE_DIM, mask_position, mask_position_features
 from ..registry import TRANSFORMER_DECODER_REGISTRY
 from .layers import (
     MLP,
@@ -48,8 +49,6 @@ __all__ = [
     "BSFTransformerDecoder",
     "CONDITION_LOGIT_TYPES",
     "PADDED_CONDITION_LOGIT",
-    "mask_position",
-    "mask_position_features",
 ]
 
 logger = logging.getLogger(__name__)
@@ -59,44 +58,6 @@ PADDED_CONDITION_LOGIT = -1e4
 _MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: exp(logit_scale) <= 100
 _MAX_BACKGROUND_HEAD_LOGIT = 50.0  # X-SAM's clamp of the cosine logits
 CONDITION_LOGIT_TYPES = ("background", "projected")
-
-
-def mask_position(mask_logits: Tensor) -> Tensor:
-    """Where each soft mask lies: ``[cx, cy, sx, sy]`` [..., 4] from mask logits [..., H, W] -
-    the probability-weighted mean and standard deviation of the pixel coordinates, in units of
-    the map's width / height, centred (a mask filling the map gives ``[0, 0, 0.29, 0.29]``)."""
-    h, w = mask_logits.shape[-2:]
-    p = mask_logits.sigmoid()
-    mass = p.sum((-2, -1)).clamp(min=1e-6)
-    ys = (torch.arange(h, device=p.device, dtype=p.dtype) + 0.5) / h - 0.5
-    xs = (torch.arange(w, device=p.device, dtype=p.dtype) + 0.5) / w - 0.5
-    px, py = p.sum(-2), p.sum(-1)  # marginals [..., W], [..., H]
-    cx, cy = (px * xs).sum(-1) / mass, (py * ys).sum(-1) / mass
-    sx = ((px * (xs - cx[..., None]) ** 2).sum(-1) / mass).clamp(min=0).sqrt()
-    sy = ((py * (ys - cy[..., None]) ** 2).sum(-1) / mass).clamp(min=0).sqrt()
-    return torch.stack([cx, cy, sx, sy], dim=-1)
-
-
-_MASK_POSITION_FREQUENCIES = 4
-#: width of :func:`mask_position_features` at its default frequencies: sin/cos of 2 centres + 2 sizes
-MASK_POSITION_FEATURE_DIM = 2 * 2 * _MASK_POSITION_FREQUENCIES + 2
-
-
-def mask_position_features(
-    position: Tensor, num_frequencies: int = _MASK_POSITION_FREQUENCIES, gain: float = 4.0
-) -> Tensor:
-    """Features from :func:`mask_position`'s ``[cx, cy, sx, sy]`` [..., 4]: ``sin / cos(pi * k * c)``
-    for k = 1..``num_frequencies`` of both centre coordinates (k = 1 is monotonic over the map, as
-    "leftmost" needs) and ``10 * [sx, sy]`` (object size, ~0.3-0.8), all times ``gain``.
-
-    Why the scale: Adam moves each weight of the zero-initialised projection by about the
-    learning rate per step, so the features' scale sets how fast position can enter the logits
-    (raw centres, |c| <= 0.5, barely moved it in 1,500 iterations; gain 1 learned to ~10% of the
-    query's norm)."""
-    k = torch.arange(1, num_frequencies + 1, device=position.device, dtype=position.dtype) * math.pi
-    angles = position[..., :2, None] * k  # [..., 2, F]
-    fourier = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)  # [..., 4F]
-    return gain * torch.cat([fourier, 10.0 * position[..., 2:]], dim=-1)
 
 
 @TRANSFORMER_DECODER_REGISTRY.register()
