@@ -64,6 +64,7 @@ def test_pixel_decoder_matches_hf_built_as_xsam_builds_it():
     torch.manual_seed(0)
     hf = Mask2FormerPixelDecoder(config, feature_channels=[8, 16, 32]).eval()
     with torch.no_grad():
+        hf.level_embed.normal_()  # allocated with torch.empty: uninitialised outside from_pretrained
         for p in hf.parameters():  # HF zero-initialises offsets / attention weights
             p.add_(0.2 * torch.randn_like(p))
     ours = _xsam_pixel_decoder()

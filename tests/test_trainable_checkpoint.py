@@ -216,6 +216,32 @@ def test_base_checkpoint_chain_and_clear_errors(llm_paths, tmp_path) -> None:
         FlowSegCheckpointer(_model(cfg, seed=4), cfg=cfg).load(str(tmp_path / "run" / "model_final.pth"))
 
 
+def test_resumed_run_does_not_reference_its_own_checkpoints(llm_paths, tmp_path) -> None:
+    # a frozen tensor with no source file (the random pyramid of a from-scratch run, frozen here)
+    # is saved in the run's checkpoints; after --resume the next checkpoint must hold it again
+    # rather than point at the resumed file, which PeriodicCheckpointer may delete later
+    cfg = _cfg(llm_paths, "MODEL.SAM_VIT.FREEZE", True)
+    run = tmp_path / "run"
+    run.mkdir()
+    model = _model(cfg, seed=0)
+    _perturb_trainable(model, seed=1)
+    FlowSegCheckpointer(model, str(run), cfg=cfg).save("model_0000001")
+    first = torch.load(run / "model_0000001.pth", weights_only=False)
+    assert first[MANIFEST_KEY]["base_checkpoint"] is None
+
+    resumed = _model(cfg, seed=5)
+    FlowSegCheckpointer(resumed, str(run), cfg=cfg).load(str(run / "model_0000001.pth"))
+    FlowSegCheckpointer(resumed, str(run), cfg=cfg).save("model_final")
+    final = torch.load(run / "model_final.pth", weights_only=False)
+    assert final[MANIFEST_KEY]["base_checkpoint"] is None
+    assert final["model"].keys() == first["model"].keys()
+
+    os.remove(run / "model_0000001.pth")
+    restored = _model(cfg, seed=6)
+    FlowSegCheckpointer(restored, cfg=cfg).load(str(run / "model_final.pth"))
+    _assert_same_state(model, restored)
+
+
 def test_changed_llm_folder_is_named(llm_paths, tmp_path) -> None:
     cfg = _cfg(llm_paths)
     model = _model(cfg, seed=0)

@@ -139,11 +139,9 @@ def paper_cfg(config_file: str, files: Dict[str, str], device: str = "cpu", sam_
     from detectron2.config import get_cfg
     from flowseg import add_flowseg_config
     from flowseg.config import llm_configured
-    from flowseg.engine.freezing import add_stage_config
 
     cfg = get_cfg()
     add_flowseg_config(cfg)
-    add_stage_config(cfg)
     cfg.merge_from_file(os.path.join(ROOT, config_file))
     opts: List[Any] = ["MODEL.DEVICE", device, "MODEL.WEIGHTS", "", "MODEL.SAM_VIT.CHECKPOINT", ""]
     if llm_configured(cfg):
@@ -352,9 +350,8 @@ def _tasks_of(cfg: Any, names: Sequence[str]) -> List[str]:
 def _config_weights(config_file: str) -> str:
     from detectron2.config import get_cfg
     from flowseg import add_flowseg_config
-    from flowseg.engine.freezing import add_stage_config
 
-    cfg = add_stage_config(add_flowseg_config(get_cfg()))
+    cfg = add_flowseg_config(get_cfg())
     cfg.merge_from_file(os.path.join(ROOT, config_file))
     return cfg.MODEL.WEIGHTS
 

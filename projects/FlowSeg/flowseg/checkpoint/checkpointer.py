@@ -516,11 +516,12 @@ class FlowSegCheckpointer(DetectionCheckpointer):
         :func:`.trainable.trainable_state_dict` and the manifest of the frozen tensors is added."""
         if not self.trainable_only:
             return super().save(name, **kwargs)
-        from .trainable import MANIFEST_KEY, loaded_checkpoint_info, trainable_state_dict
+        from .trainable import MANIFEST_KEY, loaded_checkpoint_info, outside_run, trainable_state_dict
 
         if not self.save_dir or not self.save_to_disk:
             return None
-        state, manifest = trainable_state_dict(self.model, self.cfg, loaded_checkpoint_info(self.model))
+        loaded = outside_run(loaded_checkpoint_info(self.model), self.save_dir)
+        state, manifest = trainable_state_dict(self.model, self.cfg, loaded)
         data: Dict[str, Any] = {"model": state, MANIFEST_KEY: manifest}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()

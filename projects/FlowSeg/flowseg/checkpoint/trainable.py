@@ -49,6 +49,7 @@ __all__ = [
     "is_trainable_only",
     "tensor_fingerprint",
     "frozen_sources",
+    "outside_run",
     "trainable_state_dict",
     "checkpoint_bytes",
 ]
@@ -253,6 +254,19 @@ def note_loaded_checkpoint(model: nn.Module, pending: Mapping[str, Any], loaded_
     else:
         info["own_keys"] = sorted(loaded)
     setattr(model, _LOADED_ATTR, info)  # a plain attribute: not part of the state dict
+
+
+def outside_run(loaded: Mapping[str, Any], save_dir: str) -> Dict[str, Any]:
+    """``loaded`` as a save into ``save_dir`` may use it: a checkpoint of the run itself (what
+    ``--resume`` loads) can be deleted or overwritten later, so the frozen tensors it held are
+    saved again instead of referenced; those it restored from its own base keep that base. A
+    resumed run thus writes the checkpoints an uninterrupted one writes."""
+    info = dict(loaded)
+    src = info.get("file")
+    run = os.path.abspath(save_dir)
+    if src and os.path.dirname(os.path.abspath(src)) == run:
+        info["own_keys"] = []
+    return info
 
 
 def loaded_checkpoint_info(model: nn.Module) -> Dict[str, Any]:
