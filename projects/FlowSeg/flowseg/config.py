@@ -70,6 +70,7 @@ def add_flowseg_config(cfg: CN) -> CN:
     cfg.MODEL.SAM_VIT.NUM_HEADS = 0
     cfg.MODEL.SAM_VIT.GLOBAL_ATTN_INDEXES = []
     cfg.MODEL.SAM_VIT.WINDOW_SIZE = 0  # 0 = preset's (14 for B/L/H)
+    cfg.MODEL.SAM_VIT.MLP_RATIO = 4.0  # SAM's; tiny test models mirroring other checkpoints differ
     # >0: pad every input to this square, as SAM does (1024); 0: pad to a multiple of 32 only and
     # let the ViT resample its position table to the actual token grid
     cfg.MODEL.SAM_VIT.SQUARE_PAD = 0
@@ -262,6 +263,8 @@ def add_language_scaffold_config(cfg: CN) -> CN:
     # flowseg.modeling.language.templates), packed expressions as one turn each, and a ChatML
     # dialogue without system message rendered independently of the tokenizer's template.
     cfg.MODEL.LLM.PROMPT_STYLE = "flowseg"
+    # dialogue markers of the "xsam" style: "chatml" (Qwen3) or "phi3" (X-SAM's released Phi-3-mini)
+    cfg.MODEL.LLM.CHAT_FORMAT = "chatml"
     # 0: the vision tower's last_hidden_state (after its final LayerNorm); k < 0: hidden_states[k]
     # (no final norm). X-SAM feeds SigLIP2's penultimate layer (-2) to phi_vis.
     cfg.MODEL.VANILLA_ENCODER.FEATURE_LAYER = 0
