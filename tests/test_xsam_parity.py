@@ -2,17 +2,15 @@
 code computed (fixtures made by tools/xsam_parity/make_xsam_fixture.py from X-SAM's source).
 
 Inputs are X-SAM's exact tensors (its SAM and SigLIP inputs); the prompt is re-tokenised by FlowSeg
-and its ids are asserted equal to X-SAM's. Tolerances: 1e-4 on the condition logits (the fixtures
-record a change of at most 8e-6 under 1e-6 relative weight noise); the mask logits move by up to
-1.6e-4 under the same noise (the pixel decoder's softmax-weighted sums amplify float rounding), so
-they are compared with 1e-4 absolute plus 1e-4 relative tolerance; the selected mask and the query
-must be identical.
+and its ids are asserted equal to X-SAM's. Tolerance 1e-4 (absolute) on the conditions, the class
+logits and the 1/8 mask logits (measured: 8e-7, 3e-5 on mask logits up to 95 in size; the fixtures
+record changes of 8e-6 and 1.6e-4 under 1e-6 relative weight noise, so 1e-4 separates rounding
+from a real difference); the selected query and the output mask must be identical.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -165,14 +163,23 @@ def test_xsam_fixture_loads_completely(loaded):
     rows = group_keys_by_component(model.state_dict()).get("condition_head.token_rows", [])
     assert sum(len(v) for v in report.converted.values()) == report.num_loaded - len(rows)
     sd = model.state_dict()
-    assert torch.equal(sd["sem_seg_head.predictor.logit_scale"], fx["state_dict"]["segmentor.class_predictor.logit_scale"][0].float())
-    assert torch.equal(sd["backbone.connector.2.4.weight"], fx["state_dict"]["seg_connector.model.2.model.4.weight"].float())
-    assert torch.equal(sd["condition_head.sam_projector.0.weight"], fx["state_dict"]["seg_projector.model.0.weight"].float())
+    assert torch.equal(
+        sd["sem_seg_head.predictor.logit_scale"],
+        fx["state_dict"]["segmentor.class_predictor.logit_scale"][0].float(),
+    )
+    assert torch.equal(
+        sd["backbone.connector.2.4.weight"], fx["state_dict"]["seg_connector.model.2.model.4.weight"].float()
+    )
+    assert torch.equal(
+        sd["condition_head.sam_projector.0.weight"], fx["state_dict"]["seg_projector.model.0.weight"].float()
+    )
 
 
 def test_prompt_ids_equal_xsam(loaded):
     name, fx, _, model, _, _ = loaded
-    encoded = model.condition_head.encode([{**dict(zip(("prompt", "answer"), question_and_answer(fx))), "task": "referring"}])[0]
+    encoded = model.condition_head.encode(
+        [{**dict(zip(("prompt", "answer"), question_and_answer(fx))), "task": "referring"}]
+    )[0]
     xsam_ids = fx["inputs"]["input_ids"][0].tolist()
     # X-SAM closes the last turn with its separator "\n" after the answer; the LLM is causal, so
     # that last token changes no hidden state at or before <SEG> (FlowSeg leaves it out)
@@ -192,7 +199,7 @@ def test_outputs_equal_xsam(loaded):
     torch.testing.assert_close(got["cond"]["conditions"][0], out["cond_embeds"][0, :1], rtol=0, atol=1e-4)
     torch.testing.assert_close(got["cond"]["seg_embed"], out["seg_embeds"][:, 0], rtol=0, atol=1e-4)
     torch.testing.assert_close(got["outputs"]["pred_logits"], out["class_queries_logits"], rtol=0, atol=1e-4)
-    torch.testing.assert_close(got["outputs"]["pred_masks"], out["mask_logits_lowres"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got["outputs"]["pred_masks"], out["mask_logits_lowres"], rtol=0, atol=1e-4)
     probs = out["class_queries_logits"][0].softmax(-1)[:, 0]
     assert got["result"]["query"] == int(probs.argmax())
     assert got["result"]["score"] == pytest.approx(out["score"], abs=1e-5)
@@ -207,8 +214,11 @@ def test_semantic_flow_changes_the_outputs(loaded, tmp_path):
     ckpt.load(save_state_dict(fx["state_dict"], tmp_path))
     new = ckpt.last_report.newly_initialised
     assert set(new) == {"transformer_decoder.bsf"}
-    # CR is zero-initialised (an identity at the start); give SR's and CR's new weights values
-    # so that the flow acts, as after fine-tuning
+    # as loaded (SR's gates half open, CR zero-initialised: an identity) the flow already acts
+    got = run_flowseg(bsf_model, fx)
+    assert not torch.allclose(got["outputs"]["pred_logits"], ref["outputs"]["pred_logits"], atol=1e-3)
+    assert not torch.allclose(got["outputs"]["pred_masks"], ref["outputs"]["pred_masks"], atol=1e-3)
+    # and with every new weight moved (CR acting too), as after fine-tuning
     with torch.no_grad():
         gen = torch.Generator().manual_seed(0)
         for key in new["transformer_decoder.bsf"]:
@@ -234,8 +244,13 @@ def test_released_key_names_load_and_report_bsf_bar_as_new(generation, tmp_path)
     assert report.source_format == f"xsam ({generation} key names)"
     assert not report.unexpected and not report.incorrect_shapes and not report.missing_unexpected
     new_keys = {
-        k for k in model.state_dict()
-        if k.startswith("refiner.") or any(f".{m}." in k for m in ("semantic_cross_attention_layers", "fusion_gates", "condition_refinement_layers"))
+        k
+        for k in model.state_dict()
+        if k.startswith("refiner.")
+        or any(
+            f".{m}." in k
+            for m in ("semantic_cross_attention_layers", "fusion_gates", "condition_refinement_layers")
+        )
     }
     assert new_keys
     assert set(report.newly_initialised) == {"transformer_decoder.bsf", "refiner"}
