@@ -257,3 +257,35 @@ def test_released_key_names_load_and_report_bsf_bar_as_new(generation, tmp_path)
     assert {k for v in report.newly_initialised.values() for k in v} == new_keys
     assert {k for v in report.missing_expected.values() for k in v} == new_keys
     assert "newly initialised" in report.info_text()
+
+
+@pytest.mark.parametrize(
+    "targets, adapted",
+    [
+        (["q_proj", "k_proj", "v_proj", "o_proj"], {"qkv_proj", "o_proj"}),
+        (["qkv_proj", "o_proj", "gate_up_proj"], {"qkv_proj", "o_proj", "gate_up_proj"}),
+    ],
+)
+def test_phi3_with_lora_loads_and_keeps_parity(targets, adapted, tmp_path):
+    """Phi-3 fuses q/k/v and gate/up: LoRA targets name either the separate projections (resolved to
+    the fused modules) or the fused ones. X-SAM's plain LLM weights land under peft's ``base_layer``
+    names; LoRA starts at B = 0, so the outputs still equal X-SAM's."""
+    fx = load_fixture("phi3")
+    cfg = xsam_tiny_cfg("phi3", tmp_path)
+    cfg.merge_from_list(["MODEL.LLM.LORA.ENABLED", True, "MODEL.LLM.LORA.TARGET_MODULES", targets])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    lora = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in model.state_dict() if ".lora_A." in k}
+    assert lora == adapted
+    ckpt = FlowSegCheckpointer(model, cfg=cfg)
+    ckpt.load(save_state_dict(fx["state_dict"], tmp_path))
+    report = ckpt.last_report
+    assert not report.unexpected and not report.incorrect_shapes and not report.missing_unexpected
+    assert set(report.missing_expected) == {"condition_head.lora"}
+    sd = model.state_dict()
+    fused = "condition_head.llm.base_model.model.model.layers.1.self_attn.qkv_proj.base_layer.weight"
+    assert torch.equal(sd[fused], fx["state_dict"]["llm.model.layers.1.self_attn.qkv_proj.weight"].float())
+    got = run_flowseg(model, fx)
+    out = fx["outputs"]
+    torch.testing.assert_close(got["outputs"]["pred_logits"], out["class_queries_logits"], rtol=0, atol=1e-4)
+    assert torch.equal(got["result"]["mask"], out["segmentation"] == 1)
