@@ -17,6 +17,7 @@ from detectron2.modeling import build_model
 from flowseg import add_flowseg_config
 from flowseg.checkpoint import FlowSegCheckpointer
 from flowseg.checkpoint.xsam import to_older_generation
+from flowseg.data.build import build_test_mapper
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -61,6 +62,7 @@ def stage1_opts() -> list:
         # X-SAM's panoptic post-processing keeps queries scoring > 0.5 (Mask2Former's COCO yamls: 0.8)
         "MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD", 0.5,
         "MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD", 0.8,
+        "MODEL.MASK_FORMER.TEST.PANOPTIC_MERGE", "xsam",
         "MODEL.MASK_FORMER.TEST.SEMANTIC_ON", False,
         "MODEL.MASK_FORMER.TEST.INSTANCE_ON", False,
         "MODEL.FLOWSEG.BAR.ENABLED", False,
@@ -125,6 +127,48 @@ def test_stage1_checkpoint_gives_xsam_outputs(generation, tmp_path):
         torch.testing.assert_close(outputs["pred_masks"], image["mask_logits_lowres"], rtol=0, atol=1e-4)
 
 
+def test_stage1_panoptic_segments_equal_xsam(tmp_path):
+    """FlowSeg's test mapper and panoptic merge (``PANOPTIC_MERGE "xsam"``) on the fixture's images
+    give X-SAM's SAM input and X-SAM's segments, pixel for pixel; Mask2Former's own merge does not."""
+    fx = load_stage1()
+    cfg = add_flowseg_config(get_cfg())
+    cfg.merge_from_file(str(ROOT / "configs" / "flowseg_coco_panoptic.yaml"))
+    cfg.merge_from_list(stage1_opts())
+    model = build_model(cfg).eval()
+    torch.save(fx["state_dict"], tmp_path / "pytorch_model.bin")
+    FlowSegCheckpointer(model, cfg=cfg).load(str(tmp_path / "pytorch_model.bin"))
+    coco = write_coco_layout(fx, tmp_path)
+    mapper = build_test_mapper(cfg, DATASET)
+    differing = {}
+    for merge in ("xsam", "mask2former"):
+        model.panoptic_merge = merge
+        differing[merge] = 0
+        for image, xsam in zip(fx["coco_panoptic"]["images"], fx["outputs"]["per_image"]):
+            x = mapper({"file_name": str(coco / "val2017" / image["file_name"]), "image_id": image["id"],
+                        "height": image["height"], "width": image["width"]})  # fmt: skip
+            sam_input = model.preprocess_image([x]).tensor
+            torch.testing.assert_close(
+                sam_input, xsam["extra_pixel_values"].reshape(sam_input.shape), rtol=0, atol=1e-5
+            )
+            with torch.no_grad():
+                seg, segments = model([x])[0]["panoptic_seg"]
+            ours = _category_map(seg, segments)
+            theirs = _category_map(torch.as_tensor(xsam["segmentation"]), xsam["segments_info"])
+            differing[merge] += int((ours != theirs).sum())
+            if merge == "xsam":
+                assert sorted((s["category_id"], int((seg == s["id"]).sum())) for s in segments) == sorted(
+                    (s["category_id"], s["area"]) for s in xsam["segments_info"]
+                )
+    assert differing["xsam"] == 0 and differing["mask2former"] > 0
+
+
+def _category_map(seg: torch.Tensor, segments: list) -> torch.Tensor:
+    out = torch.full(seg.shape, -1, dtype=torch.long)
+    for s in segments:
+        out[seg == s["id"]] = s["category_id"]
+    return out
+
+
 @pytest.mark.slow
 def test_stage1_eval_only_gives_xsam_pq(tmp_path):
     fx = load_stage1()
@@ -144,7 +188,7 @@ def test_stage1_eval_only_gives_xsam_pq(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = json.loads((out / f"metrics_{DATASET}.json").read_text())
-    pq = metrics["panoptic_seg"]
+    pq = metrics["metrics"]["panoptic_seg"]
     xsam = fx["xsam_pq"]
     assert pq["PQ"] == pytest.approx(100 * xsam["All"]["pq"], abs=1e-6)
     assert pq["SQ"] == pytest.approx(100 * xsam["All"]["sq"], abs=1e-6)

@@ -140,6 +140,8 @@ def add_flowseg_config(cfg: CN) -> CN:
     cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_ON = True
     cfg.MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD = 0.8
     cfg.MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD = 0.8
+    # "mask2former" or "xsam" (X-SAM's Hugging Face-style merge; see FlowSeg.panoptic_inference)
+    cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_MERGE = "mask2former"
     cfg.MODEL.MASK_FORMER.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE = False
 
     # A FlowSeg checkpoint whose tensor shapes differ from the model's (another config) is an
