@@ -229,15 +229,16 @@ def test_semantic_flow_changes_the_outputs(loaded, tmp_path):
     assert not torch.allclose(got["outputs"]["pred_masks"], ref["outputs"]["pred_masks"], atol=1e-3)
 
 
+@pytest.mark.parametrize("name", KINDS)
 @pytest.mark.parametrize("generation", ["current", "older"])
-def test_released_key_names_load_and_report_bsf_bar_as_new(generation, tmp_path):
+def test_released_key_names_load_and_report_bsf_bar_as_new(generation, name, tmp_path):
     """Both key generations (the released files use the older one) load with no unexpected key; with
     SR, CR and BAR on, exactly their parameters are reported newly initialised."""
-    fx = load_fixture("qwen3")
+    fx = load_fixture(name)
     state_dict = fx["state_dict"] if generation == "current" else to_older_generation(fx["state_dict"])
     assert xsam_key_generation(state_dict) == generation
     assert detect_checkpoint_format(state_dict) == "xsam"
-    cfg, model = build_xsam_tiny("qwen3", tmp_path, bsf=True, bar=True)
+    cfg, model = build_xsam_tiny(name, tmp_path, bsf=True, bar=True)
     ckpt = FlowSegCheckpointer(model, cfg=cfg)
     ckpt.load(save_state_dict(state_dict, tmp_path))
     report = ckpt.last_report
@@ -289,3 +290,35 @@ def test_phi3_with_lora_loads_and_keeps_parity(targets, adapted, tmp_path):
     out = fx["outputs"]
     torch.testing.assert_close(got["outputs"]["pred_logits"], out["class_queries_logits"], rtol=0, atol=1e-4)
     assert torch.equal(got["result"]["mask"], out["segmentation"] == 1)
+
+
+def test_phi3_chat_format_and_lora_target_names(caplog):
+    from flowseg.modeling.language.llm import resolve_lora_targets
+    from flowseg.modeling.language.templates import chatml_pieces
+    from torch import nn
+
+    turns = [("Segment <p>a</p>.", "Sure, <SEG>."), ("And <p>b</p>?", "<SEG>.")]
+    phi3 = chatml_pieces(turns, True, "phi3", "<s>")
+    assert "".join(t for t, _ in phi3) == (
+        "<s><|user|>\n<image>Segment <p>a</p>.<|end|>\n<|assistant|>\nSure, <SEG>.<|end|>"
+        "\n<|user|>\nAnd <p>b</p>?<|end|>\n<|assistant|>\n<SEG>.<|end|>"
+    )
+    assert [a for _, a in phi3] == [False, True, False, True]
+    # ChatML (Qwen) has no BOS even when one is given
+    assert chatml_pieces(turns[:1], False, "chatml", "<s>")[0][0].startswith("<|im_start|>user\nSegment")
+    with pytest.raises(ValueError, match="CHAT_FORMAT"):
+        chatml_pieces(turns, True, "llama3")
+
+    class Attn(nn.Module):
+        def __init__(self, fused: bool):
+            super().__init__()
+            names = ["qkv_proj", "o_proj"] if fused else ["q_proj", "k_proj", "v_proj", "o_proj"]
+            for n in names:
+                self.add_module(n, nn.Linear(2, 2))
+
+    default = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert resolve_lora_targets(Attn(fused=False), default) == default
+    assert resolve_lora_targets(Attn(fused=True), default) == ["qkv_proj", "o_proj"]
+    with caplog.at_level("WARNING"):
+        assert resolve_lora_targets(Attn(fused=True), ["o_proj", "w_in"]) == ["o_proj", "w_in"]
+    assert "'w_in' matches no module" in caplog.text
