@@ -322,3 +322,16 @@ def test_phi3_chat_format_and_lora_target_names(caplog):
     with caplog.at_level("WARNING"):
         assert resolve_lora_targets(Attn(fused=True), ["o_proj", "w_in"]) == ["o_proj", "w_in"]
     assert "'w_in' matches no module" in caplog.text
+
+
+def test_converter_keeps_unknown_keys_and_drops_the_prompt_table():
+    from flowseg.checkpoint.xsam import convert_xsam_checkpoint
+
+    sd = dict(load_fixture("stage1")["state_dict"])
+    sd["segmentor.prompt_head.weight"] = torch.zeros(2)
+    out, info = convert_xsam_checkpoint(sd)
+    assert torch.equal(out["segmentor.prompt_head.weight"], torch.zeros(2))  # reported as unexpected on load
+    assert info.dropped == ["segmentor.shared_image_embedding.positional_embedding"]
+    assert info.generation == "current" and "segmentor.prompt_head.weight" not in info.converted
+    assert out["sem_seg_head.predictor.class_embed.weight"].shape[0] == 6  # the stage-1 linear head
+    assert info.converted["backbone.sam_neck.0.weight"] == "segmentor.encoder.neck.conv1.weight"
