@@ -78,6 +78,8 @@ def add_language_scaffold_config(cfg: CN) -> CN:
     # flowseg.modeling.language.templates), packed expressions as one turn each, and a ChatML
     # dialogue without system message rendered independently of the tokenizer's template.
     cfg.MODEL.LLM.PROMPT_STYLE = "flowseg"
+    # dialogue markers of the "xsam" style: "chatml" (Qwen3) or "phi3" (X-SAM's released Phi-3-mini)
+    cfg.MODEL.LLM.CHAT_FORMAT = "chatml"
     # 0: the vision tower's last_hidden_state (after its final LayerNorm); k < 0: hidden_states[k]
     # (no final norm). X-SAM feeds SigLIP2's penultimate layer (-2) to phi_vis.
     cfg.MODEL.VANILLA_ENCODER.FEATURE_LAYER = 0
@@ -162,6 +164,7 @@ def add_sam_vit_config(cfg: CN) -> CN:
     cfg.MODEL.SAM_VIT.NUM_HEADS = 0
     cfg.MODEL.SAM_VIT.GLOBAL_ATTN_INDEXES = []
     cfg.MODEL.SAM_VIT.WINDOW_SIZE = 0  # 0 = preset's (14 for B/L/H)
+    cfg.MODEL.SAM_VIT.MLP_RATIO = 4.0  # SAM's; tiny test models mirroring other checkpoints differ
     # >0: pad every input to this square, as SAM does (1024); 0: pad to a multiple of 32 only and
     # let the ViT resample its position table to the actual token grid
     cfg.MODEL.SAM_VIT.SQUARE_PAD = 0
@@ -237,6 +240,8 @@ def add_mask_former_config(cfg: CN) -> CN:
     cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_ON = True
     cfg.MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD = 0.8
     cfg.MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD = 0.8
+    # "mask2former" or "xsam" (X-SAM's Hugging Face-style merge; see FlowSeg.panoptic_inference)
+    cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_MERGE = "mask2former"
     cfg.MODEL.MASK_FORMER.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE = False
 
     # A FlowSeg checkpoint whose tensor shapes differ from the model's (another config) is an

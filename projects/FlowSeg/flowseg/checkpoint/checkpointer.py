@@ -11,7 +11,11 @@ file layout, so ``--resume`` and the periodic checkpoints are unchanged) plus:
     ``backbone.*`` (prompt encoder / mask decoder dropped);
   - ``"mask2former_d2"`` (original Mask2Former Detectron2 ``.pkl`` / ``.pth``) and
     ``"mask2former_hf"`` (Hugging Face ``Mask2Former*`` state dict), converted by
-    :func:`convert_mask2former_checkpoint` to ``sem_seg_head.*`` (their backbone is dropped).
+    :func:`convert_mask2former_checkpoint` to ``sem_seg_head.*`` (their backbone is dropped);
+  - ``"xsam"``: X-SAM's ``pytorch_model.bin`` of any stage, either key generation, converted by
+    :func:`~flowseg.checkpoint.xsam.convert_xsam_checkpoint`; the report lists the converted keys
+    per component (``LoadReport.converted``) and FlowSeg's own modules, which X-SAM does not have,
+    as newly initialised (``LoadReport.newly_initialised``: BSF and BAR).
 
   ``.safetensors`` files are read as well.
 * **LLM wrapper layouts.** peft names the LLM's tensors after its wrappers:
@@ -61,6 +65,7 @@ from torch import nn
 from .mask2former import convert_hf_mask2former
 from .mask2former_decoder import convert_d2_mask2former_checkpoint
 from .sam import _resize_pos_embed, _resize_rel_pos, convert_sam_checkpoint, sam_neck_prefix
+from .xsam import XSamConversion, convert_xsam_checkpoint, is_xsam_checkpoint
 
 try:  # fvcore's handling of tied parameters (one tensor, several names) in the missing-key list
     from fvcore.common.checkpoint import _filter_reused_missing_keys
@@ -103,7 +108,7 @@ COMPONENTS: Dict[str, str] = OrderedDict(
         ("condition_head.llm_base", "condition head / LLM base weights"),
         ("condition_head.lora", "condition head / LoRA"),
         ("condition_head.token_rows", "condition head / new-token rows (<p>, </p>, <SEG>)"),
-        ("condition_head.projectors", "condition head / projectors (phi_vis, phi_llm)"),
+        ("condition_head.projectors", "condition head / projectors (phi_vis, phi_llm, SAM-token projector)"),
         ("condition_head.vision_tower", "condition head / vision tower"),
         ("condition_head", "condition head (other)"),
         ("refiner", "refiner (BAR)"),
@@ -113,6 +118,13 @@ COMPONENTS: Dict[str, str] = OrderedDict(
 
 _PREDICTOR = "sem_seg_head.predictor."
 _AUX_CLASSIFIER = "sem_seg_head.aux_classifier."
+# FlowSeg's additions to X-SAM's scaffold: never in an X-SAM checkpoint
+_NEW_MODULES = ("transformer_decoder.bsf", "refiner")
+_PROJECTOR_SCOPES = (
+    "condition_head.vis_projector.",
+    "condition_head.llm_projector.",
+    "condition_head.sam_projector.",
+)
 _BSF_MODULES = ("semantic_cross_attention_layers", "fusion_gates", "condition_refinement_layers")
 _CONDITION_LOGIT_MODULES = (
     "cond_query_proj",
@@ -150,7 +162,7 @@ def component_of(key: str) -> str:
         if ".trainable_tokens_" in key:
             return "condition_head.token_rows"
         return "condition_head.llm_base"
-    if key.startswith(("condition_head.vis_projector.", "condition_head.llm_projector.")):
+    if key.startswith(_PROJECTOR_SCOPES):
         return "condition_head.projectors"
     if key.startswith("condition_head.vision_encoder."):
         return "condition_head.vision_tower"
@@ -182,15 +194,19 @@ _SAM_BARE_KEYS = ("patch_embed.proj.weight", "patch_embed.projection.weight")
 
 
 def detect_checkpoint_format(keys: Iterable[str]) -> str:
-    """``"flowseg"``, ``"sam"``, ``"mask2former_hf"`` or ``"mask2former_d2"``, from the key names.
+    """``"flowseg"``, ``"xsam"``, ``"sam"``, ``"mask2former_hf"`` or ``"mask2former_d2"``, from the
+    key names.
 
     FlowSeg's own names win (its vision tower lives under ``condition_head.vision_encoder``, a name
-    SAM's Hugging Face port also uses at the top level). Unknown layouts count as ``"flowseg"``:
+    SAM's Hugging Face port also uses at the top level), then X-SAM's (whose SigLIP is also under
+    ``vision_encoder.``). Unknown layouts count as ``"flowseg"``:
     they are loaded by name and whatever does not match is reported.
     """
     keys = list(keys)
     if any(k.startswith(_FLOWSEG_MARKERS) for k in keys):
         return "flowseg"
+    if is_xsam_checkpoint(keys):
+        return "xsam"
     if any(k.startswith(_SAM_SCOPES) or k in _SAM_BARE_KEYS for k in keys):
         return "sam"
     if any("transformer_module." in k or "pixel_level_module." in k for k in keys):
@@ -237,7 +253,8 @@ class LoadReport:
     whether the stage transition / source format explains them (``missing_reasons`` says how);
     ``unexpected``: checkpoint keys the model has no use for; ``dropped``: checkpoint keys removed on
     purpose (``dropped_reasons``); ``incorrect_shapes``: (key, checkpoint shape, model shape) skipped;
-    ``notes``: renames, row transfers, resampling.
+    ``notes``: renames, row transfers, resampling; ``converted``: (X-SAM checkpoints) model keys
+    renamed from the source format, by component.
     """
 
     source: str = ""
@@ -252,6 +269,12 @@ class LoadReport:
     dropped_reasons: Dict[str, str] = field(default_factory=dict)
     incorrect_shapes: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    converted: Dict[str, List[str]] = field(default_factory=dict)
+
+    @property
+    def newly_initialised(self) -> Dict[str, List[str]]:
+        """FlowSeg's own modules that the source format has no weights for (BSF, BAR), by component."""
+        return {c: v for c, v in self.missing_expected.items() if c in _NEW_MODULES}
 
     @property
     def missing(self) -> Dict[str, List[str]]:
@@ -276,6 +299,9 @@ class LoadReport:
             f" (format: {self.source_format})."
         ]
         lines += [f"  note: {n}" for n in self.notes]
+        if self.converted:
+            lines.append(f"Converted from the {self.source_format} names:")
+            lines += [self._group_line(c, v) for c, v in self.converted.items()]
         if self.missing_expected:
             lines.append(
                 "Not in the checkpoint, as expected (kept at their initialisation / pretrained weights):"
@@ -496,6 +522,7 @@ class FlowSegCheckpointer(DetectionCheckpointer):
         self.cfg = cfg
         self.allow_partial = allow_partial
         self.last_report: Optional[LoadReport] = None
+        self._xsam = XSamConversion()
         self._source = ""
         if trainable_only is None:  # the config decides; without one, full state dicts
             trainable_only = bool(cfg is not None and cfg.SOLVER.get("CHECKPOINT_TRAINABLE_ONLY", False))
@@ -585,7 +612,20 @@ class FlowSegCheckpointer(DetectionCheckpointer):
             return convert_d2_mask2former_checkpoint(state_dict)
         if fmt == "mask2former_hf":
             return convert_hf_mask2former(state_dict)
+        if fmt == "xsam":
+            state_dict, self._xsam = convert_xsam_checkpoint(
+                state_dict, _unwrap(self.model).state_dict().keys()
+            )
         return state_dict
+
+    def _report_xsam(self, report: LoadReport, state_dict: StateDict) -> None:
+        """Converted / dropped keys of an X-SAM checkpoint in ``report``."""
+        info: XSamConversion = self._xsam
+        report.source_format = f"xsam ({info.generation} key names)"
+        report.converted = group_keys_by_component(k for k in info.converted if k in state_dict)
+        if info.dropped:
+            report.dropped["other"] = sorted(info.dropped)
+            report.dropped_reasons["other"] = "SAM's prompt positional table: FlowSeg has no prompt encoder"
 
     def _pretrained(self, which: str) -> bool:
         if self.cfg is not None:
@@ -598,6 +638,8 @@ class FlowSegCheckpointer(DetectionCheckpointer):
 
     def _missing_reason(self, component: str, key: str, present: Set[str], fmt: str, neck: str) -> str:
         """Why ``key`` is expected to be missing ("" = it is not)."""
+        if fmt == "xsam" and component in _NEW_MODULES:
+            return "FlowSeg's addition to X-SAM's scaffold (BSF / BAR): newly initialised"
         if fmt == "sam":
             if component != "segmentation_encoder":
                 return "not part of a SAM image-encoder checkpoint"
@@ -637,6 +679,8 @@ class FlowSegCheckpointer(DetectionCheckpointer):
         state_dict = self._convert_source(state_dict, fmt)
         model_state = model.state_dict()
         report = LoadReport(source=self._source, source_format=fmt, num_model_keys=len(model_state))
+        if fmt == "xsam":
+            self._report_xsam(report, state_dict)
 
         state_dict, renamed = align_llm_layout(state_dict, model_state.keys())
         if renamed:

@@ -137,7 +137,7 @@ def _build_vit(
         embed_dim=p["embed_dim"],
         depth=depth,
         num_heads=p["num_heads"],
-        mlp_ratio=4.0,
+        mlp_ratio=float(p.get("mlp_ratio", 4.0)),  # SAM: 4 (3072 / 768 ... 5120 / 1280)
         qkv_bias=True,
         drop_path_rate=drop_path_rate,
         norm_layer=partial(nn.LayerNorm, eps=1e-6),  # SAM's eps (Detectron2's default is 1e-5)
@@ -168,6 +168,7 @@ def build_sam_vit(
     num_heads: Optional[int] = None,
     global_attn_indexes: Optional[Sequence[int]] = None,
     window_size: Optional[int] = None,
+    mlp_ratio: float = 4.0,
     drop_path_rate: float = 0.0,
     feature_path: str = "pyramid",
     out_channels: int = 256,
@@ -191,6 +192,7 @@ def build_sam_vit(
             (Detectron2 interpolates both at run time), but SAM itself sees 1024x1024 padded images.
         embed_dim, depth, num_heads, global_attn_indexes, window_size: override the preset
             (``None`` = take the preset's value).
+        mlp_ratio: MLP width / embed_dim (4 in every SAM; tiny test models use others).
         feature_path: ``"pyramid"`` (ViTDet's ``SimpleFeaturePyramid``) or ``"connector"``
             (X-SAM's: block outputs through :class:`SAMViTConnector`).
         out_channels: pyramid width; on the connector path the width of SAM's (unused) neck.
@@ -223,6 +225,7 @@ def build_sam_vit(
         p["global_attn_indexes"] = tuple(global_attn_indexes)
     if window_size is not None and window_size > 0:
         p["window_size"] = window_size
+    p["mlp_ratio"] = mlp_ratio
     net = _build_vit(p, img_size, in_chans, patch_size, drop_path_rate)
     if use_conv_stem:
         net.patch_embed.proj = conv_stem(in_chans, p["embed_dim"], patch_size)
@@ -298,6 +301,7 @@ def build_sam_vit_backbone(cfg, input_shape: ShapeSpec) -> Union[SAMViTFeaturePy
         num_heads=c.NUM_HEADS or None,
         global_attn_indexes=list(c.GLOBAL_ATTN_INDEXES) or None,
         window_size=c.WINDOW_SIZE if c.WINDOW_SIZE > 0 else None,
+        mlp_ratio=c.get("MLP_RATIO", 4.0),
         drop_path_rate=c.DROP_PATH_RATE,
         feature_path=c.FEATURE_PATH,
         out_channels=c.OUT_CHANNELS,

@@ -77,6 +77,7 @@ class LLMConditionHead(nn.Module):
         sam_token_dim: int = 0,
         sam_downsample: float = 0.5,
         prompt_style: str = "flowseg",
+        chat_format: str = "chatml",
     ):
         """
         Args:
@@ -94,11 +95,13 @@ class LLMConditionHead(nn.Module):
                 on the pixel-unshuffled tokens, placed after the vanilla encoder's at ``<image>``.
             sam_downsample: the unshuffle factor ``s`` (0.5: 2x2 cells, 4x the channels).
             prompt_style: ``"flowseg"`` or ``"xsam"`` (:func:`.prompts.encode_sample`).
+            chat_format: the ``"xsam"`` style's dialogue markers: ``"chatml"`` (Qwen) or ``"phi3"``.
         """
         super().__init__()
         if prompt_style not in PROMPT_STYLES:
             raise ValueError(f"unknown MODEL.LLM.PROMPT_STYLE {prompt_style!r}; use one of {PROMPT_STYLES}")
         self.prompt_style = prompt_style
+        self.chat_format = chat_format
         self.tokenizer = tokenizer
         # X-SAM's vocabulary: <SEG>, <p>, </p> only, <image> a sentinel id, matrix cut to the tokenizer
         xsam = prompt_style == "xsam"
@@ -171,6 +174,7 @@ class LLMConditionHead(nn.Module):
             "sam_token_dim": sam_vit_embed_dim(cfg) if llm_cfg.SAM_TOKENS.ENABLED else 0,
             "sam_downsample": llm_cfg.SAM_TOKENS.DOWNSAMPLE,
             "prompt_style": llm_cfg.PROMPT_STYLE,
+            "chat_format": llm_cfg.get("CHAT_FORMAT", "chatml"),
         }
 
     # ------------------------------------------------------------------------------ helpers
@@ -201,6 +205,7 @@ class LLMConditionHead(nn.Module):
                         with_image=self.vision_encoder is not None,
                         max_length=self.max_length,
                         style=self.prompt_style,
+                        chat_format=self.chat_format,
                     )
                 )
             except ValueError as e:

@@ -84,6 +84,33 @@ def _trainable_token_targets(model: nn.Module, token_ids: list[int]) -> dict[str
     return targets
 
 
+# Fused projections of some LLMs (Phi-3: one qkv_proj, one gate_up_proj) for the separate names
+_FUSED = {
+    "q_proj": "qkv_proj",
+    "k_proj": "qkv_proj",
+    "v_proj": "qkv_proj",
+    "gate_proj": "gate_up_proj",
+    "up_proj": "gate_up_proj",
+}
+
+
+def resolve_lora_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """``MODEL.LLM.LORA.TARGET_MODULES`` for ``model``: a separate projection name the model does not
+    have is replaced by the fused module holding it (``q_proj`` -> ``qkv_proj`` on Phi-3), so that one
+    target list serves Qwen3 and Phi-3; a name found nowhere is reported (WARNING)."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    out: list[str] = []
+    for target in targets:
+        resolved = target if target in names else _FUSED.get(target, target)
+        if resolved not in names:
+            logger.warning("LoRA target %r matches no module of the LLM: no adapter there", target)
+        elif resolved != target:
+            logger.info("LoRA target %r: the LLM fuses it into %r", target, resolved)
+        if resolved not in out:
+            out.append(resolved)
+    return out
+
+
 def setup_trainable(
     model: nn.Module,
     *,
@@ -119,7 +146,7 @@ def setup_trainable(
             r=int(lora.rank),
             lora_alpha=lora.alpha,
             lora_dropout=float(lora.dropout),
-            target_modules=list(lora.target_modules),
+            target_modules=resolve_lora_targets(model, lora.target_modules),
             trainable_token_indices=rows,
             bias="none",
         )

@@ -239,9 +239,10 @@ def render_segments(tokenizer, turns: Sequence[tuple[str, str]], with_image: boo
 
 
 def dialogue_pieces(
-    tokenizer, sample: dict[str, Any], with_image: bool, style: str
+    tokenizer, sample: dict[str, Any], with_image: bool, style: str, chat_format: str = "chatml"
 ) -> list[tuple[str, bool]]:
-    """``(text, is_answer)`` pieces of ``sample``'s dialogue in prompt ``style``."""
+    """``(text, is_answer)`` pieces of ``sample``'s dialogue in prompt ``style`` (``chat_format``:
+    the ``"xsam"`` style's dialogue markers, :data:`.templates.CHAT_FORMATS`)."""
     if style == "flowseg":
         return render_segments(tokenizer, build_turns(sample), with_image)
     if style != "xsam":
@@ -250,8 +251,11 @@ def dialogue_pieces(
     # as is, like in the "flowseg" style; only the dialogue format differs
     own = sample.get("prompt") or count_phrase_spans(str(sample.get("expression") or ""))
     if sample.get("task", "referring") in ("referring", "reasoning") and not own:
-        return chatml_pieces(xsam_turns(sample), with_image)
-    return chatml_pieces(build_turns(sample), with_image)
+        turns = xsam_turns(sample)
+    else:
+        turns = build_turns(sample)
+    bos = getattr(tokenizer, "bos_token", None) or ""
+    return chatml_pieces(turns, with_image, chat_format, bos)
 
 
 # ----------------------------------------------------------------------------- token positions
@@ -338,6 +342,7 @@ def encode_sample(
     with_image: bool = True,
     max_length: int = 0,
     style: str = "flowseg",
+    chat_format: str = "chatml",
 ) -> EncodedPrompt:
     """Tokenise ``sample`` (see :func:`build_turns`) into ids, labels and special positions.
 
@@ -350,7 +355,7 @@ def encode_sample(
     a longer conversation sample is truncated; a longer segmentation sample raises ``ValueError``
     (cutting it would silently drop conditions or the ``<SEG>`` token).
     """
-    pieces = dialogue_pieces(tokenizer, sample, with_image, style)
+    pieces = dialogue_pieces(tokenizer, sample, with_image, style, chat_format)
     text = "".join(t for t, _ in pieces)
     ids: list[int] = []
     labels: list[int] = []

@@ -87,6 +87,12 @@ SEG_ANSWERS: tuple[str, ...] = (
 _USER = "<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
 _END = "<|im_end|>"
 _SEP = "\n"  # between turns, outside the supervised answer
+#: X-SAM's chat formats (MODEL.LLM.CHAT_FORMAT): user-turn template, answer suffix, and whether the
+#: tokenizer's BOS text opens the dialogue (X-SAM prepends it for Phi-3, not for Qwen's tokenizers)
+CHAT_FORMATS = {
+    "chatml": (_USER, _END, False),
+    "phi3": ("<|user|>\n{user}<|end|>\n<|assistant|>\n", "<|end|>", True),
+}
 
 
 def choose(options: Sequence[str], key: str) -> str:
@@ -136,14 +142,23 @@ def xsam_turns(sample: dict[str, Any]) -> list[tuple[str, str]]:
     return turns
 
 
-def chatml_pieces(turns: Sequence[tuple[str, str]], with_image: bool) -> list[tuple[str, bool]]:
+def chatml_pieces(
+    turns: Sequence[tuple[str, str]], with_image: bool, chat_format: str = "chatml", bos: str = ""
+) -> list[tuple[str, bool]]:
     """``(text, is_answer)`` pieces of the ChatML dialogue (``<image>`` directly before the first
     question, no newline, as X-SAM's SigLIP configs put it); each answer ends with ``<|im_end|>``,
-    which is supervised, and turns are separated by an unsupervised newline."""
+    which is supervised, and turns are separated by an unsupervised newline.
+
+    ``chat_format`` ``"phi3"`` (:data:`CHAT_FORMATS`) uses Phi-3's ``<|user|>`` / ``<|assistant|>`` /
+    ``<|end|>`` markers instead, with ``bos`` (the tokenizer's BOS text) opening the dialogue."""
+    if chat_format not in CHAT_FORMATS:
+        raise ValueError(f"unknown MODEL.LLM.CHAT_FORMAT {chat_format!r}; use one of {sorted(CHAT_FORMATS)}")
+    user_template, end, with_bos = CHAT_FORMATS[chat_format]
     pieces: list[tuple[str, bool]] = []
     for i, (user, answer) in enumerate(turns):
         if i == 0 and with_image:
             user = IMAGE + user
-        pieces.append(((_SEP if i else "") + _USER.format(user=user), False))
-        pieces.append((answer + _END, True))
+        opening = _SEP if i else (bos if with_bos else "")
+        pieces.append((opening + user_template.format(user=user), False))
+        pieces.append((answer + end, True))
     return pieces

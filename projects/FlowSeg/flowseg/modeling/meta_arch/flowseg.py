@@ -38,6 +38,10 @@ logger = logging.getLogger(__name__)
 __all__ = ["FlowSeg", "llm_configured"]
 
 
+#: MODEL.MASK_FORMER.TEST.PANOPTIC_MERGE: Mask2Former's panoptic merge or X-SAM's variant of it
+PANOPTIC_MERGES = ("mask2former", "xsam")
+
+
 @META_ARCH_REGISTRY.register()
 class FlowSeg(nn.Module):
     @configurable
@@ -54,6 +58,7 @@ class FlowSeg(nn.Module):
         object_mask_threshold: float,
         overlap_threshold: float,
         metadata,
+        panoptic_merge: str = "mask2former",
         size_divisibility: int,
         sem_seg_postprocess_before_inference: bool,
         pixel_mean: Tuple[float, ...],
@@ -86,6 +91,11 @@ class FlowSeg(nn.Module):
         self.num_queries = num_queries
         self.object_mask_threshold = object_mask_threshold
         self.overlap_threshold = overlap_threshold
+        if panoptic_merge not in PANOPTIC_MERGES:
+            raise ValueError(
+                f"MODEL.MASK_FORMER.TEST.PANOPTIC_MERGE must be one of {PANOPTIC_MERGES}, got {panoptic_merge!r}"
+            )
+        self.panoptic_merge = panoptic_merge
         self.metadata = metadata
         if size_divisibility < 0:
             size_divisibility = self.backbone.size_divisibility
@@ -128,6 +138,7 @@ class FlowSeg(nn.Module):
             "num_queries": cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES,
             "object_mask_threshold": test.OBJECT_MASK_THRESHOLD,
             "overlap_threshold": test.OVERLAP_THRESHOLD,
+            "panoptic_merge": test.get("PANOPTIC_MERGE", "mask2former"),
             "metadata": MetadataCatalog.get(meta_name),
             "size_divisibility": cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY,
             "sem_seg_postprocess_before_inference": (
@@ -432,9 +443,17 @@ class FlowSeg(nn.Module):
     def panoptic_inference(self, mask_cls: torch.Tensor, mask_pred: torch.Tensor):
         """Mask2Former's panoptic merge: keep confident non-void queries, give every pixel to
         the query with the highest score x mask probability, drop segments that lost most
-        of their own mask to others, merge stuff segments of the same class."""
+        of their own mask to others, merge stuff segments of the same class.
+
+        ``panoptic_merge`` ``"xsam"`` is X-SAM's variant (Hugging Face's DETR-style merge): a
+        query's own area is where score x probability >= 0.5 (not probability >= 0.5), its
+        segment is every pixel it owns (not only those where its probability >= 0.5), and it is
+        kept when owned / own area > OVERLAP_THRESHOLD (Mask2Former: >=)."""
         num_classes = mask_cls.shape[-1] - 1
-        scores, labels = mask_cls.softmax(-1).max(-1)
+        xsam = self.panoptic_merge == "xsam"
+        # X-SAM labels each query with its best real class (no-object column dropped first)
+        probs = mask_cls.softmax(-1)
+        scores, labels = (probs[:, :-1] if xsam else probs).max(-1)
         keep = labels.ne(num_classes) & (scores > self.object_mask_threshold)
         cur_scores, cur_classes = scores[keep], labels[keep]
         cur_masks = mask_pred.sigmoid()[keep]
@@ -443,16 +462,18 @@ class FlowSeg(nn.Module):
         segments_info: List[Dict] = []
         if cur_masks.shape[0] == 0:
             return panoptic_seg, segments_info
-        owner = (cur_scores.view(-1, 1, 1) * cur_masks).argmax(0)
+        weighted = cur_scores.view(-1, 1, 1) * cur_masks
+        owner = weighted.argmax(0)
         stuff_segment: Dict[int, int] = {}
         for k in range(cur_classes.shape[0]):
             pred_class = int(cur_classes[k])
-            own = cur_masks[k] >= 0.5
-            mask = (owner == k) & own
+            own = (weighted[k] if xsam else cur_masks[k]) >= 0.5
+            mask = (owner == k) if xsam else (owner == k) & own
             owned_area, own_area = int((owner == k).sum()), int(own.sum())
             if owned_area == 0 or own_area == 0 or int(mask.sum()) == 0:
                 continue
-            if owned_area / own_area < self.overlap_threshold:
+            ratio = owned_area / own_area
+            if (ratio <= self.overlap_threshold) if xsam else (ratio < self.overlap_threshold):
                 continue
             isthing = self._is_thing(pred_class)
             if not isthing and pred_class in stuff_segment:
