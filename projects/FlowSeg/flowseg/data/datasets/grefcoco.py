@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from .refcoco import _load_instances, _sentence_text, refer_image_root
+from .refcoco import _load_instances, image_record, ref_texts, refer_image_root, split_refs
 
 logger = logging.getLogger(__name__)
 
@@ -96,17 +96,8 @@ def _ref_dicts(ref, anns, images, image_root, inst_path, refs_path) -> List[Dict
     ref_id = ref.get("ref_id")
     ann_ids = _target_ann_ids(ref, refs_path)
     targets = _targets(ref, ann_ids, anns, inst_path, refs_path)
-    img = images.get(ref.get("image_id"))
-    if img is None:
-        raise ValueError(
-            f"gRefCOCO: image id={ref.get('image_id')} (ref_id={ref_id}) is not in the images of {inst_path}"
-        )
-    for key in ("file_name", "height", "width"):
-        if key not in img:
-            raise ValueError(f"gRefCOCO: image id={img['id']} in {inst_path} has no '{key}'")
-    sentences = ref.get("sentences")
-    if not isinstance(sentences, list) or not sentences:
-        raise ValueError(f"gRefCOCO: ref_id={ref_id} in {refs_path} has no sentences")
+    img = image_record(images, ref.get("image_id"), f"ref_id={ref_id}", inst_path, "gRefCOCO")
+    texts = ref_texts(ref, refs_path, "gRefCOCO")
     base = {
         "file_name": os.path.join(image_root, img["file_name"]),
         "height": int(img["height"]),
@@ -122,16 +113,7 @@ def _ref_dicts(ref, anns, images, image_root, inst_path, refs_path) -> List[Dict
         "multi_target": True,  # GRES data: answer with every target, or none (flowseg.modeling.gres)
         "split": ref.get("split"),
     }
-    out = []
-    for i, sent in enumerate(sentences):
-        text = _sentence_text(sent)
-        sent_id = sent.get("sent_id") if isinstance(sent, dict) else None
-        if text is None:
-            raise ValueError(
-                f"gRefCOCO: sentence {i} (sent_id={sent_id}) of ref_id={ref_id} in {refs_path} has no text"
-            )
-        out.append({**base, "sent_id": sent_id, "expression": text})
-    return out
+    return [{**base, "sent_id": sent_id, "expression": text} for text, sent_id in texts]
 
 
 def load_grefcoco_dataset(
@@ -157,12 +139,8 @@ def load_grefcoco_dataset(
         raise FileNotFoundError(f"gRefCOCO: image folder not found: {image_root}")
     images = {img["id"]: img for img in data["images"] if isinstance(img, dict) and "id" in img}
     anns = {ann["id"]: ann for ann in data["annotations"] if isinstance(ann, dict) and "id" in ann}
-    split_refs = [r for r in refs if isinstance(r, dict) and r.get("split") == split]
-    if not split_refs:
-        present = sorted({str(r.get("split")) for r in refs if isinstance(r, dict)})
-        raise ValueError(f"gRefCOCO: split '{split}' has no refs in {refs_path} (splits present: {present})")
     dicts: List[Dict[str, Any]] = []
-    for ref in split_refs:
+    for ref in split_refs(refs, split, refs_path, "gRefCOCO"):
         dicts += _ref_dicts(ref, anns, images, image_root, inst_path, refs_path)
     n_empty = sum(d["no_target"] for d in dicts)
     n_multi = sum(len(d["segmentations"]) > 1 for d in dicts)

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import pickle
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
@@ -110,6 +110,49 @@ def _dedup_sentences(texts: List[tuple]) -> List[tuple]:
     return [(text, first[text]) for text in sorted(first)]
 
 
+def split_refs(refs: List[Dict[str, Any]], split: str, refs_path: str, what: str) -> List[Dict[str, Any]]:
+    """The refs of ``split``; none is an error that lists the splits present."""
+    out = [r for r in refs if isinstance(r, dict) and r.get("split") == split]
+    if not out:
+        present = sorted({str(r.get("split")) for r in refs if isinstance(r, dict)})
+        raise ValueError(f"{what}: split '{split}' has no refs in {refs_path} (splits present: {present})")
+    return out
+
+
+def image_record(
+    images: Dict[Any, Dict[str, Any]], image_id: Any, ids: str, inst_path: str, what: str
+) -> Dict:
+    """The image entry a ref points to; a missing one, or one without file name or size, is an
+    error naming ``inst_path`` and the ids."""
+    img = images.get(image_id)
+    if img is None:
+        raise ValueError(f"{what}: image id={image_id} ({ids}) is not in the images of {inst_path}")
+    for key in ("file_name", "height", "width"):
+        if key not in img:
+            raise ValueError(f"{what}: image id={image_id} in {inst_path} has no '{key}'")
+    return img
+
+
+def ref_texts(ref: Dict[str, Any], refs_path: str, what: str) -> List[Tuple[str, Any]]:
+    """``(text, sent_id)`` of every sentence of ``ref``. A ref without sentences, a sentence
+    without text or with unbalanced ``<p>`` markers is an error naming the file and the ids."""
+    ref_id = ref.get("ref_id")
+    sentences = ref.get("sentences")
+    if not isinstance(sentences, list) or not sentences:
+        raise ValueError(f"{what}: ref_id={ref_id} in {refs_path} has no sentences")
+    texts = []
+    for i, sent in enumerate(sentences):
+        text = _sentence_text(sent)
+        sent_id = sent.get("sent_id") if isinstance(sent, dict) else None
+        if text is None:
+            raise ValueError(
+                f"{what}: sentence {i} (sent_id={sent_id}) of ref_id={ref_id} in {refs_path} has no text"
+            )
+        check_phrase_markers(text, f"{what}: sentence sent_id={sent_id} of ref_id={ref_id} in {refs_path}")
+        texts.append((text, sent_id))
+    return texts
+
+
 def load_refer_dataset(
     refer_root: str,
     dataset: str,
@@ -145,14 +188,8 @@ def load_refer_dataset(
     anns = {ann["id"]: ann for ann in data["annotations"] if isinstance(ann, dict) and "id" in ann}
 
     dataset_dicts: List[Dict[str, Any]] = []
-    split_refs = [r for r in refs if isinstance(r, dict) and r.get("split") == split]
-    if not split_refs:
-        present = sorted({str(r.get("split")) for r in refs if isinstance(r, dict)})
-        raise ValueError(
-            f"refer dataset: split '{split}' has no refs in {refs_path} (splits present: {present})"
-        )
-
-    for ref in split_refs:
+    chosen = split_refs(refs, split, refs_path, "refer dataset")
+    for ref in chosen:
         ref_id = ref.get("ref_id")
         ann_id = ref.get("ann_id")
         ann = anns.get(ann_id)
@@ -173,18 +210,8 @@ def load_refer_dataset(
                 f"refer dataset: ref_id={ref_id} in {refs_path} has image_id={ref['image_id']} "
                 f"but its ann_id={ann_id} in {inst_path} has image_id={image_id}"
             )
-        img = images.get(image_id)
-        if img is None:
-            raise ValueError(
-                f"refer dataset: image id={image_id} (ref_id={ref_id}, ann_id={ann_id}) "
-                f"is not in the images of {inst_path}"
-            )
-        for key in ("file_name", "height", "width"):
-            if key not in img:
-                raise ValueError(f"refer dataset: image id={image_id} in {inst_path} has no '{key}'")
-        sentences = ref.get("sentences")
-        if not isinstance(sentences, list) or not sentences:
-            raise ValueError(f"refer dataset: ref_id={ref_id} in {refs_path} has no sentences")
+        img = image_record(images, image_id, f"ref_id={ref_id}, ann_id={ann_id}", inst_path, "refer dataset")
+        texts = ref_texts(ref, refs_path, "refer dataset")
         # Build the shared part once; every sentence of a ref refers to the same object.
         base = {
             "file_name": os.path.join(image_root, img["file_name"]),
@@ -198,18 +225,6 @@ def load_refer_dataset(
             "category_id": ann.get("category_id", ref.get("category_id")),
             "split": split,
         }
-        texts = []
-        for i, sent in enumerate(sentences):
-            text = _sentence_text(sent)
-            sent_id = sent.get("sent_id") if isinstance(sent, dict) else None
-            if text is None:
-                raise ValueError(
-                    f"refer dataset: sentence {i} (sent_id={sent_id}) of ref_id={ref_id} "
-                    f"in {refs_path} has no text"
-                )
-            where = f"refer dataset: sentence sent_id={sent_id} of ref_id={ref_id} in {refs_path}"
-            check_phrase_markers(text, where)
-            texts.append((text, sent_id))
         if dedup_sentences:
             texts = _dedup_sentences(texts)
         for text, sent_id in texts:
@@ -218,7 +233,7 @@ def load_refer_dataset(
     logger.info(
         "Loaded %d expressions (%d refs) of %s/%s(%s) from %s%s",
         len(dataset_dicts),
-        len(split_refs),
+        len(chosen),
         dataset,
         split,
         split_by,
