@@ -366,3 +366,15 @@ def test_reasoning_empty_split_is_nan():
     r = ev.evaluate()["reasoning"]
     assert r["long_gIoU"] == pytest.approx(80.0) and r["cIoU"] == pytest.approx(80.0)
     assert math.isnan(r["short_gIoU"]) and math.isnan(r["short_cIoU"])
+
+
+def test_to_jsonable_converts_numpy_torch_and_non_finite_values():
+    import json
+
+    import torch
+    from flowseg.utils.jsonable import to_jsonable
+
+    value = {1: np.float32(0.5), "pq": float("nan"), "ids": (torch.tensor(7), np.int64(3)), "a": np.ones(2)}
+    out = to_jsonable(value)
+    assert out == {"1": 0.5, "pq": None, "ids": [7, 3], "a": [1.0, 1.0]}
+    assert json.loads(json.dumps(out)) == out

@@ -12,12 +12,10 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-import numpy as np
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import (
@@ -27,6 +25,8 @@ from detectron2.evaluation import (
     DatasetEvaluators,
     SemSegEvaluator,
 )
+
+from ..utils.jsonable import to_jsonable
 
 __all__ = [
     "ALL_METRICS_FILE",
@@ -103,21 +103,6 @@ def build_evaluator(cfg: CfgNode, dataset_name: str, output_folder: Optional[str
     return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
 
 
-def _jsonable(x: Any) -> Any:
-    # Evaluators return numpy scalars and NaN (e.g. PQ of an absent class); JSON has neither.
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
 # Not "metrics.json": Detectron2's JSONWriter already appends the training log (json lines) there.
 ALL_METRICS_FILE = "metrics_all.json"
 
@@ -140,7 +125,7 @@ def write_metrics_json(
     os.makedirs(output_dir, exist_ok=True)
     paths = {}
     for name, res in results.items():
-        payload = {"dataset": name, "iteration": iteration, "metrics": _jsonable(res)}
+        payload = {"dataset": name, "iteration": iteration, "metrics": to_jsonable(res)}
         paths[name] = metrics_json_path(output_dir, name)
         with open(paths[name], "w") as f:
             json.dump(payload, f, indent=2)
@@ -152,7 +137,7 @@ def write_metrics_json(
                 merged = json.load(f).get("metrics", {})
         except (json.JSONDecodeError, AttributeError):
             merged = {}  # a broken earlier file is replaced, not fatal
-    merged.update({name: _jsonable(res) for name, res in results.items()})
+    merged.update({name: to_jsonable(res) for name, res in results.items()})
     with open(all_path, "w") as f:
         json.dump({"iteration": iteration, "metrics": merged}, f, indent=2)
     paths["all"] = all_path

@@ -31,6 +31,7 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 
+from ..utils.jsonable import to_jsonable
 from .metrics import (
     PR_THRESHOLDS,
     as_bool_array,
@@ -46,17 +47,6 @@ from .metrics import (
 __all__ = ["ReferringEvaluator", "MaskRecordEvaluator", "SampleMasks", "ciou_giou"]
 
 logger = logging.getLogger(__name__)
-
-
-def _jsonable(x: Any) -> Any:
-    """numpy / torch scalars -> Python scalars so that records survive json.dump."""
-    if hasattr(x, "item") and getattr(x, "ndim", 1) == 0:
-        return x.item()
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    return x
 
 
 def _first(inp: Dict[str, Any], keys: Tuple[str, ...]) -> Any:
@@ -126,10 +116,10 @@ class MaskRecordEvaluator(DatasetEvaluator):
         inter, union = intersection_union(pred, gt, ignore)
         score = ref.get("score")
         record: Dict[str, Any] = {
-            "image_id": _jsonable(inp.get("image_id")),
-            "ref_id": _jsonable(_first(inp, ("ref_id", "sample_id"))),
+            "image_id": to_jsonable(inp.get("image_id")),
+            "ref_id": to_jsonable(_first(inp, ("ref_id", "sample_id"))),
             # RefCOCO dicts say "sent_id", ReasonSeg dicts "query_index" (which query of the image)
-            "sentence_id": _jsonable(_first(inp, ("sentence_id", "sent_id", "query_index"))),
+            "sentence_id": to_jsonable(_first(inp, ("sentence_id", "sent_id", "query_index"))),
             "expression": _expression(inp),
             "task": inp.get("task"),
             "score": None if score is None else float(score),

@@ -23,7 +23,7 @@ from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
 from detectron2.modeling.postprocessing import sem_seg_postprocess
-from detectron2.structures import BitMasks, Boxes, ImageList, Instances
+from detectron2.structures import BitMasks, ImageList, Instances
 from torch import nn
 
 from ...config import llm_configured
@@ -516,6 +516,4 @@ class FlowSeg(nn.Module):
         )
         result.scores = scores_per_image * mask_scores
         result.pred_classes = labels_per_image
-        if not isinstance(result.pred_boxes, Boxes):
-            result.pred_boxes = Boxes(result.pred_boxes)
         return result
