@@ -56,3 +56,14 @@ def test_caption_wraps_long_expressions():
     lines = wrap_caption([text, "score 0.50"], width=200, font=10.0)
     assert len(lines) > 2 and " ".join(lines[:-1]) == text
     assert all(len(line) <= int((200 - 8) / 7.5) for line in lines)
+
+
+def test_panel_label_keeps_its_size_relative_to_the_picture_when_scaled():
+    white = np.full((128, 128, 3), 255, np.uint8)
+    heights = []
+    for scale in (1.0, 3.0):
+        out = draw_referring_overlay(white, "x", np.zeros((128, 128), np.uint8), scale=scale)
+        panel = out[: int(128 * scale)]
+        dark_rows = np.nonzero((panel.max(axis=-1) < 100).any(axis=1))[0]  # the label's dark box
+        heights.append((dark_rows.max() + 1) / panel.shape[0])
+    assert heights[0] < 0.2 and abs(heights[1] - heights[0]) < 0.05

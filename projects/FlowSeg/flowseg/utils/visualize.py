@@ -46,7 +46,7 @@ def _panel(
     has_mask = mask is not None and np.asarray(mask).any()
     if has_mask:
         vis.draw_binary_mask(np.asarray(mask).astype(np.uint8), color=color, edge_color=color, alpha=0.45)
-    font = caption_font_size(h, w) * scale * 0.8
+    font = caption_font_size(h, w) * 0.8  # Visualizer scales text by its own output scale
     vis.draw_text(label, (4, 2), horizontal_alignment="left", color="white", font_size=font)
     panel = vis.get_output().get_image()
     if has_mask:
