@@ -13,14 +13,13 @@ RefCOCO. Registered: ``grefcoco_unc_{train,val,testA,testB}``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any, Dict, List, Optional
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from .refcoco import _load_instances, image_record, ref_texts, refer_image_root, split_refs
+from .refcoco import _load_instances, image_record, read_json, ref_texts, refer_image_root, split_refs
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +41,7 @@ def grefs_path(refer_root: str, dataset: str, split_by: str) -> str:
 
 
 def _load_grefs(path: str) -> List[Dict[str, Any]]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"gRefCOCO: refs file not found: {path} (expected a json list of refs)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            refs = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"gRefCOCO: {path} is not valid JSON: {e}") from e
+    refs = read_json(path, "gRefCOCO", "refs file", "expected a json list of refs")
     if not isinstance(refs, list):
         raise ValueError(f"gRefCOCO: {path} must hold a list of refs, got {type(refs).__name__}")
     return refs

@@ -57,14 +57,19 @@ def refer_image_root(refer_root: str) -> str:
     return os.path.join(refer_root, "images", "mscoco", "images", "train2014")
 
 
-def _load_instances(path: str) -> Dict[str, Any]:
+def read_json(path: str, what: str, name: str, expected: str) -> Any:
+    """The json at ``path``; a missing file or invalid JSON is an error naming it."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"refer dataset: instances file not found: {path} (expected COCO-style json)")
+        raise FileNotFoundError(f"{what}: {name} not found: {path} ({expected})")
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"refer dataset: {path} is not valid JSON: {e}") from e
+        raise ValueError(f"{what}: {path} is not valid JSON: {e}") from e
+
+
+def _load_instances(path: str) -> Dict[str, Any]:
+    data = read_json(path, "refer dataset", "instances file", "expected COCO-style json")
     for key in ("images", "annotations"):
         if not isinstance(data, dict) or not isinstance(data.get(key), list):
             raise ValueError(f"refer dataset: {path} has no '{key}' list (expected COCO instances json)")
