@@ -88,10 +88,13 @@ def main() -> None:
     generate_synthetic_datasets(default_root(), sizes, seed=args.seed)
     register_synthetic_datasets()
 
+    gres_opts = gres_options(args, sizes) if args.gres else []
     llm_dir = os.path.join(args.output_dir, "tiny_llm")
     log(f"2/5 tiny language model config + tokenizer in {llm_dir}")
     if not os.path.isfile(os.path.join(llm_dir, "llm_config.json")):
-        corpus = corpus_from_refs(["synthref_train", "synthreason_train"])
+        corpus = corpus_from_refs(
+            ["synthref_train", "synthreason_train"] + (["synthgref_train"] if args.gres else [])
+        )
         make_tiny_llm_dir(llm_dir, corpus=corpus * 2, vocab_size=400)
     paths = {
         "llm_config": os.path.join(llm_dir, "llm_config.json"),
@@ -101,8 +104,7 @@ def main() -> None:
     opts = [str(o) for o in tiny_llm_cfg_overrides(paths)]
     opts += ["MODEL.LLM.LORA.ENABLED", "False", "OUTPUT_DIR", args.output_dir]
     opts += ["DATASETS.TEST", '("synthref_test", "synthreason_test")']
-    if args.gres:
-        opts += gres_options(args, sizes)
+    opts += gres_opts
     if args.iters:
         opts += ["SOLVER.MAX_ITER", str(args.iters)]
     if args.num_gpus:
