@@ -52,6 +52,7 @@ def test_every_paper_config_prompt_fits(tool, files):
 def test_sam_depth_cut_keeps_relative_block_positions(tool, files):
     cfg = tool.paper_cfg("configs/flowseg_refcoco.yaml", files, sam_depth=2)
     assert cfg.MODEL.SAM_VIT.DEPTH == 2 and list(cfg.MODEL.SAM_VIT.GLOBAL_ATTN_INDEXES) == [1]
+    assert list(cfg.MODEL.SAM_VIT.CONNECTOR.LAYERS) == [1, 1, 2]  # blocks 12 / 18 / 24 of 24, 1-indexed
     assert tool._cut_indexes([5, 11, 17, 23], 4, 24) == [0, 1, 2, 3]
     assert tool._cut_indexes([11, 17, 23], 8, 24) == [3, 5, 7]
 

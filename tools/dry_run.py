@@ -119,7 +119,8 @@ def _cut_indexes(values: Sequence[int], depth: int, full: int) -> List[int]:
 
 def cut_sam_depth(cfg: Any, depth: int) -> None:
     """Cut the SAM-ViT to ``depth`` blocks: ``MODEL.SAM_VIT.DEPTH``, the last block global, and every
-    other list of block indexes under ``MODEL.SAM_VIT`` moved to the same relative depth."""
+    other list of block indexes under ``MODEL.SAM_VIT`` (the connector's 1-indexed blocks too)
+    moved to the same relative depth."""
     from flowseg.modeling.backbone.sam_vit import SAM_VIT_PRESETS
 
     c = cfg.MODEL.SAM_VIT
@@ -129,6 +130,8 @@ def cut_sam_depth(cfg: Any, depth: int) -> None:
     for key, value in c.items():
         if key != "GLOBAL_ATTN_INDEXES" and key.endswith(("INDEXES", "INDICES")) and value:
             c[key] = _cut_indexes(value, depth, full)
+    if c.CONNECTOR.LAYERS:
+        c.CONNECTOR.LAYERS = [i + 1 for i in _cut_indexes([v - 1 for v in c.CONNECTOR.LAYERS], depth, full)]
     c.DEPTH = depth
     c.GLOBAL_ATTN_INDEXES = [depth - 1]
 

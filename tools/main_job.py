@@ -1,17 +1,25 @@
 #!/usr/bin/env python
-"""The README's main job: FlowSeg on the built-in synthetic referring benchmark, on CPU.
+"""The README's main job: FlowSeg's three-stage recipe in miniature, on CPU, on the built-in
+synthetic referring benchmark or on any data set in the supported layouts.
 
 Steps (each skipped when its output is already there, so a rerun resumes):
   1. generate the synthetic data (refer / ReasonSeg / COCO-panoptic layouts) under
-     ``$DETECTRON2_DATASETS/synthetic`` (default ``./datasets/synthetic``);
-  2. write a tiny Qwen3 + SigLIP config and a tokenizer trained on the data's words;
-  3. train with ``projects/FlowSeg/train_net.py`` (Detectron2 prints progress with an ETA) in
-     two stages, the paper's recipe in miniature: stage 1 = the segmentor alone on the synthetic
-     panoptic data (queries learn to propose every object), stage 3 = FlowSeg (LLM conditions,
-     BSF, BAR) on referring + panoptic batches, starting from the stage-1 weights;
-  4. evaluate the held-out split (``synthref_test``) and the reasoning split through the
-     project's evaluators -> ``OUTPUT_DIR/metrics_all.json``;
-  5. save overlay pictures (image, expression, predicted and true mask) to ``OUTPUT_DIR/vis``.
+     ``$DETECTRON2_DATASETS/synthetic`` when the ``synth*`` sets are used (the default);
+  2. write LLaVA-format conversations about the referring training scenes
+     (``flowseg.data.writers.scene_conversations``), registered as ``<refer-train>_conversations``;
+  3. write a tiny Qwen3 + SigLIP config and a tokenizer trained on the data's words;
+  4. train with ``projects/FlowSeg/train_net.py`` (Detectron2 prints progress with an ETA):
+     stage 1 = the segmentor alone on the panoptic data (queries learn to propose every object),
+     stage 2 = the language model, vision tower and phi_vis on the conversations (LM loss: the
+     stand-in for a pretrained LLM), stage 3 = FlowSeg (LLM conditions, BSF, BAR) on referring +
+     panoptic batches, each stage starting from the previous one's weights;
+  5. evaluate the held-out referring set and the reasoning set through the project's evaluators
+     -> ``OUTPUT_DIR/metrics_all.json``;
+  6. save overlay pictures (image, expression, predicted and true mask) to ``OUTPUT_DIR/vis``.
+
+Other data: name registered sets (``--refer-train refcoco_unc_train --refer-test refcoco_unc_val
+--panoptic-train coco_2017_train_panoptic --reason-test ''``) under ``--data-root`` (the
+``$DETECTRON2_DATASETS`` layout of ``datasets/README.md``); nothing is generated then.
 
 With ``--gres`` the synthetic expressions with several targets or none (``synthgref_*``, gRefCOCO
 layout) are generated too, mixed into stage 3 (``--gres-ratio``) and evaluated: the GRES
@@ -40,20 +48,25 @@ def log(msg: str) -> None:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--config-file", default=os.path.join(ROOT, "configs", "synthetic", "flowseg_synthref_cpu.yaml")
-    )
-    p.add_argument(
-        "--stage1-config", default=os.path.join(ROOT, "configs", "synthetic", "stage1_synthpan_cpu.yaml")
-    )
+    cfg_dir = os.path.join(ROOT, "configs", "synthetic")
+    p.add_argument("--config-file", default=os.path.join(cfg_dir, "flowseg_synthref_cpu.yaml"))
+    p.add_argument("--stage1-config", default=os.path.join(cfg_dir, "stage1_synthpan_cpu.yaml"))
+    p.add_argument("--stage2-config", default=os.path.join(cfg_dir, "stage2_synthconv_cpu.yaml"))
     p.add_argument(
         "--stage1-iters", type=int, default=None, help="stage-1 SOLVER.MAX_ITER (default: config's)"
     )
+    p.add_argument("--stage2-iters", type=int, default=None, help="stage-2 SOLVER.MAX_ITER; 0 skips stage 2")
     p.add_argument(
         "--stage1-weights", default=None, help="use this stage-1 checkpoint instead of training one"
     )
     p.add_argument("--output-dir", default=os.path.join(ROOT, "output", "main"))
     p.add_argument("--iters", type=int, default=None, help="SOLVER.MAX_ITER (default: the config's)")
+    data = p.add_argument_group("data (registered names; other than synth*: nothing is generated)")
+    data.add_argument("--data-root", default=None, help="$DETECTRON2_DATASETS (default: it, else ./datasets)")
+    data.add_argument("--refer-train", default="synthref_train", help="referring training set")
+    data.add_argument("--refer-test", default="synthref_test", help="referring held-out set")
+    data.add_argument("--reason-test", default="synthreason_test", help="ReasonSeg-style set ('': none)")
+    data.add_argument("--panoptic-train", default="synthpan_train", help="COCO-panoptic-style set")
     p.add_argument("--num-train", type=int, default=2000, help="synthetic training images")
     p.add_argument("--num-eval", type=int, default=200, help="synthetic val/test images")
     p.add_argument("--seed", type=int, default=0, help="data seed")
@@ -65,108 +78,139 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def corpus_from_refs(dataset_names) -> list:
-    """Every sentence of the synthetic data plus the prompt templates: the tokenizer's training text."""
-    from detectron2.data import DatasetCatalog
+def corpus(args: argparse.Namespace, conversations_json: str) -> list:
+    """The tokenizer's training text: every expression / query, the panoptic class names, the
+    stage-2 conversations and the prompt templates."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
     from flowseg.modeling.language.prompts import DEFAULT_ANSWERS, PROMPT_TEMPLATES
 
-    lines = [d["expression"] for n in dataset_names for d in DatasetCatalog.get(n)]
+    names = [args.refer_train] + (["synthgref_train"] if args.gres else [])
+    if args.reason_test:
+        names.append(args.reason_test.replace("_test", "_train"))
+    lines = [d["expression"] for n in names if n in DatasetCatalog.list() for d in DatasetCatalog.get(n)]
+    lines += list(MetadataCatalog.get(args.panoptic_train).get("stuff_classes", []))
+    if conversations_json:
+        with open(conversations_json) as f:
+            lines += [t["value"].replace("<image>", "") for s in json.load(f) for t in s["conversations"]]
     lines += [str(t) for t in PROMPT_TEMPLATES.values()] + [str(a) for a in DEFAULT_ANSWERS.values() if a]
     return lines
 
 
-def main() -> None:
-    args = parse_args()
-    os.makedirs(args.output_dir, exist_ok=True)
-    os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(ROOT, "datasets"))
+def train(cmd: list, output_dir: str, what: str) -> str:
+    """Run one training stage (resumes if interrupted); return its final checkpoint."""
+    final = os.path.join(output_dir, "model_final.pth")
+    if os.path.isfile(final):
+        log(f"{what}: done already ({final})")
+    else:
+        log(f"{what} (resumes if interrupted)")
+        subprocess.run(cmd + ["--resume", "OUTPUT_DIR", output_dir], check=True, cwd=ROOT)
+    return final
+
+
+def prepare_data(args: argparse.Namespace) -> list:
+    """Generate the built-in data when it is used; return the GRES options (``--gres``)."""
     from flowseg.data.synthetic import generate_synthetic_datasets, register_synthetic_datasets
     from flowseg.data.synthetic.generate import default_root
+
+    sizes = {"train": args.num_train, "val": args.num_eval, "test": args.num_eval}
+    if any(n.startswith("synth") for n in (args.refer_train, args.refer_test, args.panoptic_train)):
+        log(f"1/6 synthetic data under {default_root()}")
+        generate_synthetic_datasets(default_root(), sizes, seed=args.seed)
+        register_synthetic_datasets()
+    return gres_options(args, sizes) if args.gres else []
+
+
+def language_options(args: argparse.Namespace, conversations_json: str) -> list:
+    """Tiny Qwen3 + SigLIP configs and a tokenizer trained on the data's words, as config options."""
     from flowseg.utils.tiny_models import make_tiny_llm_dir, tiny_llm_cfg_overrides
 
-    log(f"1/5 synthetic data under {default_root()}")
-    sizes = {"train": args.num_train, "val": args.num_eval, "test": args.num_eval}
-    generate_synthetic_datasets(default_root(), sizes, seed=args.seed)
-    register_synthetic_datasets()
-
-    gres_opts = gres_options(args, sizes) if args.gres else []
     llm_dir = os.path.join(args.output_dir, "tiny_llm")
-    log(f"2/5 tiny language model config + tokenizer in {llm_dir}")
+    log(f"3/6 tiny language model config + tokenizer in {llm_dir}")
     if not os.path.isfile(os.path.join(llm_dir, "llm_config.json")):
-        corpus = corpus_from_refs(
-            ["synthref_train", "synthreason_train"] + (["synthgref_train"] if args.gres else [])
-        )
-        make_tiny_llm_dir(llm_dir, corpus=corpus * 2, vocab_size=400)
+        make_tiny_llm_dir(llm_dir, corpus=corpus(args, conversations_json) * 2, vocab_size=400)
     paths = {
         "llm_config": os.path.join(llm_dir, "llm_config.json"),
         "tokenizer": os.path.join(llm_dir, "tokenizer"),
         "vision_config": os.path.join(llm_dir, "siglip_vision_config.json"),
     }
-    opts = [str(o) for o in tiny_llm_cfg_overrides(paths)]
-    opts += ["MODEL.LLM.LORA.ENABLED", "False", "OUTPUT_DIR", args.output_dir]
-    opts += ["DATASETS.TEST", '("synthref_test", "synthreason_test")']
-    opts += gres_opts
-    if args.iters:
-        opts += ["SOLVER.MAX_ITER", str(args.iters)]
-    if args.num_gpus:
-        opts += ["MODEL.DEVICE", "cuda"]
-    opts += args.opts
-    base = [
-        sys.executable,
-        TRAIN_NET,
-        "--config-file",
-        args.config_file,
-        "--num-gpus",
-        str(max(args.num_gpus, 1)),
-    ]
+    return [str(o) for o in tiny_llm_cfg_overrides(paths)] + ["MODEL.LLM.LORA.ENABLED", "False"]
 
-    stage1_dir = os.path.join(args.output_dir, "stage1")
-    stage1 = args.stage1_weights or os.path.join(stage1_dir, "model_final.pth")
-    if args.stage1_weights and not os.path.isfile(stage1):
-        raise FileNotFoundError(f"--stage1-weights: no such checkpoint: {stage1}")
-    if not os.path.isfile(stage1):
-        log("3a/5 stage 1: segmentor on synthetic panoptic data (resumes if interrupted)")
-        s1 = [
-            sys.executable,
-            TRAIN_NET,
-            "--config-file",
+
+def main() -> None:
+    args = parse_args()
+    os.makedirs(args.output_dir, exist_ok=True)
+    os.environ["DETECTRON2_DATASETS"] = args.data_root or os.environ.get(
+        "DETECTRON2_DATASETS", os.path.join(ROOT, "datasets")
+    )
+    from detectron2.data import MetadataCatalog
+    from flowseg.data.writers.scene_conversations import write_scene_conversations
+
+    gres_opts = prepare_data(args)
+    conv_json = ""
+    if args.stage2_iters != 0:
+        log(f"2/6 stage-2 conversations about the scenes of {args.refer_train}")
+        conv_json = write_scene_conversations(args.refer_train, os.environ["DETECTRON2_DATASETS"])
+    lang = language_options(args, conv_json)
+    device = ["MODEL.DEVICE", "cuda"] if args.num_gpus else []
+    train_net = [sys.executable, TRAIN_NET, "--num-gpus", str(max(args.num_gpus, 1)), "--config-file"]
+
+    weights = args.stage1_weights or ""
+    if weights and not os.path.isfile(weights):
+        raise FileNotFoundError(f"--stage1-weights: no such checkpoint: {weights}")
+    if not weights:
+        num_classes = len(MetadataCatalog.get(args.panoptic_train).stuff_classes)
+        s1 = train_net + [
             args.stage1_config,
-            "--resume",
-            "OUTPUT_DIR",
-            stage1_dir,
+            "DATASETS.TEST",
+            "()",
+            "DATASETS.TRAIN",
+            f"('{args.panoptic_train}',)",
         ]
-        s1 += ["DATASETS.TEST", "()"] + (
-            ["SOLVER.MAX_ITER", str(args.stage1_iters)] if args.stage1_iters else []
+        s1 += ["MODEL.SEM_SEG_HEAD.NUM_CLASSES", str(num_classes)] + device
+        s1 += ["SOLVER.MAX_ITER", str(args.stage1_iters)] if args.stage1_iters else []
+        weights = train(
+            s1, os.path.join(args.output_dir, "stage1"), "4a/6 stage 1: segmentor on panoptic data"
         )
-        subprocess.run(s1 + (["MODEL.DEVICE", "cuda"] if args.num_gpus else []), check=True, cwd=ROOT)
-    final = os.path.join(args.output_dir, "model_final.pth")
-    if not os.path.isfile(final):
-        log("3b/5 stage 3: FlowSeg on referring + panoptic batches (resumes if interrupted)")
-        # Detectron2's EvalHook evaluates DATASETS.TEST after the last iteration and the trainer
-        # writes metrics_all.json: that is step 4, no second evaluation needed
-        subprocess.run(base + ["--resume", "MODEL.WEIGHTS", stage1] + opts, check=True, cwd=ROOT)
-        log("4/5 held-out evaluation: done at the end of training")
-    else:
-        log(f"3/5 training done already ({final})")
-        log("4/5 evaluation on the held-out split")
+    if conv_json:
+        s2 = train_net + [args.stage2_config, "MODEL.WEIGHTS", weights] + lang + device
+        s2 += ["DATASETS.TRAIN", f"('{args.refer_train}_conversations',)"]
+        s2 += ["SOLVER.MAX_ITER", str(args.stage2_iters)] if args.stage2_iters else []
+        weights = train(
+            s2, os.path.join(args.output_dir, "stage2"), "4b/6 stage 2: language on conversations"
+        )
+
+    tests = [args.refer_test] + ([args.reason_test] if args.reason_test else [])
+    opts = lang + ["DATASETS.TEST", str(tuple(tests))] + device
+    opts += ["DATASETS.TRAIN", f"('{args.refer_train}', '{args.panoptic_train}')"]
+    opts += gres_opts + (["SOLVER.MAX_ITER", str(args.iters)] if args.iters else []) + args.opts
+    base = train_net + [args.config_file]
+    # Detectron2's EvalHook evaluates DATASETS.TEST after the last iteration and the trainer
+    # writes metrics_all.json: the held-out evaluation needs no second pass
+    final = train(base + ["MODEL.WEIGHTS", weights] + opts, args.output_dir, "4c/6 stage 3: FlowSeg")
+    if not os.path.isfile(os.path.join(args.output_dir, "metrics_all.json")):
+        log("5/6 evaluation on the held-out split")
         subprocess.run(base + ["--eval-only", "MODEL.WEIGHTS", final] + opts, check=True, cwd=ROOT)
+    report(args, base, opts, final)
+
+
+def report(args: argparse.Namespace, base: list, opts: list, final: str) -> None:
+    """Overlay pictures and ``summary.json`` (held-out, oracle, reasoning, GRES, minutes)."""
     with open(os.path.join(args.output_dir, "metrics_all.json")) as f:
         metrics = json.load(f)["metrics"]
-
     vis_dir = os.path.join(args.output_dir, "vis")
     if args.num_vis > 0:
-        log("5/5 overlay pictures")
-        save_overlays(args.config_file, opts, final, "synthref_test", vis_dir, args.num_vis)
-
-    ref = metrics["synthref_test"]["referring"]
-    rea = metrics["synthreason_test"]["reasoning"]
+        log("6/6 overlay pictures")
+        save_overlays(args.config_file, opts, final, args.refer_test, vis_dir, args.num_vis)
+    ref = metrics[args.refer_test]["referring"]
     summary = {
         "held_out_cIoU": ref["cIoU"],
         "held_out_gIoU": ref["gIoU"],
         "oracle_cIoU": ref.get("oracle_cIoU"),
-        "reasoning_gIoU": rea["gIoU"],
-        "reasoning_cIoU": rea["cIoU"],
-        "minutes": round((time.time() - T0) / 60, 1),
     }
+    if args.reason_test:
+        rea = metrics[args.reason_test]["reasoning"]
+        summary.update(reasoning_gIoU=rea["gIoU"], reasoning_cIoU=rea["cIoU"])
+    summary["minutes"] = round((time.time() - T0) / 60, 1)
     if args.gres:
         summary["gres"] = gres_test(base, opts, final, args.output_dir, metrics)
     with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
@@ -182,15 +226,15 @@ def gres_options(args: argparse.Namespace, sizes: dict) -> list:
     from flowseg.data.synthetic import generate_synthgref_datasets, register_synthgref_datasets
     from flowseg.data.synthetic.generate import default_root
 
-    log("1b/5 synthetic GRES expressions (synthgref_*)")
+    log("1b/6 synthetic GRES expressions (synthgref_*)")
     generate_synthgref_datasets(default_root(), sizes, seed=args.seed)
     register_synthgref_datasets()
     cfg = add_flowseg_config(get_cfg())
     cfg.merge_from_file(args.config_file)
-    train = [*cfg.DATASETS.TRAIN, "synthgref_train"]
+    sets = (args.refer_train, args.panoptic_train, "synthgref_train")
     ratios = [*cfg.DATALOADER.TASK_RATIOS, args.gres_ratio]
-    test = '("synthref_test", "synthreason_test", "synthgref_val", "synthgref_test")'
-    opts = ["DATASETS.TRAIN", str(tuple(train)), "DATALOADER.TASK_RATIOS", str(ratios), "DATASETS.TEST", test]
+    tests = tuple(n for n in (args.refer_test, args.reason_test, "synthgref_val", "synthgref_test") if n)
+    opts = ["DATASETS.TRAIN", str(sets), "DATALOADER.TASK_RATIOS", str(ratios), "DATASETS.TEST", str(tests)]
     if "RETURN_CANDIDATES" in cfg.TEST:  # the threshold sweep needs every query's mask
         opts += ["TEST.RETURN_CANDIDATES", "True"]
     return opts

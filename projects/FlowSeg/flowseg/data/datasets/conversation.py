@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CONVERSATION_EVALUATOR_TYPE",
     "IMAGE_PLACEHOLDER",
+    "SCENE_CONVERSATIONS_DIR",
     "load_llava_conversations",
     "register_llava_dataset",
     "register_all_llava",
@@ -44,6 +45,8 @@ IMAGE_PLACEHOLDER = "<image>"
 # Role aliases -> LLaVA's names (the condition head's prompt builder expects "human"/"gpt").
 _ROLE_ALIASES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 
+#: Folder (under the data root) of the conversations written about referring data sets' scenes.
+SCENE_CONVERSATIONS_DIR = "scene_conversations"
 # name -> (json relative to the root, image folder relative to the root)
 _PREDEFINED_LLAVA = {
     "llava_instruct_150k": ("llava/llava_instruct_150k.json", "coco/train2017"),
@@ -182,11 +185,23 @@ def register_llava_dataset(name: str, json_file: str, image_root: str, *, overwr
 
 
 def register_all_llava(root: str) -> List[str]:
-    """Register the builtin conversation datasets under ``root`` (idempotent, nothing is read)."""
+    """Register the builtin conversation datasets under ``root`` (idempotent, nothing is read).
+
+    Besides LLaVA-Instruct, every ``root/scene_conversations/NAME.json`` (written by
+    :func:`flowseg.data.writers.scene_conversations.write_scene_conversations`, image paths
+    relative to ``root``) is registered as ``NAME_conversations``.
+    """
+    found = dict(_PREDEFINED_LLAVA)
+    scene_dir = os.path.join(root, SCENE_CONVERSATIONS_DIR)
+    if os.path.isdir(scene_dir):
+        for f in sorted(os.listdir(scene_dir)):
+            if f.endswith(".json"):
+                found[f"{f[: -len('.json')]}_conversations"] = (os.path.join(SCENE_CONVERSATIONS_DIR, f), "")
     names = []
-    for name, (json_rel, image_rel) in _PREDEFINED_LLAVA.items():
+    for name, (json_rel, image_rel) in found.items():
         if name not in DatasetCatalog.list():  # re-import (importlib.reload) must not fail
-            register_llava_dataset(name, os.path.join(root, json_rel), os.path.join(root, image_rel))
+            image_root = os.path.join(root, image_rel) if image_rel else root
+            register_llava_dataset(name, os.path.join(root, json_rel), image_root)
         names.append(name)
     return names
 
