@@ -1,5 +1,5 @@
-"""The dry run's set-up: paper configs with configs-only LLM / vision tower, a tokenizer trained on
-the prompts, the SAM-ViT depth cut, and the longest sample of every task."""
+"""The dry run's set-up: the paper configs with the LLM / vision tower built from json configs (no
+weights), a tokenizer trained on the prompts, the SAM-ViT depth cut, the longest sample per task."""
 
 from __future__ import annotations
 
