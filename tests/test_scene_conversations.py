@@ -140,7 +140,9 @@ def test_stage2_config_trains_the_language_side_and_stage3_starts_from_it(tmp_pa
     apply_stage_freezing(model, cfg)
     trainable = trainable_parameter_names(model)
     assert trainable and all(
-        n.startswith(("condition_head.llm.", "condition_head.vision_encoder.", "condition_head.vis_projector."))
+        n.startswith(
+            ("condition_head.llm.", "condition_head.vision_encoder.", "condition_head.vis_projector.")
+        )
         for n in trainable
     )
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)

@@ -32,7 +32,7 @@ from detectron2.config import configurable
 from ..build import MAPPER_REGISTRY
 from ..datasets.conversation import IMAGE_PLACEHOLDER, validate_conversation
 from ..image_io import read_image
-from .referring import resize_long_side
+from .long_side import resize_long_side
 
 __all__ = ["ConversationDatasetMapper", "strip_image_placeholder", "TEXT_ONLY_IMAGE_SIZE"]
 

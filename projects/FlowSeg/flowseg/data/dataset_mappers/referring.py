@@ -11,20 +11,22 @@ from __future__ import annotations
 import copy
 import logging
 import re
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, List, Sequence, Union
 
 import numpy as np
-import pycocotools.mask as mask_util
 import torch
 from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Instances
-from PIL import Image
 
 from ..build import MAPPER_REGISTRY
 from ..image_io import read_image
 from .grouping import group_expressions_by_image, object_keys, objects_of, split_groups_by_objects
+
+# The mask and resize helpers stay importable from here (this module's public API).
+from .long_side import long_side_resize_transform, long_side_shape, resize_long_side
+from .referring_masks import IGNORE_LABEL, gt_masks_from_dict, rasterize_segmentation, reasonseg_masks
 
 __all__ = [
     "ReferringDatasetMapper",
@@ -41,93 +43,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IGNORE_LABEL = 255
 # Keys whose content the mapper turns into masks; they are not passed on to the model.
 _ANNOTATION_KEYS = ("segmentation", "segmentations", "target_polygons", "ignore_polygons")
-
-
-def _clean_polygons(polygons: Sequence[Any]) -> List[List[float]]:
-    # Flat [x0, y0, x1, y1, ...] lists; fewer than 3 points has no area, and pycocotools would
-    # misread a first polygon of exactly 4 numbers as a box.
-    out = []
-    for p in polygons:
-        flat = np.asarray(p, dtype=np.float64).reshape(-1)
-        if flat.size >= 6 and flat.size % 2 == 0:
-            out.append(flat.tolist())
-    return out
-
-
-def rasterize_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
-    """COCO segmentation (polygon list, compressed or uncompressed RLE) -> HxW uint8 {0, 1} mask.
-
-    Several polygons (or a list of RLEs) are merged into one mask.
-    """
-    if isinstance(segm, dict):
-        rles = [segm]
-    elif isinstance(segm, (list, tuple)) and segm and all(isinstance(s, dict) for s in segm):
-        rles = list(segm)
-    elif isinstance(segm, (list, tuple)):
-        polygons = _clean_polygons(segm)
-        if not polygons:
-            return np.zeros((height, width), dtype=np.uint8)
-        return mask_util.decode(mask_util.merge(mask_util.frPyObjects(polygons, height, width)))
-    else:
-        raise ValueError(f"unsupported segmentation of type {type(segm).__name__}")
-
-    encoded = []
-    for rle in rles:
-        size = rle.get("size")
-        if size is not None and tuple(size) != (height, width):
-            raise ValueError(f"RLE size {list(size)} does not match the image size {[height, width]}")
-        counts = rle.get("counts")
-        if isinstance(counts, list):  # uncompressed RLE: pycocotools compresses it
-            encoded.append(mask_util.frPyObjects(rle, height, width))
-        else:
-            encoded.append(
-                {
-                    "size": [height, width],
-                    "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
-                }
-            )
-    return mask_util.decode(mask_util.merge(encoded) if len(encoded) > 1 else encoded[0])
-
-
-def reasonseg_masks(
-    target_polygons: Sequence[Any], ignore_polygons: Sequence[Any], height: int, width: int
-) -> Tuple[np.ndarray, np.ndarray]:
-    """ReasonSeg ground truth as LISA builds it: (target uint8 {0,1}, ignore bool), both HxW.
-
-    LISA paints every shape in order of decreasing area (so a smaller shape wins where shapes
-    overlap): targets paint 1, ignore shapes paint 255. All targets end up in one mask.
-    """
-    shapes = [(p, 1) for p in _clean_polygons(target_polygons)]
-    shapes += [(p, IGNORE_LABEL) for p in _clean_polygons(ignore_polygons)]
-    label = np.zeros((height, width), dtype=np.uint8)
-    if shapes:
-        masks = mask_util.decode(mask_util.frPyObjects([p for p, _ in shapes], height, width))  # HxWxN
-        areas = masks.reshape(-1, masks.shape[-1]).sum(0)
-        # stable sort, so shapes of equal area keep a deterministic (file) order
-        for i in sorted(range(len(shapes)), key=lambda k: -int(areas[k])):
-            label[masks[:, :, i] > 0] = shapes[i][1]
-    return (label == 1).astype(np.uint8), label == IGNORE_LABEL
-
-
-def gt_masks_from_dict(dataset_dict: Dict[str, Any]) -> Tuple[np.ndarray, np.ndarray]:
-    """(target uint8 {0,1}, ignore bool) at the original resolution of a referring/reasoning dict."""
-    h, w = int(dataset_dict["height"]), int(dataset_dict["width"])
-    if "target_polygons" in dataset_dict:
-        return reasonseg_masks(dataset_dict["target_polygons"], dataset_dict.get("ignore_polygons", []), h, w)
-    if "segmentation" in dataset_dict:
-        return rasterize_segmentation(dataset_dict["segmentation"], h, w), np.zeros((h, w), dtype=bool)
-    if "segmentations" in dataset_dict:  # gRefCOCO: the union of every target (none: empty)
-        union = np.zeros((h, w), dtype=np.uint8)
-        for segm in dataset_dict["segmentations"]:
-            union |= rasterize_segmentation(segm, h, w)
-        return union, np.zeros((h, w), dtype=bool)
-    raise KeyError(
-        f"{dataset_dict.get('file_name')}: dataset dict has none of 'segmentation', "
-        "'segmentations', 'target_polygons'"
-    )
 
 
 _LR_PATTERN = re.compile(r"\b(left|right)(most|ward|wards|hand|side)?\b", re.IGNORECASE)
@@ -146,27 +63,6 @@ def swap_left_right(text: str) -> str:
         return new + (m.group(2) or "")
 
     return _LR_PATTERN.sub(repl, text)
-
-
-def long_side_shape(height: int, width: int, long_side: int) -> Tuple[int, int]:
-    """Output (h, w) when the long side is resized to ``long_side`` (SAM's ResizeLongestSide rounding)."""
-    scale = long_side / max(height, width)
-    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
-
-
-def long_side_resize_transform(height: int, width: int, long_side: int) -> T.ResizeTransform:
-    """Bilinear resize of a ``height`` x ``width`` image to long side ``long_side`` (:func:`long_side_shape`)."""
-    new_h, new_w = long_side_shape(height, width, long_side)
-    return T.ResizeTransform(height, width, new_h, new_w, Image.BILINEAR)
-
-
-def resize_long_side(image: np.ndarray, long_side: int) -> np.ndarray:
-    """``image`` (HxWxC uint8) with its long side resized to ``long_side``; as is when already that size."""
-    height, width = image.shape[:2]
-    resize = long_side_resize_transform(height, width, long_side)
-    if (resize.new_h, resize.new_w) == (height, width):
-        return image
-    return resize.apply_image(image)
 
 
 def _sample_id(d: Dict[str, Any]) -> str:
@@ -339,28 +235,43 @@ class ReferringDatasetMapper:
         if self.is_train and "segmentations" in dataset_dict:
             out["instances"] = self._gres_instances(dataset_dict, image, transforms)
         elif self.is_train:
-            # Label map: 0 background, 1 target, 255 ignore; warped with nearest interpolation.
-            label = gt_mask.copy()
-            label[ignore_mask] = IGNORE_LABEL
-            label = transforms.apply_segmentation(label)
-            target = torch.from_numpy(np.ascontiguousarray(label == 1))[None]  # [1, h, w] bool
-            if not gt_mask.any():
-                raise ValueError(f"empty target mask after rasterisation: {_sample_id(dataset_dict)}")
-            if not target.any():
-                raise ValueError(
-                    f"target mask vanishes when resized to long side {self.image_size}: "
-                    f"{_sample_id(dataset_dict)}"
-                )
-            instances = Instances(tuple(image.shape[1:]))
-            instances.gt_classes = torch.zeros(1, dtype=torch.int64)
-            instances.gt_masks = target
-            instances.gt_boxes = BitMasks(target).get_bounding_boxes()
-            out["instances"] = instances
+            out["instances"] = self._target_instances(dataset_dict, gt_mask, ignore_mask, image, transforms)
         else:
             # An empty target is legal here: the evaluator scores it with its empty-GT rule.
             out["gt_mask"] = gt_mask
             out["ignore_mask"] = ignore_mask
         return out
+
+    def _check_target(self, full: np.ndarray, resized: np.ndarray, dataset_dict: Dict[str, Any]) -> None:
+        # A target the model cannot see (empty, or gone at the input size) would train "no object".
+        if not full.any():
+            raise ValueError(f"empty target mask after rasterisation: {_sample_id(dataset_dict)}")
+        if not resized.any():
+            raise ValueError(
+                f"target mask vanishes when resized to long side {self.image_size}: "
+                f"{_sample_id(dataset_dict)}"
+            )
+
+    def _target_instances(
+        self,
+        dataset_dict: Dict[str, Any],
+        gt_mask: np.ndarray,
+        ignore_mask: np.ndarray,
+        image: torch.Tensor,
+        transforms: T.TransformList,
+    ) -> Instances:
+        """RefCOCO / ReasonSeg training target: one mask of condition 0 at the resized size."""
+        # Label map: 0 background, 1 target, 255 ignore; warped with nearest interpolation.
+        label = gt_mask.copy()
+        label[ignore_mask] = IGNORE_LABEL
+        label = transforms.apply_segmentation(label)
+        target = np.ascontiguousarray(label == 1)
+        self._check_target(gt_mask, target, dataset_dict)
+        instances = Instances(tuple(image.shape[1:]))
+        instances.gt_classes = torch.zeros(1, dtype=torch.int64)
+        instances.gt_masks = torch.from_numpy(target)[None]  # [1, h, w] bool
+        instances.gt_boxes = BitMasks(instances.gt_masks).get_bounding_boxes()
+        return instances
 
     def _gres_instances(
         self, dataset_dict: Dict[str, Any], image: torch.Tensor, transforms: T.TransformList
@@ -372,14 +283,8 @@ class ReferringDatasetMapper:
         masks = []
         for segm in dataset_dict["segmentations"]:
             full = rasterize_segmentation(segm, h, w)
-            if not full.any():
-                raise ValueError(f"empty target mask after rasterisation: {_sample_id(dataset_dict)}")
             resized = transforms.apply_segmentation(full)
-            if not resized.any():
-                raise ValueError(
-                    f"target mask vanishes when resized to long side {self.image_size}: "
-                    f"{_sample_id(dataset_dict)}"
-                )
+            self._check_target(full, resized, dataset_dict)
             masks.append(torch.from_numpy(np.ascontiguousarray(resized > 0)))
         size = tuple(image.shape[1:])
         instances = Instances(size)

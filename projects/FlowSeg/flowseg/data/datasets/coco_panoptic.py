@@ -134,6 +134,50 @@ def read_annotation_json(json_file: str) -> Any:
         raise ValueError(f"{json_file}: not a valid JSON file ({e})") from e
 
 
+def _record(
+    ann: Dict[str, Any], img: Optional[Dict[str, Any]], image_dir: str, gt_dir: str, semseg_dir: Optional[str]
+) -> Dict[str, Any]:
+    """The file names (and size, when the json's image entry ``img`` has it) of one annotation."""
+    # The json's own images list names the image files; fall back to COCO's "<png stem>.jpg".
+    image_name = img["file_name"] if img else os.path.splitext(ann["file_name"])[0] + ".jpg"
+    record: Dict[str, Any] = {
+        "file_name": os.path.join(image_dir, image_name),
+        "image_id": ann["image_id"],
+        "pan_seg_file_name": os.path.join(gt_dir, ann["file_name"]),
+    }
+    if img and "height" in img and "width" in img:
+        record["height"], record["width"] = int(img["height"]), int(img["width"])
+    if semseg_dir:
+        record["sem_seg_file_name"] = os.path.join(semseg_dir, ann["file_name"])
+    return record
+
+
+def _contiguous_segments(segments_info: Any, meta: Dict[str, Any], where: str) -> List[Dict[str, Any]]:
+    """``segments_info`` with contiguous ``category_id``, ``isthing`` and ``iscrowd`` (copies)."""
+    thing_map = meta["thing_dataset_id_to_contiguous_id"]
+    stuff_map = meta["stuff_dataset_id_to_contiguous_id"]
+    if not isinstance(segments_info, list):
+        raise ValueError(f"{where}: 'segments_info' is not a list")
+    segments = []
+    for seg in segments_info:
+        if not isinstance(seg, dict) or "id" not in seg or "category_id" not in seg:
+            raise ValueError(f"{where} has a segment without 'id'/'category_id': {seg!r}")
+        cat = seg["category_id"]
+        seg = dict(seg)
+        if cat in thing_map:
+            seg["category_id"], seg["isthing"] = thing_map[cat], True
+        elif cat in stuff_map:
+            seg["category_id"], seg["isthing"] = stuff_map[cat], False
+        else:
+            raise ValueError(
+                f"{where}, segment id {seg['id']}: category_id {cat!r} is not one of the "
+                f"dataset's categories {sorted(stuff_map)}"
+            )
+        seg.setdefault("iscrowd", 0)
+        segments.append(seg)
+    return segments
+
+
 def load_coco_panoptic_json(
     json_file: str,
     image_dir: str,
@@ -160,9 +204,6 @@ def load_coco_panoptic_json(
     if not isinstance(info, dict) or not isinstance(info.get("annotations"), list):
         raise ValueError(f"{json_file}: expected a COCO-panoptic json object with an 'annotations' list")
 
-    thing_map = meta["thing_dataset_id_to_contiguous_id"]
-    stuff_map = meta["stuff_dataset_id_to_contiguous_id"]
-    # The json's own images list names the image files; fall back to COCO's "<png stem>.jpg".
     images = {}
     for img in info.get("images", []) or []:
         if isinstance(img, dict) and "id" in img and "file_name" in img:
@@ -179,42 +220,11 @@ def load_coco_panoptic_json(
         for key in ("image_id", "file_name", "segments_info"):
             if key not in ann:
                 raise ValueError(f"{json_file}: {where} has no '{key}' key")
-        image_id = ann["image_id"]
-        img = images.get(image_id)
-        image_name = img["file_name"] if img else os.path.splitext(ann["file_name"])[0] + ".jpg"
-        record: Dict[str, Any] = {
-            "file_name": os.path.join(image_dir, image_name),
-            "image_id": image_id,
-            "pan_seg_file_name": os.path.join(gt_dir, ann["file_name"]),
-        }
-        if img and "height" in img and "width" in img:
-            record["height"], record["width"] = int(img["height"]), int(img["width"])
-        if semseg_dir:
-            record["sem_seg_file_name"] = os.path.join(semseg_dir, ann["file_name"])
+        record = _record(ann, images.get(ann["image_id"]), image_dir, gt_dir, semseg_dir)
         for key in ("file_name", "pan_seg_file_name", "sem_seg_file_name"):
             if key in record and not files.exists(record[key]):
                 raise FileNotFoundError(f"{record[key]} not found (listed for {where} in {json_file})")
-
-        if not isinstance(ann["segments_info"], list):
-            raise ValueError(f"{json_file}: {where}: 'segments_info' is not a list")
-        segments = []
-        for seg in ann["segments_info"]:
-            if not isinstance(seg, dict) or "id" not in seg or "category_id" not in seg:
-                raise ValueError(f"{json_file}: {where} has a segment without 'id'/'category_id': {seg!r}")
-            cat = seg["category_id"]
-            seg = dict(seg)
-            if cat in thing_map:
-                seg["category_id"], seg["isthing"] = thing_map[cat], True
-            elif cat in stuff_map:
-                seg["category_id"], seg["isthing"] = stuff_map[cat], False
-            else:
-                raise ValueError(
-                    f"{json_file}: {where}, segment id {seg['id']}: category_id {cat!r} is not one of the "
-                    f"dataset's categories {sorted(stuff_map)}"
-                )
-            seg.setdefault("iscrowd", 0)
-            segments.append(seg)
-        record["segments_info"] = segments
+        record["segments_info"] = _contiguous_segments(ann["segments_info"], meta, f"{json_file}: {where}")
         ret.append(record)
     if not ret:
         raise ValueError(f"{json_file}: 'annotations' is empty")

@@ -158,6 +158,55 @@ def ref_texts(ref: Dict[str, Any], refs_path: str, what: str) -> List[Tuple[str,
     return texts
 
 
+def _ref_record(
+    ref: Dict[str, Any],
+    anns: Dict[Any, Dict[str, Any]],
+    images: Dict[Any, Dict[str, Any]],
+    image_root: str,
+    split: str,
+    inst_path: str,
+    refs_path: str,
+) -> Tuple[Dict[str, Any], List[Tuple[str, Any]]]:
+    """The part of a ref's dataset dicts that its sentences share, and ``(text, sent_id)`` of each
+    sentence. A dangling ann_id / image_id, an unusable segmentation or a ref whose image_id
+    disagrees with its annotation's is an error naming the file and the ids."""
+    ref_id = ref.get("ref_id")
+    ann_id = ref.get("ann_id")
+    ann = anns.get(ann_id)
+    if ann is None:
+        raise ValueError(
+            f"refer dataset: ref_id={ref_id} in {refs_path} points to ann_id={ann_id}, "
+            f"which is not in {inst_path}"
+        )
+    segm = ann.get("segmentation")
+    problem = segmentation_problem(segm)  # [[]], 2-point or zero-area polygons, empty RLE
+    if problem:
+        raise ValueError(
+            f"refer dataset: annotation id={ann_id} in {inst_path} (ref_id={ref_id}) has {problem}"
+        )
+    image_id = ann.get("image_id", ref.get("image_id"))
+    if ref.get("image_id") is not None and ref["image_id"] != image_id:
+        raise ValueError(
+            f"refer dataset: ref_id={ref_id} in {refs_path} has image_id={ref['image_id']} "
+            f"but its ann_id={ann_id} in {inst_path} has image_id={image_id}"
+        )
+    img = image_record(images, image_id, f"ref_id={ref_id}, ann_id={ann_id}", inst_path, "refer dataset")
+    texts = ref_texts(ref, refs_path, "refer dataset")
+    base = {
+        "file_name": os.path.join(image_root, img["file_name"]),
+        "height": int(img["height"]),
+        "width": int(img["width"]),
+        "image_id": image_id,
+        "ref_id": ref_id,
+        "ann_id": ann_id,
+        "task": "referring",
+        "segmentation": segm,
+        "category_id": ann.get("category_id", ref.get("category_id")),
+        "split": split,
+    }
+    return base, texts
+
+
 def load_refer_dataset(
     refer_root: str,
     dataset: str,
@@ -195,41 +244,7 @@ def load_refer_dataset(
     dataset_dicts: List[Dict[str, Any]] = []
     chosen = split_refs(refs, split, refs_path, "refer dataset")
     for ref in chosen:
-        ref_id = ref.get("ref_id")
-        ann_id = ref.get("ann_id")
-        ann = anns.get(ann_id)
-        if ann is None:
-            raise ValueError(
-                f"refer dataset: ref_id={ref_id} in {refs_path} points to ann_id={ann_id}, "
-                f"which is not in {inst_path}"
-            )
-        segm = ann.get("segmentation")
-        problem = segmentation_problem(segm)  # [[]], 2-point or zero-area polygons, empty RLE
-        if problem:
-            raise ValueError(
-                f"refer dataset: annotation id={ann_id} in {inst_path} (ref_id={ref_id}) has {problem}"
-            )
-        image_id = ann.get("image_id", ref.get("image_id"))
-        if ref.get("image_id") is not None and ref["image_id"] != image_id:
-            raise ValueError(
-                f"refer dataset: ref_id={ref_id} in {refs_path} has image_id={ref['image_id']} "
-                f"but its ann_id={ann_id} in {inst_path} has image_id={image_id}"
-            )
-        img = image_record(images, image_id, f"ref_id={ref_id}, ann_id={ann_id}", inst_path, "refer dataset")
-        texts = ref_texts(ref, refs_path, "refer dataset")
-        # Build the shared part once; every sentence of a ref refers to the same object.
-        base = {
-            "file_name": os.path.join(image_root, img["file_name"]),
-            "height": int(img["height"]),
-            "width": int(img["width"]),
-            "image_id": image_id,
-            "ref_id": ref_id,
-            "ann_id": ann_id,
-            "task": "referring",
-            "segmentation": segm,
-            "category_id": ann.get("category_id", ref.get("category_id")),
-            "split": split,
-        }
+        base, texts = _ref_record(ref, anns, images, image_root, split, inst_path, refs_path)
         if dedup_sentences:
             texts = _dedup_sentences(texts)
         for text, sent_id in texts:

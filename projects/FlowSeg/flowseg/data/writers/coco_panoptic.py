@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from panopticapi.utils import id2rgb
@@ -48,6 +48,86 @@ def coco_panoptic_paths(root: str, split: str = "train") -> Dict[str, str]:
 def _bbox_xywh(mask: np.ndarray) -> List[int]:
     ys, xs = np.nonzero(mask)
     return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+
+
+def _encode_segments(
+    image_id: int,
+    shape: Tuple[int, int],
+    segs: Sequence[Dict[str, Any]],
+    cats: Dict[int, Dict[str, Any]],
+    inst_anns: List[Dict[str, Any]],
+) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
+    """The panoptic id map and ``segments_info`` of one image; appends its things to ``inst_anns``
+    (numbered on from the annotations already there)."""
+    h, w = shape
+    pan = np.zeros((h, w), dtype=np.uint32)  # 0 = void
+    infos = []
+    for k, seg in enumerate(segs):
+        mask = np.asarray(seg["mask"], dtype=bool)
+        cat = int(seg["category_id"])
+        if mask.shape != (h, w):
+            raise ValueError(f"image {image_id}, segment {k}: mask {mask.shape} != image {(h, w)}")
+        if cat not in cats:
+            raise ValueError(f"image {image_id}, segment {k}: category_id {cat} not in categories")
+        if not mask.any():
+            raise ValueError(f"image {image_id}, segment {k}: empty mask")
+        if (pan[mask] != 0).any():
+            raise ValueError(f"image {image_id}, segment {k}: overlaps an earlier segment")
+        # Readable ids (category * 1000 + k + 1); any unique non-zero 24-bit id is valid.
+        seg_id = cat * 1000 + k + 1
+        pan[mask] = seg_id
+        iscrowd = int(seg.get("iscrowd", 0))
+        bbox, area = _bbox_xywh(mask), int(mask.sum())
+        infos.append({"id": seg_id, "category_id": cat, "iscrowd": iscrowd, "bbox": bbox, "area": area})
+        if cats[cat].get("isthing", 0):
+            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+            rle["counts"] = rle["counts"].decode("ascii")
+            inst_anns.append(
+                {
+                    "id": len(inst_anns) + 1,
+                    "image_id": image_id,
+                    "category_id": cat,
+                    "segmentation": rle,
+                    "area": area,
+                    "bbox": bbox,
+                    "iscrowd": iscrowd,
+                }
+            )
+    return pan, infos
+
+
+def _category_list(categories: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    return [
+        {
+            "id": int(c["id"]),
+            "name": c["name"],
+            "supercategory": c.get("supercategory", c["name"]),
+            "isthing": int(c.get("isthing", 0)),
+            "color": list(c.get("color", [0, 0, 0])),
+        }
+        for c in categories
+    ]
+
+
+def _write_jsons(
+    paths: Dict[str, str],
+    images: List[Dict[str, Any]],
+    pan_anns: List[Dict[str, Any]],
+    inst_anns: List[Dict[str, Any]],
+    cat_list: List[Dict[str, Any]],
+) -> None:
+    info = {"description": "written by flowseg.data.writers", "version": "1.0"}
+    with open(paths["panoptic_json"], "w") as f:
+        json.dump(
+            {"info": info, "licenses": [], "images": images, "annotations": pan_anns, "categories": cat_list},
+            f,
+        )
+    things = [{k: c[k] for k in ("id", "name", "supercategory")} for c in cat_list if c["isthing"]]
+    with open(paths["instances_json"], "w") as f:
+        json.dump(
+            {"info": info, "licenses": [], "images": images, "annotations": inst_anns, "categories": things},
+            f,
+        )
 
 
 def write_coco_panoptic_dataset(
@@ -92,81 +172,15 @@ def write_coco_panoptic_dataset(
         Image.fromarray(image).save(
             os.path.join(paths["image_root"], stem + ".jpg"), quality=jpeg_quality, subsampling=0
         )
-
-        pan = np.zeros((h, w), dtype=np.uint32)  # 0 = void
-        infos = []
-        for k, seg in enumerate(segs):
-            mask = np.asarray(seg["mask"], dtype=bool)
-            cat = int(seg["category_id"])
-            if mask.shape != (h, w):
-                raise ValueError(f"image {image_id}, segment {k}: mask {mask.shape} != image {(h, w)}")
-            if cat not in cats:
-                raise ValueError(f"image {image_id}, segment {k}: category_id {cat} not in categories")
-            if not mask.any():
-                raise ValueError(f"image {image_id}, segment {k}: empty mask")
-            if (pan[mask] != 0).any():
-                raise ValueError(f"image {image_id}, segment {k}: overlaps an earlier segment")
-            # Readable ids (category * 1000 + k + 1); any unique non-zero 24-bit id is valid.
-            seg_id = cat * 1000 + k + 1
-            pan[mask] = seg_id
-            iscrowd = int(seg.get("iscrowd", 0))
-            bbox, area = _bbox_xywh(mask), int(mask.sum())
-            infos.append({"id": seg_id, "category_id": cat, "iscrowd": iscrowd, "bbox": bbox, "area": area})
-            if cats[cat].get("isthing", 0):
-                rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-                rle["counts"] = rle["counts"].decode("ascii")
-                inst_anns.append(
-                    {
-                        "id": len(inst_anns) + 1,
-                        "image_id": image_id,
-                        "category_id": cat,
-                        "segmentation": rle,
-                        "area": area,
-                        "bbox": bbox,
-                        "iscrowd": iscrowd,
-                    }
-                )
+        pan, infos = _encode_segments(image_id, (h, w), segs, cats, inst_anns)
         Image.fromarray(id2rgb(pan)).save(os.path.join(paths["panoptic_root"], stem + ".png"))
         sem = panoptic_to_semantic(pan, infos, id_map)
         Image.fromarray(sem).save(os.path.join(paths["sem_seg_root"], stem + ".png"))
         pan_images.append({"id": image_id, "file_name": stem + ".jpg", "height": h, "width": w})
         pan_anns.append({"image_id": image_id, "file_name": stem + ".png", "segments_info": infos})
 
-    cat_list = [
-        {
-            "id": int(c["id"]),
-            "name": c["name"],
-            "supercategory": c.get("supercategory", c["name"]),
-            "isthing": int(c.get("isthing", 0)),
-            "color": list(c.get("color", [0, 0, 0])),
-        }
-        for c in categories
-    ]
-    info = {"description": "written by flowseg.data.writers", "version": "1.0"}
-    with open(paths["panoptic_json"], "w") as f:
-        json.dump(
-            {
-                "info": info,
-                "licenses": [],
-                "images": pan_images,
-                "annotations": pan_anns,
-                "categories": cat_list,
-            },
-            f,
-        )
-    with open(paths["instances_json"], "w") as f:
-        json.dump(
-            {
-                "info": info,
-                "licenses": [],
-                "images": pan_images,
-                "annotations": inst_anns,
-                "categories": [
-                    {k: c[k] for k in ("id", "name", "supercategory")} for c in cat_list if c["isthing"]
-                ],
-            },
-            f,
-        )
+    cat_list = _category_list(categories)
+    _write_jsons(paths, pan_images, pan_anns, inst_anns, cat_list)
     return {**paths, "categories": cat_list, "image_ids": image_ids}
 
 

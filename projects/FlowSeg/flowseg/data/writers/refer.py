@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 
-from ..dataset_mappers.referring import rasterize_segmentation
+from ..dataset_mappers.referring_masks import rasterize_segmentation
 
 __all__ = ["mask_to_polygons", "mask_to_rle", "write_image", "write_refer_dataset"]
 
