@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Ablations of the main job (paper Table 3 and Table 11) on the synthetic benchmark.
 
-Every variant trains stage 3 from the SAME stage-1 checkpoint (the main job's, by default) with
-the same data, iterations and seed list, then is evaluated on the held-out ``synthref_test``:
+Every variant trains stage 3 from the SAME stage-1/stage-2 checkpoints and tokenizer (those of a
+finished main job, ``output/main`` by default) with the same data, iterations and seed list, then is evaluated on the held-out ``synthref_test``:
 
   baseline          SR off, CR off, BAR off    (Table 3 row 1)
   +SR               semantic cross-attention + fusion gate (eq. 1-3)
@@ -52,15 +52,15 @@ def variant_opts(name: str) -> list:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default=os.path.join(ROOT, "output", "ablations"))
-    p.add_argument(
-        "--stage1-weights", default=os.path.join(ROOT, "output", "main", "stage1", "model_final.pth")
-    )
+    p.add_argument("--pretrained-run", default=os.path.join(ROOT, "output", "main"), help="a main-job output")
     p.add_argument("--iters", type=int, default=800, help="stage-3 iterations per run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = p.parse_args()
-    if not os.path.isfile(args.stage1_weights):
-        sys.exit(f"error: no stage-1 checkpoint at {args.stage1_weights}: run `bash tools/run_main.sh` first")
+    if not os.path.isfile(os.path.join(args.pretrained_run, "stage1", "model_final.pth")):
+        sys.exit(
+            f"error: no stage-1 checkpoint under {args.pretrained_run}: run `bash tools/run_main.sh` first"
+        )
 
     results = {}
     for name in args.variants:
@@ -68,7 +68,7 @@ def main() -> None:
             out = os.path.join(args.output_dir, f"{name}_seed{seed}")
             if not os.path.isfile(os.path.join(out, "summary.json")):
                 cmd = [sys.executable, os.path.join(ROOT, "tools", "main_job.py"), "--output-dir", out]
-                cmd += ["--stage1-weights", args.stage1_weights, "--iters", str(args.iters), "--num-vis", "0"]
+                cmd += ["--pretrained-run", args.pretrained_run, "--iters", str(args.iters), "--num-vis", "0"]
                 cmd += ["SEED", str(seed), *variant_opts(name)]
                 subprocess.run(cmd, check=True, cwd=ROOT)
             with open(os.path.join(out, "metrics_all.json")) as f:

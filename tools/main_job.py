@@ -57,7 +57,9 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--stage2-iters", type=int, default=None, help="stage-2 SOLVER.MAX_ITER; 0 skips stage 2")
     p.add_argument(
-        "--stage1-weights", default=None, help="use this stage-1 checkpoint instead of training one"
+        "--pretrained-run",
+        default=None,
+        help="a finished main-job output: stage 3 starts from its stage-2 (or stage-1) weights and tiny_llm",
     )
     p.add_argument("--output-dir", default=os.path.join(ROOT, "output", "main"))
     p.add_argument("--iters", type=int, default=None, help="SOLVER.MAX_ITER (default: the config's)")
@@ -120,14 +122,14 @@ def prepare_data(args: argparse.Namespace) -> list:
     return gres_options(args, sizes) if args.gres else []
 
 
-def language_options(args: argparse.Namespace, conversations_json: str) -> list:
-    """Tiny Qwen3 + SigLIP configs and a tokenizer trained on the data's words, as config options."""
+def language_options(llm_dir: str, corpus_fn) -> list:
+    """Tiny Qwen3 + SigLIP configs and a tokenizer trained on ``corpus_fn()`` (written to
+    ``llm_dir`` unless it is there already), as config options."""
     from flowseg.utils.tiny_models import make_tiny_llm_dir, tiny_llm_cfg_overrides
 
-    llm_dir = os.path.join(args.output_dir, "tiny_llm")
     log(f"3/6 tiny language model config + tokenizer in {llm_dir}")
     if not os.path.isfile(os.path.join(llm_dir, "llm_config.json")):
-        make_tiny_llm_dir(llm_dir, corpus=corpus(args, conversations_json) * 2, vocab_size=400)
+        make_tiny_llm_dir(llm_dir, corpus=corpus_fn() * 2, vocab_size=400)
     paths = {
         "llm_config": os.path.join(llm_dir, "llm_config.json"),
         "tokenizer": os.path.join(llm_dir, "tokenizer"),
@@ -136,41 +138,43 @@ def language_options(args: argparse.Namespace, conversations_json: str) -> list:
     return [str(o) for o in tiny_llm_cfg_overrides(paths)] + ["MODEL.LLM.LORA.ENABLED", "False"]
 
 
-def main() -> None:
-    args = parse_args()
-    os.makedirs(args.output_dir, exist_ok=True)
-    os.environ["DETECTRON2_DATASETS"] = args.data_root or os.environ.get(
-        "DETECTRON2_DATASETS", os.path.join(ROOT, "datasets")
-    )
+def pretrained(run_dir: str) -> tuple:
+    """(stage-2 or else stage-1 checkpoint, tiny_llm folder) of a finished main-job output."""
+    for stage in ("stage2", "stage1"):
+        weights = os.path.join(run_dir, stage, "model_final.pth")
+        if os.path.isfile(weights):
+            llm_dir = os.path.join(run_dir, "tiny_llm")
+            if not os.path.isfile(os.path.join(llm_dir, "llm_config.json")):
+                raise FileNotFoundError(f"--pretrained-run: {run_dir} has {stage} weights but no tiny_llm/")
+            return weights, llm_dir
+    raise FileNotFoundError(f"--pretrained-run: no stage1/ or stage2/ model_final.pth under {run_dir}")
+
+
+def pretrain(args: argparse.Namespace, train_net: list, device: list) -> tuple:
+    """Stages 1 and 2 (each skipped when done); returns (weights for stage 3, language options)."""
     from detectron2.data import MetadataCatalog
     from flowseg.data.writers.scene_conversations import write_scene_conversations
 
-    gres_opts = prepare_data(args)
+    if args.pretrained_run:
+        weights, llm_dir = pretrained(args.pretrained_run)
+        log(f"2/6 stages 1-2 of {args.pretrained_run}: {weights}")
+        return weights, language_options(llm_dir, None)
     conv_json = ""
     if args.stage2_iters != 0:
         log(f"2/6 stage-2 conversations about the scenes of {args.refer_train}")
         conv_json = write_scene_conversations(args.refer_train, os.environ["DETECTRON2_DATASETS"])
-    lang = language_options(args, conv_json)
-    device = ["MODEL.DEVICE", "cuda"] if args.num_gpus else []
-    train_net = [sys.executable, TRAIN_NET, "--num-gpus", str(max(args.num_gpus, 1)), "--config-file"]
-
-    weights = args.stage1_weights or ""
-    if weights and not os.path.isfile(weights):
-        raise FileNotFoundError(f"--stage1-weights: no such checkpoint: {weights}")
-    if not weights:
-        num_classes = len(MetadataCatalog.get(args.panoptic_train).stuff_classes)
-        s1 = train_net + [
-            args.stage1_config,
-            "DATASETS.TEST",
-            "()",
-            "DATASETS.TRAIN",
-            f"('{args.panoptic_train}',)",
-        ]
-        s1 += ["MODEL.SEM_SEG_HEAD.NUM_CLASSES", str(num_classes)] + device
-        s1 += ["SOLVER.MAX_ITER", str(args.stage1_iters)] if args.stage1_iters else []
-        weights = train(
-            s1, os.path.join(args.output_dir, "stage1"), "4a/6 stage 1: segmentor on panoptic data"
-        )
+    lang = language_options(os.path.join(args.output_dir, "tiny_llm"), lambda: corpus(args, conv_json))
+    num_classes = len(MetadataCatalog.get(args.panoptic_train).stuff_classes)
+    s1 = train_net + [
+        args.stage1_config,
+        "DATASETS.TEST",
+        "()",
+        "DATASETS.TRAIN",
+        f"('{args.panoptic_train}',)",
+    ]
+    s1 += ["MODEL.SEM_SEG_HEAD.NUM_CLASSES", str(num_classes)] + device
+    s1 += ["SOLVER.MAX_ITER", str(args.stage1_iters)] if args.stage1_iters else []
+    weights = train(s1, os.path.join(args.output_dir, "stage1"), "4a/6 stage 1: segmentor on panoptic data")
     if conv_json:
         s2 = train_net + [args.stage2_config, "MODEL.WEIGHTS", weights] + lang + device
         s2 += ["DATASETS.TRAIN", f"('{args.refer_train}_conversations',)"]
@@ -178,6 +182,19 @@ def main() -> None:
         weights = train(
             s2, os.path.join(args.output_dir, "stage2"), "4b/6 stage 2: language on conversations"
         )
+    return weights, lang
+
+
+def main() -> None:
+    args = parse_args()
+    os.makedirs(args.output_dir, exist_ok=True)
+    os.environ["DETECTRON2_DATASETS"] = args.data_root or os.environ.get(
+        "DETECTRON2_DATASETS", os.path.join(ROOT, "datasets")
+    )
+    gres_opts = prepare_data(args)
+    device = ["MODEL.DEVICE", "cuda"] if args.num_gpus else []
+    train_net = [sys.executable, TRAIN_NET, "--num-gpus", str(max(args.num_gpus, 1)), "--config-file"]
+    weights, lang = pretrain(args, train_net, device)
 
     tests = [args.refer_test] + ([args.reason_test] if args.reason_test else [])
     opts = lang + ["DATASETS.TEST", str(tuple(tests))] + device
