@@ -13,7 +13,9 @@ finished main job, ``output/main`` by default) with the same data, iterations an
 
     python tools/ablations.py --iters 800 --seeds 0 1 2 [--variants baseline +SR ...]
 
-Results: OUTPUT/ablations.json and a markdown table (mean ± std over seeds) on stdout.
+Results: OUTPUT/ablations.json and a markdown table on stdout: each metric's mean ± std over
+seeds, and each variant's paired difference to the baseline (same seeds, same expressions) with a
+95% interval from a bootstrap that resamples both seeds and expressions (:func:`paired_difference`).
 """
 
 import argparse
@@ -22,6 +24,9 @@ import os
 import statistics
 import subprocess
 import sys
+from typing import Dict, List
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,6 +54,53 @@ def variant_opts(name: str) -> list:
     return [x for k, v in zip(kv[::2], kv[1::2]) for x in (f"MODEL.FLOWSEG.{k}", str(v))]
 
 
+def per_expression(run_dir: str, dataset: str = "synthref_test") -> Dict[int, tuple]:
+    """sentence id -> (intersection, union, IoU) of one evaluated run."""
+    with open(os.path.join(run_dir, "inference", dataset, "per_expression.json")) as f:
+        return {r["sentence_id"]: (r["intersection"], r["union"], r["iou"]) for r in json.load(f)}
+
+
+def paired_difference(base: List[Dict], variant: List[Dict], n_boot: int = 2000, seed: int = 0) -> Dict:
+    """Variant minus baseline in cIoU and gIoU (points), paired by seed (list position) and
+    expression, with 95% percentile intervals of a two-level bootstrap (seeds, then expressions)."""
+    keys = sorted(set.intersection(*(set(r) for r in base + variant)))
+    if not keys:
+        raise ValueError("the runs share no expression: were they evaluated on the same split?")
+
+    def arrays(runs):  # (seeds, expressions) of intersection, union, IoU
+        a = np.array([[r[k] for k in keys] for r in runs], dtype=np.float64)
+        return a[..., 0], a[..., 1], a[..., 2]
+
+    (bi, bu, bg), (vi, vu, vg) = arrays(base), arrays(variant)
+    n_seeds, n = bi.shape
+    rng = np.random.default_rng(seed)
+
+    def diff(w: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+        c = (vi @ w) / (vu @ w) - (bi @ w) / (bu @ w)
+        g = ((vg - bg) @ w) / w.sum()
+        return 100 * np.array([c[seeds].mean(), g[seeds].mean()])
+
+    point = diff(np.ones(n), np.arange(n_seeds))
+    boots = np.array(
+        [
+            diff(
+                np.bincount(rng.integers(n, size=n), minlength=n).astype(np.float64),
+                rng.integers(n_seeds, size=n_seeds),
+            )
+            for _ in range(n_boot)
+        ]
+    )
+    lo, hi = np.percentile(boots, [2.5, 97.5], axis=0)
+    return {
+        "expressions": n,
+        "seeds": n_seeds,
+        "d_cIoU": float(point[0]),
+        "d_cIoU_ci95": [float(lo[0]), float(hi[0])],
+        "d_gIoU": float(point[1]),
+        "d_gIoU_ci95": [float(lo[1]), float(hi[1])],
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default=os.path.join(ROOT, "output", "ablations"))
@@ -62,7 +114,7 @@ def main() -> None:
             f"error: no stage-1 checkpoint under {args.pretrained_run}: run `bash tools/run_main.sh` first"
         )
 
-    results = {}
+    results, per_expr = {}, {}
     for name in args.variants:
         for seed in args.seeds:
             out = os.path.join(args.output_dir, f"{name}_seed{seed}")
@@ -74,17 +126,31 @@ def main() -> None:
             with open(os.path.join(out, "metrics_all.json")) as f:
                 ref = json.load(f)["metrics"]["synthref_test"]["referring"]
             results.setdefault(name, []).append({k: ref.get(k) for k in METRICS} | {"seed": seed})
-
+            per_expr.setdefault(name, []).append(per_expression(out))
+    paired = {}
+    if "baseline" in per_expr:
+        paired = {
+            n: paired_difference(per_expr["baseline"], r) for n, r in per_expr.items() if n != "baseline"
+        }
     with open(os.path.join(args.output_dir, "ablations.json"), "w") as f:
-        json.dump({"iters": args.iters, "seeds": args.seeds, "runs": results}, f, indent=2)
-    print(f"| variant | {' | '.join(METRICS)} |\n|---|" + "---|" * len(METRICS))
+        json.dump({"iters": args.iters, "seeds": args.seeds, "runs": results, "paired": paired}, f, indent=2)
+    print(markdown(results, paired))
+
+
+def markdown(results: Dict, paired: Dict) -> str:
+    lines = [f"| variant | {' | '.join(METRICS)} | Δ cIoU vs baseline [95% CI] | Δ gIoU [95% CI] |"]
+    lines.append("|---|" + "---|" * (len(METRICS) + 2))
     for name, runs in results.items():
         cells = []
         for k in METRICS:
             vals = [r[k] for r in runs if r[k] is not None]
             sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
             cells.append(f"{statistics.mean(vals):.1f} ± {sd:.1f}" if vals else "–")
-        print(f"| {name} | {' | '.join(cells)} |")
+        for m in ("d_cIoU", "d_gIoU"):
+            d = paired.get(name)
+            cells.append(f"{d[m]:+.1f} [{d[m + '_ci95'][0]:+.1f}, {d[m + '_ci95'][1]:+.1f}]" if d else "–")
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
