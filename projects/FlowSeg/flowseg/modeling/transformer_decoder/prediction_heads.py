@@ -2,9 +2,9 @@
 
 Class logits come either from Mask2Former's learnable ``class_embed`` or, with condition logits,
 from the similarity of each query to the K condition embeddings plus a no-object logit (the
-query-condition matching of FlowSeg §3.3). The heads are a mixin of the decoder rather than a
-sub-module so that their parameters keep Mask2Former's top-level names (``class_embed``,
-``mask_embed``, ...) and original checkpoints load unchanged.
+query-condition matching s_i = sim(Q_i, C) of FlowSeg §3.1-3.2). The heads are a mixin of the
+decoder rather than a sub-module so that their parameters keep Mask2Former's top-level names
+(``class_embed``, ``mask_embed``, ...) and original checkpoints load unchanged.
 """
 
 from __future__ import annotations
