@@ -123,14 +123,43 @@ def freeze_sam_vit(backbone: nn.Module) -> None:
 FEATURE_PATHS = ("connector", "pyramid")
 
 
+def _overridden_preset(
+    preset: str,
+    embed_dim: Optional[int],
+    depth: Optional[int],
+    num_heads: Optional[int],
+    global_attn_indexes: Optional[Sequence[int]],
+    window_size: Optional[int],
+    mlp_ratio: float,
+) -> Dict[str, Any]:
+    """The preset's hyper-parameters with the given overrides (``None`` / empty / 0 keep the preset's)."""
+    p = _resolve_preset(preset)
+    p["embed_dim"] = embed_dim or p["embed_dim"]
+    p["depth"] = depth or p["depth"]
+    p["num_heads"] = num_heads or p["num_heads"]
+    if global_attn_indexes:
+        p["global_attn_indexes"] = tuple(global_attn_indexes)
+    if window_size is not None and window_size > 0:
+        p["window_size"] = window_size
+    p["mlp_ratio"] = mlp_ratio
+    return p
+
+
 def _build_vit(
-    p: Dict[str, Any], img_size: int, in_chans: int, patch_size: int, drop_path_rate: float
+    p: Dict[str, Any],
+    img_size: int,
+    in_chans: int,
+    patch_size: int,
+    drop_path_rate: float,
+    use_conv_stem: bool,
+    use_act_checkpoint: bool,
 ) -> ViT:
-    """Detectron2's ``ViT`` with SAM's hyper-parameters ``p`` (a resolved preset)."""
+    """Detectron2's ``ViT`` with SAM's hyper-parameters ``p`` (a resolved preset), optionally with
+    :func:`conv_stem` as its patch embedding and activation checkpointing in its blocks."""
     depth, global_idx = p["depth"], tuple(p["global_attn_indexes"])
     if any(i < 0 or i >= depth for i in global_idx):
         raise ValueError(f"global_attn_indexes {global_idx} out of range for depth {depth}")
-    return ViT(
+    net = ViT(
         img_size=img_size,
         patch_size=patch_size,
         in_chans=in_chans,
@@ -155,6 +184,63 @@ def _build_vit(
         pretrain_use_cls_token=False,
         out_feature=_VIT_OUT_FEATURE,
     )
+    if use_conv_stem:
+        net.patch_embed.proj = conv_stem(in_chans, p["embed_dim"], patch_size)
+    if use_act_checkpoint:
+        for blk in net.blocks:
+            blk.__class__ = _CheckpointedBlock
+    return net
+
+
+def _connector(
+    net: ViT,
+    p: Dict[str, Any],
+    patch_size: int,
+    out_channels: int,
+    square_pad: int,
+    sam_tokens_layer: int,
+    layers: Optional[Sequence[int]],
+    scale_factors: Sequence[float],
+    hidden_dim: int,
+) -> SAMViTConnector:
+    """X-SAM's feature path: block outputs through :class:`SAMViTConnector`."""
+    return SAMViTConnector(
+        net,
+        embed_dim=p["embed_dim"],
+        patch_size=patch_size,
+        layers=list(layers or default_connector_layers(p["global_attn_indexes"], len(scale_factors))),
+        scale_factors=[float(s) for s in scale_factors],
+        hidden_channels=hidden_dim,
+        neck_channels=out_channels,
+        square_pad=square_pad,
+        sam_tokens_layer=sam_tokens_layer,
+    )
+
+
+def _pyramid(
+    net: ViT, out_channels: int, square_pad: int, sam_tokens_layer: int, scale_factors: Sequence[float]
+) -> SAMViTFeaturePyramid:
+    """ViTDet's feature path: :class:`SAMViTFeaturePyramid` on the last block."""
+    backbone = SAMViTFeaturePyramid(
+        net=net,
+        in_feature=_VIT_OUT_FEATURE,
+        out_channels=out_channels,
+        scale_factors=tuple(float(s) for s in scale_factors),
+        top_block=None,
+        norm="LN",  # Detectron2's channel LayerNorm, eps 1e-6 like SAM's LayerNorm2d
+        square_pad=square_pad,
+    )
+    backbone.set_sam_tokens_layer(sam_tokens_layer)
+    return backbone
+
+
+def _load_sam_weights(backbone: nn.Module, checkpoint: str, use_conv_stem: bool) -> None:
+    if use_conv_stem:
+        raise ValueError("MODEL.SAM_VIT.CONV_STEM has no weights in SAM checkpoints; disable it to load one")
+    # Imported here so that flowseg.checkpoint may import modeling without a cycle.
+    from ...checkpoint.sam import load_sam_checkpoint
+
+    load_sam_checkpoint(backbone, checkpoint)
 
 
 def build_sam_vit(
@@ -217,59 +303,24 @@ def build_sam_vit(
     """
     if feature_path not in FEATURE_PATHS:
         raise ValueError(f"MODEL.SAM_VIT.FEATURE_PATH must be one of {FEATURE_PATHS}, got {feature_path!r}")
-    p = _resolve_preset(preset)
-    p["embed_dim"] = embed_dim or p["embed_dim"]
-    p["depth"] = depth or p["depth"]
-    p["num_heads"] = num_heads or p["num_heads"]
-    if global_attn_indexes:
-        p["global_attn_indexes"] = tuple(global_attn_indexes)
-    if window_size is not None and window_size > 0:
-        p["window_size"] = window_size
-    p["mlp_ratio"] = mlp_ratio
-    net = _build_vit(p, img_size, in_chans, patch_size, drop_path_rate)
-    if use_conv_stem:
-        net.patch_embed.proj = conv_stem(in_chans, p["embed_dim"], patch_size)
-    if use_act_checkpoint:
-        for blk in net.blocks:
-            blk.__class__ = _CheckpointedBlock
-
+    p = _overridden_preset(preset, embed_dim, depth, num_heads, global_attn_indexes, window_size, mlp_ratio)
+    net = _build_vit(p, img_size, in_chans, patch_size, drop_path_rate, use_conv_stem, use_act_checkpoint)
     if feature_path == "connector":
-        layers = list(
-            connector_layers
-            or default_connector_layers(p["global_attn_indexes"], len(connector_scale_factors))
-        )
-        backbone = SAMViTConnector(
+        backbone = _connector(
             net,
-            embed_dim=p["embed_dim"],
-            patch_size=patch_size,
-            layers=layers,
-            scale_factors=[float(s) for s in connector_scale_factors],
-            hidden_channels=connector_hidden_dim,
-            neck_channels=out_channels,
-            square_pad=square_pad,
-            sam_tokens_layer=sam_tokens_layer,
+            p,
+            patch_size,
+            out_channels,
+            square_pad,
+            sam_tokens_layer,
+            layers=connector_layers,
+            scale_factors=connector_scale_factors,
+            hidden_dim=connector_hidden_dim,
         )
     else:
-        backbone = SAMViTFeaturePyramid(
-            net=net,
-            in_feature=_VIT_OUT_FEATURE,
-            out_channels=out_channels,
-            scale_factors=tuple(float(s) for s in scale_factors),
-            top_block=None,
-            norm="LN",  # Detectron2's channel LayerNorm, eps 1e-6 like SAM's LayerNorm2d
-            square_pad=square_pad,
-        )
-        backbone.set_sam_tokens_layer(sam_tokens_layer)
-
+        backbone = _pyramid(net, out_channels, square_pad, sam_tokens_layer, scale_factors)
     if checkpoint:
-        if use_conv_stem:
-            raise ValueError(
-                "MODEL.SAM_VIT.CONV_STEM has no weights in SAM checkpoints; disable it to load one"
-            )
-        # Imported here so that flowseg.checkpoint may import modeling without a cycle.
-        from ...checkpoint.sam import load_sam_checkpoint
-
-        load_sam_checkpoint(backbone, checkpoint)
+        _load_sam_weights(backbone, checkpoint, use_conv_stem)
     if freeze:
         freeze_sam_vit(backbone)
     return backbone

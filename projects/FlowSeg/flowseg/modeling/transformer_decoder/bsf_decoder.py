@@ -17,33 +17,39 @@ same computation, L+1 predictions (one before the first layer, one after each la
 Note on ``dec_layers``: here it is the number of decoder layers L (the paper's L = 9).
 Mask2Former's own ``from_config`` subtracts one from ``DEC_LAYERS`` (its yamls say 10 for 9
 layers); FlowSeg's config key already means L, so nothing is subtracted.
+
+Algorithm 1 is :meth:`BSFTransformerDecoder.forward` with :meth:`~BSFTransformerDecoder.bsf_layer`;
+the rest lives beside it: the layers of eq. 1 / 4 / 5 (:mod:`.layers`), the query-condition
+logits and mask head (:mod:`.prediction_heads`), the pixel-feature memory with its position
+embeddings (:mod:`.multi_scale_memory`), C's validity bookkeeping (:mod:`.conditions`) and the
+config switches (:mod:`.bsf_config`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-import fvcore.nn.weight_init as weight_init
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.layers import Conv2d
 from torch import Tensor, nn
 
-from ...config import llm_configured
-from ..from_scratch import MASK_POSITION_FEATURE_DIM, mask_position, mask_position_features
+# Re-exported: callers and tests import the mask-position features from this module.
+from ..from_scratch import mask_position, mask_position_features  # noqa: F401
 from ..registry import TRANSFORMER_DECODER_REGISTRY
+from .bsf_config import bsf_decoder_config, check_bsf_arguments
+from .conditions import DecoderConditions
 from .layers import (
-    MLP,
     ConditionRefinementLayer,
     CrossAttentionLayer,
     FFNLayer,
     SelfAttentionLayer,
     SemanticCrossAttentionLayer,
 )
+from .multi_scale_memory import MultiScaleMemory
+from .position_encoding import PositionEmbeddingSine
+from .prediction_heads import CONDITION_LOGIT_TYPES, PADDED_CONDITION_LOGIT, PredictionHeads
 
 __all__ = [
     "BSFTransformerDecoder",
@@ -53,20 +59,40 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Logit given to padded conditions: very negative but finite, so softmax / CE never see -inf - -inf.
-PADDED_CONDITION_LOGIT = -1e4
-_MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: exp(logit_scale) <= 100
-_MAX_BACKGROUND_HEAD_LOGIT = 50.0  # X-SAM's clamp of the cosine logits
-CONDITION_LOGIT_TYPES = ("background", "projected")
-
 
 @TRANSFORMER_DECODER_REGISTRY.register()
-class BSFTransformerDecoder(nn.Module):
+class BSFTransformerDecoder(PredictionHeads, MultiScaleMemory, nn.Module):
     """Masked-attention transformer decoder with Bidirectional Semantic Flow.
 
     Inputs of :meth:`forward`: 3 multi-scale pixel-decoder maps (1/32, 1/16, 1/8, in that order),
     mask features (1/4 or 1/8 scale), and optionally condition embeddings ``C`` [B,K,h] with a validity
     mask [B,K] and a segmentation embedding ``S`` [B,h] (added to the initial queries).
+
+    Args:
+        in_channels: channels of the multi-scale input maps.
+        mask_classification: predict per-query logits (``pred_logits``) besides masks.
+        num_classes: classes of the learnable class head (``condition_logits=False``).
+        hidden_dim, num_queries, nheads, dim_feedforward, pre_norm, mask_dim,
+        enforce_input_project: as in Mask2Former.
+        dec_layers: number of decoder layers L (L+1 predictions are made).
+        semantic_refinement: SR, eq. 1-3 (queries read the conditions through a fusion gate).
+        condition_refinement: CR, eq. 5 (conditions read the queries).
+        visual_cross_attn_control: Table 11 control - the SR modules read the current level's
+            pixel-decoder features instead of C (same parameters as SR); needs
+            ``semantic_refinement=True`` and ``condition_refinement=False``.
+        condition_logits: logits = scaled cosine(query, condition) over K conditions plus a
+            no-object logit (referring mode, generic mode with an LLM) instead of ``class_embed``.
+        condition_logit_type: the form of those logits (:meth:`condition_class_logits`):
+            ``"background"`` (X-SAM's: a learned background embedding is condition K + 1) or
+            ``"projected"`` (a linear projection of the query, a linear no-object logit).
+        add_seg_embed_to_queries: ``Q(0) <- Q(0) + S`` when ``seg_embed`` is given (off: S is ignored).
+        logit_scale_init: initial value of the log-space logit scale (CLIP's ln(1/0.07)).
+        cr_zero_init: start CR's attention output projection at zero (C(l) = C(0) at init).
+        gate_bias_init: initial bias of the fusion gates W_g (0: g ~ 0.5; > 0 favours Q_vis).
+        mask_position_logits: not in the paper. Condition logits read each query's embedding
+            plus a projection of where its predicted mask lies (:func:`mask_position_features`);
+            Mask2Former queries carry no location in their content, which words like
+            "leftmost" need. The projection starts at zero (the paper's logits at init).
     """
 
     _version = 2
@@ -97,51 +123,14 @@ class BSFTransformerDecoder(nn.Module):
         gate_bias_init: float = 0.0,
         mask_position_logits: bool = False,
     ) -> None:
-        """
-        Args:
-            in_channels: channels of the multi-scale input maps.
-            mask_classification: predict per-query logits (``pred_logits``) besides masks.
-            num_classes: classes of the learnable class head (``condition_logits=False``).
-            hidden_dim, num_queries, nheads, dim_feedforward, pre_norm, mask_dim,
-            enforce_input_project: as in Mask2Former.
-            dec_layers: number of decoder layers L (L+1 predictions are made).
-            semantic_refinement: SR, eq. 1-3 (queries read the conditions through a fusion gate).
-            condition_refinement: CR, eq. 5 (conditions read the queries).
-            visual_cross_attn_control: Table 11 control - the SR modules read the current level's
-                pixel-decoder features instead of C (same parameters as SR); needs
-                ``semantic_refinement=True`` and ``condition_refinement=False``.
-            condition_logits: logits = scaled cosine(query, condition) over K conditions plus a
-                no-object logit (referring mode, generic mode with an LLM) instead of ``class_embed``.
-            condition_logit_type: the form of those logits (:meth:`condition_class_logits`):
-                ``"background"`` (X-SAM's: a learned background embedding is condition K + 1) or
-                ``"projected"`` (a linear projection of the query, a linear no-object logit).
-            add_seg_embed_to_queries: ``Q(0) <- Q(0) + S`` when ``seg_embed`` is given (off: S is ignored).
-            logit_scale_init: initial value of the log-space logit scale (CLIP's ln(1/0.07)).
-            cr_zero_init: start CR's attention output projection at zero (C(l) = C(0) at init).
-            gate_bias_init: initial bias of the fusion gates W_g (0: g ~ 0.5; > 0 favours Q_vis).
-            mask_position_logits: not in the paper. Condition logits read each query's embedding
-                plus a projection of where its predicted mask lies (:func:`mask_position_features`);
-                Mask2Former queries carry no location in their content, which words like
-                "leftmost" need. The projection starts at zero (the paper's logits at init).
-        """
         super().__init__()
-        if visual_cross_attn_control and not semantic_refinement:
-            raise ValueError("visual_cross_attn_control uses the SR modules: set semantic_refinement=True")
-        if visual_cross_attn_control and condition_refinement:
-            raise ValueError(
-                "visual_cross_attn_control is defined with condition_refinement=False (Table 11)"
-            )
-        if dec_layers < 1:
-            raise ValueError(f"dec_layers must be >= 1, got {dec_layers}")
-        if condition_logit_type not in CONDITION_LOGIT_TYPES:
-            raise ValueError(
-                f"condition_logit_type (MODEL.FLOWSEG.CONDITION_LOGITS) must be one of "
-                f"{CONDITION_LOGIT_TYPES}, got {condition_logit_type!r}"
-            )
-
-        # Imported here: the positional encoding lives in a sibling module owned by the pixel decoder.
-        from .position_encoding import PositionEmbeddingSine
-
+        check_bsf_arguments(
+            semantic_refinement,
+            condition_refinement,
+            visual_cross_attn_control,
+            dec_layers,
+            condition_logit_type,
+        )
         self.mask_classification = mask_classification
         self.semantic_refinement = semantic_refinement
         self.condition_refinement = condition_refinement
@@ -151,13 +140,28 @@ class BSFTransformerDecoder(nn.Module):
         self.add_seg_embed_to_queries = add_seg_embed_to_queries
 
         self.pe_layer = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
-
         self.num_heads = nheads
         self.num_layers = dec_layers
+        # Sub-modules are created in Mask2Former's order: with a fixed seed, the same random init.
+        self._build_mask2former_layers(hidden_dim, nheads, dim_feedforward, pre_norm)
+        self._build_bsf_layers(hidden_dim, nheads, gate_bias_init, cr_zero_init)
+        self.decoder_norm = nn.LayerNorm(hidden_dim)
+
+        self.num_queries = num_queries
+        self.query_feat = nn.Embedding(num_queries, hidden_dim)  # learnable query features Q(0)
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)  # learnable query positional embedding
+
+        self._build_memory_inputs(in_channels, hidden_dim, enforce_input_project)
+        self._build_prediction_heads(
+            hidden_dim, mask_dim, num_classes, logit_scale_init, mask_position_logits
+        )
+
+    def _build_mask2former_layers(self, hidden_dim: int, nheads: int, dim_feedforward: int, pre_norm: bool):
+        """Masked cross-attention, self-attention (eq. 4) and FFN of every layer, as in Mask2Former."""
         self.transformer_self_attention_layers = nn.ModuleList()
         self.transformer_cross_attention_layers = nn.ModuleList()
         self.transformer_ffn_layers = nn.ModuleList()
-        for _ in range(dec_layers):
+        for _ in range(self.num_layers):
             self.transformer_self_attention_layers.append(
                 SelfAttentionLayer(hidden_dim, nheads, dropout=0.0, normalize_before=pre_norm)
             )
@@ -168,116 +172,30 @@ class BSFTransformerDecoder(nn.Module):
                 FFNLayer(hidden_dim, dim_feedforward=dim_feedforward, dropout=0.0, normalize_before=pre_norm)
             )
 
-        # BSF modules exist only when switched on, so that "all off" has exactly the baseline's parameters.
-        if semantic_refinement:
+    def _build_bsf_layers(self, hidden_dim: int, nheads: int, gate_bias_init: float, cr_zero_init: bool):
+        """SR (eq. 1-3) and CR (eq. 5) modules of every layer, each only when switched on, so that
+        "all off" has exactly the baseline's parameters."""
+        if self.semantic_refinement:
             self.semantic_cross_attention_layers = nn.ModuleList(
-                SemanticCrossAttentionLayer(hidden_dim, nheads) for _ in range(dec_layers)
+                SemanticCrossAttentionLayer(hidden_dim, nheads) for _ in range(self.num_layers)
             )
             # W_g of eq. 2: [Q_vis || Q_sem] (2h) -> per-channel gate (h).
             self.fusion_gates = nn.ModuleList(
-                nn.Linear(2 * hidden_dim, hidden_dim) for _ in range(dec_layers)
+                nn.Linear(2 * hidden_dim, hidden_dim) for _ in range(self.num_layers)
             )
             for gate in self.fusion_gates:
                 nn.init.xavier_uniform_(gate.weight)
                 nn.init.constant_(gate.bias, float(gate_bias_init))
-        if condition_refinement:
+        if self.condition_refinement:
             self.condition_refinement_layers = nn.ModuleList(
                 ConditionRefinementLayer(hidden_dim, nheads, zero_init=cr_zero_init)
-                for _ in range(dec_layers)
+                for _ in range(self.num_layers)
             )
-
-        self.decoder_norm = nn.LayerNorm(hidden_dim)
-
-        self.num_queries = num_queries
-        self.query_feat = nn.Embedding(num_queries, hidden_dim)  # learnable query features Q(0)
-        self.query_embed = nn.Embedding(num_queries, hidden_dim)  # learnable query positional embedding
-
-        self.num_feature_levels = 3  # 1/32, 1/16, 1/8, visited round-robin
-        self.level_embed = nn.Embedding(self.num_feature_levels, hidden_dim)
-        self.input_proj = nn.ModuleList()
-        for _ in range(self.num_feature_levels):
-            if in_channels != hidden_dim or enforce_input_project:
-                self.input_proj.append(Conv2d(in_channels, hidden_dim, kernel_size=1))
-                weight_init.c2_xavier_fill(self.input_proj[-1])
-            else:
-                self.input_proj.append(nn.Sequential())
-
-        if mask_classification:
-            if condition_logits:
-                projected = condition_logit_type == "projected"
-                if projected:
-                    self.cond_query_proj = nn.Linear(hidden_dim, hidden_dim)
-                if mask_position_logits:
-                    self.mask_position_proj = nn.Linear(MASK_POSITION_FEATURE_DIM, hidden_dim)
-                    nn.init.zeros_(self.mask_position_proj.weight)
-                    nn.init.zeros_(self.mask_position_proj.bias)
-                if projected:
-                    self.no_object_embed = nn.Linear(hidden_dim, 1)
-                else:
-                    # the no-object class is one more condition (X-SAM's bg_embeds)
-                    self.background_embed = nn.Embedding(1, hidden_dim)
-                self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
-            else:
-                self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
-        self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
-        self.mask_position_logits = bool(mask_position_logits and mask_classification and condition_logits)
 
     # ------------------------------------------------------------------ config
     @classmethod
     def from_config(cls, cfg, in_channels: int, mask_classification: bool) -> Dict[str, Any]:
-        mf = cfg.MODEL.MASK_FORMER
-        fs = cfg.MODEL.FLOWSEG
-        mode = fs.MODE
-        if mode not in ("generic", "referring"):
-            raise ValueError(f"MODEL.FLOWSEG.MODE must be 'generic' or 'referring', got {mode!r}")
-
-        sr = bool(fs.SEMANTIC_REFINEMENT)
-        cr = bool(fs.CONDITION_REFINEMENT)
-        visual = bool(fs.VISUAL_CROSS_ATTN_CONTROL)
-        has_llm = llm_configured(cfg)
-        condition_logits = mode == "referring" or has_llm
-        if mode == "generic" and not has_llm:
-            # Stage-1 segmentor: there is no LLM, hence no conditions to flow.
-            if sr or cr or visual:
-                logger.info(
-                    "BSFTransformerDecoder: MODE='generic' without an LLM (MODEL.LLM.PATH and CONFIG empty): "
-                    "semantic/condition refinement switched off, class head = class_embed."
-                )
-            sr = cr = visual = False
-        if visual:
-            if cr:
-                logger.info(
-                    "BSFTransformerDecoder: VISUAL_CROSS_ATTN_CONTROL on -> CONDITION_REFINEMENT off."
-                )
-            if not sr:
-                logger.info(
-                    "BSFTransformerDecoder: VISUAL_CROSS_ATTN_CONTROL on -> SR modules read pixel features."
-                )
-            sr, cr = True, False
-
-        return {
-            "in_channels": in_channels,
-            "mask_classification": mask_classification,
-            "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
-            "hidden_dim": mf.HIDDEN_DIM,
-            "num_queries": mf.NUM_OBJECT_QUERIES,
-            "nheads": mf.NHEADS,
-            "dim_feedforward": mf.DIM_FEEDFORWARD,
-            "dec_layers": mf.DEC_LAYERS,  # = L (no "-1": see the module docstring)
-            "pre_norm": mf.PRE_NORM,
-            "mask_dim": cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
-            "enforce_input_project": mf.ENFORCE_INPUT_PROJ,
-            "semantic_refinement": sr,
-            "condition_refinement": cr,
-            "visual_cross_attn_control": visual,
-            "condition_logits": condition_logits,
-            "condition_logit_type": fs.CONDITION_LOGITS,
-            "add_seg_embed_to_queries": fs.ADD_SEG_EMBED_TO_QUERIES,
-            "logit_scale_init": fs.LOGIT_SCALE_INIT,
-            "cr_zero_init": fs.CR_ZERO_INIT,
-            "gate_bias_init": fs.GATE_BIAS_INIT,
-            "mask_position_logits": fs.MASK_POSITION_LOGITS,
-        }
+        return bsf_decoder_config(cfg, in_channels, mask_classification)
 
     # ------------------------------------------------------------------ checkpoints
     def _load_from_state_dict(
@@ -294,80 +212,13 @@ class BSFTransformerDecoder(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
-    # ------------------------------------------------------------------ heads
+    # ------------------------------------------------------------------ inputs
     def needs_conditions(self) -> bool:
         """Whether :meth:`forward` must be given ``conditions``."""
         uses_c_inside = (
             self.semantic_refinement and not self.visual_cross_attn_control
         ) or self.condition_refinement
         return uses_c_inside or (self.mask_classification and self.condition_logits)
-
-    def condition_class_logits(
-        self, query_embeds: Tensor, conditions: Tensor, condition_mask: Optional[Tensor] = None
-    ) -> Tensor:
-        """Logits over K conditions + no-object.
-
-        ``"background"``: ``clamp(exp(s) * cos(q, c_k), -50, 50)`` for c_k in
-        ``[conditions; background_embed]``; ``"projected"``: ``exp(min(s, ln 100)) *
-        cos(proj(q), c_k)`` and ``no_object_embed(q)``. ``query_embeds`` [B,Q,h] (decoder_norm
-        output), ``conditions`` [B,K,h], ``condition_mask`` [B,K] (True = valid). Returns
-        [B,Q,K+1], no-object last; padded conditions get ``PADDED_CONDITION_LOGIT``.
-        """
-        if self.condition_logit_type == "background":
-            background = self.background_embed.weight.to(conditions.dtype)
-            c = torch.cat([conditions, background.expand(conditions.shape[0], 1, -1)], dim=1)
-            cos = torch.einsum("bqc,bkc->bqk", F.normalize(query_embeds, dim=-1), F.normalize(c, dim=-1))
-            logits = (self.logit_scale.exp() * cos).clamp(
-                -_MAX_BACKGROUND_HEAD_LOGIT, _MAX_BACKGROUND_HEAD_LOGIT
-            )
-            if condition_mask is not None:
-                valid = torch.cat([condition_mask, condition_mask.new_ones(condition_mask.shape[0], 1)], 1)
-                logits = logits.masked_fill(~valid[:, None, :], PADDED_CONDITION_LOGIT)
-            return logits
-        q = F.normalize(self.cond_query_proj(query_embeds), dim=-1)
-        c = F.normalize(conditions, dim=-1)
-        scale = self.logit_scale.clamp(max=_MAX_LOGIT_SCALE).exp()
-        logits = scale * torch.einsum("bqc,bkc->bqk", q, c)
-        if condition_mask is not None:
-            logits = logits.masked_fill(~condition_mask[:, None, :], PADDED_CONDITION_LOGIT)
-        return torch.cat([logits, self.no_object_embed(query_embeds)], dim=-1)
-
-    def forward_prediction_heads(
-        self,
-        output: Tensor,
-        mask_features: Tensor,
-        attn_mask_target_size: Optional[Tuple[int, int]],
-        conditions: Optional[Tensor] = None,
-        condition_mask: Optional[Tensor] = None,
-    ) -> Tuple[Optional[Tensor], Tensor, Optional[Tensor], Tensor]:
-        """Predictions from queries ``output`` [Q,B,h].
-
-        Returns ``(class logits or None, mask logits [B,Q,H,W], attention mask [B*heads,Q,h*w] for the
-        next layer (None if ``attn_mask_target_size`` is None), decoder_norm output [B,Q,h])``.
-        ``conditions`` are [B,K,h] (only read with condition logits).
-        """
-        decoder_output = self.decoder_norm(output).transpose(0, 1)
-        mask_embed = self.mask_embed(decoder_output)
-        outputs_mask = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
-        outputs_class = None
-        if self.mask_classification:
-            if self.condition_logits:
-                query = decoder_output
-                if self.mask_position_logits:
-                    position = mask_position_features(mask_position(outputs_mask.detach()))
-                    query = query + self.mask_position_proj(position)
-                outputs_class = self.condition_class_logits(query, conditions, condition_mask)
-            else:
-                outputs_class = self.class_embed(decoder_output)
-
-        attn_mask = None
-        if attn_mask_target_size is not None:
-            # The mask is predicted at the mask features' scale; the next cross-attention reads another level.
-            m = F.interpolate(outputs_mask, size=attn_mask_target_size, mode="bilinear", align_corners=False)
-            # [B,Q,h,w] -> [B*heads,Q,h*w]; True = may NOT attend (outside the predicted foreground).
-            m = m.sigmoid().flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1) < 0.5
-            attn_mask = m.detach()
-        return outputs_class, outputs_mask, attn_mask, decoder_output
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -400,26 +251,13 @@ class BSFTransformerDecoder(nn.Module):
             switched-off parts.
         """
         del mask  # Mask2Former does not mask padding in the decoder either
-        if len(x) != self.num_feature_levels:
-            raise ValueError(f"expected {self.num_feature_levels} feature levels, got {len(x)}")
-        if conditions is None and self.needs_conditions():
-            raise ValueError(
-                "BSFTransformerDecoder: conditions are required (semantic_refinement="
-                f"{self.semantic_refinement}, condition_refinement={self.condition_refinement}, "
-                f"condition_logits={self.condition_logits}); pass conditions=[B,K,hidden] "
-                "or switch these off."
-            )
+        self._check_inputs(x, conditions)
         src, pos, size_list = self._memory(x)
-        bs = src[0].shape[1]
-        query_embed = self.query_embed.weight.unsqueeze(1).repeat(1, bs, 1)  # [Q,B,h]
-        output = self.query_feat.weight.unsqueeze(1).repeat(1, bs, 1)
-        if seg_embed is not None and self.add_seg_embed_to_queries:
-            output = output + seg_embed.to(output.dtype).unsqueeze(0)  # Q(0) <- Q(0) + S (paper §3.1)
-        cond = _Conditions.of(conditions, condition_mask, output.dtype)
-
-        inter: Dict[str, List[Tensor]] = {"gates": [], "conditions": [], "sem_attn": [], "cond_attn": []}
-        if not return_intermediates:
-            inter = {}
+        query_embed, output = self._initial_queries(src[0].shape[1], seg_embed)
+        cond = DecoderConditions.of(conditions, condition_mask, output.dtype)
+        inter: Dict[str, List[Tensor]] = {}
+        if return_intermediates:
+            inter = {"gates": [], "conditions": [], "sem_attn": [], "cond_attn": []}
         if inter and cond.seq is not None:
             inter["conditions"].append(cond.batch_first())
 
@@ -454,24 +292,30 @@ class BSFTransformerDecoder(nn.Module):
         out.update(inter)
         return out
 
-    def _memory(self, x: List[Tensor]) -> Tuple[List[Tensor], List[Tensor], List[Tuple[int, int]]]:
-        """Per level: projected features + level embedding and positional encodings, both
-        [HW,B,C] (sequence-first), and the level's (H, W)."""
-        src: List[Tensor] = []
-        pos: List[Tensor] = []
-        size_list: List[Tuple[int, int]] = []
-        for i in range(self.num_feature_levels):
-            size_list.append(tuple(x[i].shape[-2:]))
-            pos.append(self.pe_layer(x[i], None).flatten(2).permute(2, 0, 1))
-            feat = self.input_proj[i](x[i]).flatten(2) + self.level_embed.weight[i][None, :, None]
-            src.append(feat.permute(2, 0, 1))
-        return src, pos, size_list
+    def _check_inputs(self, x: List[Tensor], conditions: Optional[Tensor]) -> None:
+        if len(x) != self.num_feature_levels:
+            raise ValueError(f"expected {self.num_feature_levels} feature levels, got {len(x)}")
+        if conditions is None and self.needs_conditions():
+            raise ValueError(
+                "BSFTransformerDecoder: conditions are required (semantic_refinement="
+                f"{self.semantic_refinement}, condition_refinement={self.condition_refinement}, "
+                f"condition_logits={self.condition_logits}); pass conditions=[B,K,hidden] "
+                "or switch these off."
+            )
+
+    def _initial_queries(self, bs: int, seg_embed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """Query positional embeddings and query features Q(0), both [Q,B,h]."""
+        query_embed = self.query_embed.weight.unsqueeze(1).repeat(1, bs, 1)
+        output = self.query_feat.weight.unsqueeze(1).repeat(1, bs, 1)
+        if seg_embed is not None and self.add_seg_embed_to_queries:
+            output = output + seg_embed.to(output.dtype).unsqueeze(0)  # Q(0) <- Q(0) + S (paper §3.1)
+        return query_embed, output
 
     def bsf_layer(
         self,
         i: int,
         output: Tensor,
-        cond: _Conditions,
+        cond: DecoderConditions,
         attn_mask: Tensor,
         memory: Tensor,
         memory_pos: Tensor,
@@ -511,7 +355,7 @@ class BSFTransformerDecoder(nn.Module):
         self,
         i: int,
         q_vis: Tensor,
-        cond: _Conditions,
+        cond: DecoderConditions,
         memory: Tensor,
         memory_pos: Tensor,
         query_embed: Tensor,
@@ -550,40 +394,3 @@ class BSFTransformerDecoder(nn.Module):
                 for a, b in zip(outputs_class[:-1], outputs_seg_masks[:-1])
             ]
         return [{"pred_masks": b} for b in outputs_seg_masks[:-1]]
-
-
-@dataclass
-class _Conditions:
-    """The decoder's view of the conditions: C sequence-first [K,B,h] (refined in place by CR),
-    the valid mask [B,K], and the attention padding mask. A sample without any valid condition
-    would make the attention softmax all -inf (NaN): it is unmasked for the attention and its
-    semantic branch is discarded (Q_fused = Q_vis)."""
-
-    seq: Optional[Tensor] = None
-    valid: Optional[Tensor] = None
-    key_padding_mask: Optional[Tensor] = None
-    has_condition: Optional[Tensor] = None
-    all_have_condition: bool = True
-
-    @classmethod
-    def of(
-        cls, conditions: Optional[Tensor], condition_mask: Optional[Tensor], dtype: torch.dtype
-    ) -> _Conditions:
-        if conditions is None:
-            return cls(valid=condition_mask)
-        # The LLM side may run in another dtype (bf16); the decoder's attention needs its own.
-        valid = condition_mask
-        if valid is None:
-            valid = torch.ones(conditions.shape[:2], dtype=torch.bool, device=conditions.device)
-        valid = valid.to(torch.bool)
-        has_condition = valid.any(dim=1)  # [B]
-        return cls(
-            seq=conditions.transpose(0, 1).to(dtype),
-            valid=valid,
-            key_padding_mask=~valid & has_condition[:, None],
-            has_condition=has_condition,
-            all_have_condition=bool(has_condition.all()),  # one host sync, not one per layer
-        )
-
-    def batch_first(self) -> Optional[Tensor]:
-        return None if self.seq is None else self.seq.transpose(0, 1)
