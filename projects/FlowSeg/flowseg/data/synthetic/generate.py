@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 GENERATOR_VERSION = 2  # bump when the written data change: cached data are regenerated
 REFER_DATASET, REFER_SPLIT_BY = "synthref", "synth"
+
+
 # Panoptic categories are colour + shape ("red circle", 30 things): as COCO's category names do for
 # the paper's stage 1, they give the segmentor's queries every attribute word of the expressions
 # except size and position, and stage-3 panoptic batches teach the LLM those words.

@@ -234,7 +234,9 @@ def _reasoning_for(
 
 
 # ------------------------------------------------------------------ scenes
-def _sample_types(rng: np.random.Generator, n: int, vocabulary: SceneVocabulary) -> List[Tuple[str, str, str]]:
+def _sample_types(
+    rng: np.random.Generator, n: int, vocabulary: SceneVocabulary
+) -> List[Tuple[str, str, str]]:
     """Object types where every object shares its shape or colour with another one."""
     shapes, colours = tuple(vocabulary.shapes), list(vocabulary.colours)
     types: List[Tuple[str, str, str]] = []

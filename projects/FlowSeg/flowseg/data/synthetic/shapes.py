@@ -57,15 +57,21 @@ def _heart(n: int = 48) -> np.ndarray:
     return np.stack([x, y + 2.5], axis=1) / 14.0  # about unit radius around its centre
 
 
+def _cross(half_width: float = 0.34, reach: float = 1.15) -> np.ndarray:
+    """A plus sign: one arm's three corners, turned by 0, 90, 180 and 270 degrees."""
+    arm = np.array([(-half_width, -reach), (half_width, -reach), (half_width, -half_width)])
+    turns = [arm]
+    for _ in range(3):
+        turns.append(np.stack([-turns[-1][:, 1], turns[-1][:, 0]], axis=1))
+    return np.concatenate(turns)
+
+
 _OUTLINES: Dict[str, np.ndarray] = {
-    # a plus sign: arms 0.34 r half-wide, reaching 1.15 r
-    "cross": np.array(
-        [(a, b) for a, b in [(-0.34, -1.15), (0.34, -1.15), (0.34, -0.34), (1.15, -0.34), (1.15, 0.34),
-                             (0.34, 0.34), (0.34, 1.15), (-0.34, 1.15), (-0.34, 0.34), (-1.15, 0.34),
-                             (-1.15, -0.34), (-0.34, -0.34)]]
-    ),
+    "cross": _cross(),
     # shaft from -1.2 r to 0.15 r, head from 0.15 r to 1.25 r
-    "arrow": np.array([(-1.2, -0.28), (0.15, -0.28), (0.15, -0.8), (1.25, 0.0), (0.15, 0.8), (0.15, 0.28), (-1.2, 0.28)]),
+    "arrow": np.array(
+        [(-1.2, -0.28), (0.15, -0.28), (0.15, -0.8), (1.25, 0.0), (0.15, 0.8), (0.15, 0.28), (-1.2, 0.28)]
+    ),
     "heart": _heart(),
 }
 
@@ -89,6 +95,15 @@ def shape_mask(shape: str, center: Point, r: float, angle: float, size: int) -> 
 
 
 DRAWINGS: Tuple[str, ...] = (
-    "circle", "square", "triangle", "star", "hexagon", "pentagon", "diamond", "cross", "crescent",
-    "heart", "arrow",
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "hexagon",
+    "pentagon",
+    "diamond",
+    "cross",
+    "crescent",
+    "heart",
+    "arrow",
 )

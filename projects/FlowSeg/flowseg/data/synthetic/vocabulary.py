@@ -92,7 +92,12 @@ DEFAULT_VOCABULARY = SceneVocabulary(
         "orange": (245, 135, 25),
     },
     sizes={"small": (0.06, 0.085), "large": (0.12, 0.16)},
-    superlatives={"leftmost {}": (0, -1), "rightmost {}": (0, 1), "topmost {}": (1, -1), "bottommost {}": (1, 1)},
+    superlatives={
+        "leftmost {}": (0, -1),
+        "rightmost {}": (0, 1),
+        "topmost {}": (1, -1),
+        "bottommost {}": (1, 1),
+    },
     relations={"to the left of": (0, -1), "to the right of": (0, 1), "above": (1, -1), "below": (1, 1)},
     noun="shape",
     shape_hints={
