@@ -103,7 +103,8 @@ def train(cmd: list, output_dir: str, what: str) -> str:
         log(f"{what}: done already ({final})")
     else:
         log(f"{what} (resumes if interrupted)")
-        subprocess.run(cmd + ["--resume", "OUTPUT_DIR", output_dir], check=True, cwd=ROOT)
+        # flags before the config's KEY VALUE pairs: train_net reads everything after them as pairs
+        subprocess.run([*cmd[:2], "--resume", *cmd[2:], "OUTPUT_DIR", output_dir], check=True, cwd=ROOT)
     return final
 
 
