@@ -12,6 +12,10 @@ The same scenes are written three ways, so the project's real loaders read them 
 Registered names (lazily, at import, under ``$DETECTRON2_DATASETS/synthetic`` like Detectron2's
 builtin data sets): ``synthref_{train,val,test}``, ``synthreason_{train,val,test}``,
 ``synthpan_{train,val,test}``.
+
+The built-in data use the default vocabulary; :func:`generate_split`, :func:`refer_records`,
+:func:`panoptic_segments` and :func:`panoptic_categories` take another one
+(``tools/make_variant_data.py`` writes the variant scenes with them).
 """
 
 import json
