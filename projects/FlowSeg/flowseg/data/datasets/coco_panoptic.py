@@ -7,6 +7,12 @@ plus semantic PNGs (``panoptic_semseg_{train,val}2017``, made by
 for AP. This module registers those two names under ``$DETECTRON2_DATASETS`` and offers
 :func:`register_coco_panoptic_dataset` for any folder in that layout.
 
+The two names carry COCO's 133 categories, unless the root holds
+``coco/annotations/panoptic_categories.json`` (:data:`BUILTIN_CATEGORIES_FILE`, ``{"categories":
+[{id, name, isthing, color}, ...]}``): then they carry those. That is how a data set with other
+classes written in COCO's layout (``tools/make_variant_data.py``) is read through the builtin
+names by every process, the training subprocesses included. Real COCO has no such file.
+
 Contiguous ids: things first (in category order), then stuff. For COCO this is exactly the
 order of ``COCO_CATEGORIES`` (Mask2Former's ids). Things must come first because Detectron2's
 ``COCOEvaluator`` requires the thing ids to be ``0..#things-1``. The semantic PNGs written by
@@ -24,6 +30,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
 __all__ = [
+    "BUILTIN_CATEGORIES_FILE",
+    "builtin_coco_categories",
     "coco_panoptic_metadata",
     "contiguous_id_map",
     "load_coco_panoptic_json",
@@ -34,6 +42,8 @@ __all__ = [
 ]
 
 IGNORE_LABEL = 255
+#: Under the data root: categories that replace COCO's for the builtin ``_with_sem_seg`` names.
+BUILTIN_CATEGORIES_FILE = os.path.join("coco", "annotations", "panoptic_categories.json")
 LABEL_DIVISOR = 1000
 
 # name -> (image dir, panoptic PNG dir, panoptic json, semantic PNG dir, instances json), under root
@@ -276,9 +286,26 @@ def register_coco_panoptic_dataset(
     )
 
 
+def builtin_coco_categories(root: str) -> List[Dict[str, Any]]:
+    """The categories of the builtin names under ``root``: those of :data:`BUILTIN_CATEGORIES_FILE`
+    when it exists (a file without a valid list is an error naming it), else COCO's 133."""
+    path = os.path.join(root, BUILTIN_CATEGORIES_FILE)
+    if not os.path.isfile(path):
+        return list(COCO_CATEGORIES)
+    info = read_annotation_json(path)
+    cats = info.get("categories") if isinstance(info, dict) else None
+    if not isinstance(cats, list) or not cats:
+        raise ValueError(f"{path}: expected {{'categories': [{{id, name, isthing}}, ...]}}")
+    for k, c in enumerate(cats):
+        if not isinstance(c, dict) or not {"id", "name", "isthing"} <= set(c):
+            raise ValueError(f"{path}: category #{k} needs 'id', 'name' and 'isthing': {c!r}")
+    return cats
+
+
 def register_all_coco_panoptic_with_sem_seg(root: str) -> None:
-    """Register ``coco_2017_{train,val}_panoptic_with_sem_seg`` under ``root`` (idempotent)."""
-    metadata = coco_panoptic_metadata(COCO_CATEGORIES)
+    """Register ``coco_2017_{train,val}_panoptic_with_sem_seg`` under ``root`` (idempotent), with
+    :func:`builtin_coco_categories`."""
+    metadata = coco_panoptic_metadata(builtin_coco_categories(root))
     for name, (
         image_root,
         pan_root,

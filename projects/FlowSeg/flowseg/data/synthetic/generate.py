@@ -12,12 +12,16 @@ The same scenes are written three ways, so the project's real loaders read them 
 Registered names (lazily, at import, under ``$DETECTRON2_DATASETS/synthetic`` like Detectron2's
 builtin data sets): ``synthref_{train,val,test}``, ``synthreason_{train,val,test}``,
 ``synthpan_{train,val,test}``.
+
+The built-in data use the default vocabulary; :func:`generate_split`, :func:`refer_records`,
+:func:`panoptic_segments` and :func:`panoptic_categories` take another one
+(``tools/make_variant_data.py`` writes the variant scenes with them).
 """
 
 import json
 import logging
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -26,33 +30,42 @@ from ..datasets.reasonseg import register_reasonseg_dataset
 from ..datasets.refcoco import register_refer_dataset
 from ..writers import register_coco_panoptic_folder, write_coco_panoptic_dataset, write_reasonseg_dataset
 from ..writers.refer import write_refer_dataset
-from .scenes import COLOURS, SHAPES, Scene, SceneObject, generate_scene
+from .scenes import Scene, SceneObject, generate_scene
+from .vocabulary import DEFAULT_VOCABULARY, SceneVocabulary
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 GENERATOR_VERSION = 2  # bump when the written data change: cached data are regenerated
 REFER_DATASET, REFER_SPLIT_BY = "synthref", "synth"
+
+
 # Panoptic categories are colour + shape ("red circle", 30 things): as COCO's category names do for
 # the paper's stage 1, they give the segmentor's queries every attribute word of the expressions
 # except size and position, and stage-3 panoptic batches teach the LLM those words.
-THING_CATEGORIES = [
-    {"id": i + 1, "name": f"{colour} {shape}", "isthing": 1, "color": rgb, "supercategory": shape}
-    for i, (colour, rgb, shape) in enumerate((c, rgb, s) for s in SHAPES for c, rgb in COLOURS.items())
-]
-BACKGROUND_CATEGORY = {
-    "id": len(THING_CATEGORIES) + 1,
-    "name": "background",
-    "isthing": 0,
-    "color": (128, 128, 128),
-}
-CATEGORIES = THING_CATEGORIES + [BACKGROUND_CATEGORY]
-_CATEGORY_ID = {c["name"]: c["id"] for c in THING_CATEGORIES}
+def panoptic_categories(vocabulary: SceneVocabulary = DEFAULT_VOCABULARY) -> List[Dict]:
+    """A vocabulary's categories: every "colour shape" pair a thing (ids 1.., shape by shape),
+    then one ``background`` stuff."""
+    pairs = [(c, rgb, s) for s in vocabulary.shapes for c, rgb in vocabulary.colours.items()]
+    things = [
+        {"id": i + 1, "name": f"{colour} {shape}", "isthing": 1, "color": rgb, "supercategory": shape}
+        for i, (colour, rgb, shape) in enumerate(pairs)
+    ]
+    background = {"id": len(things) + 1, "name": "background", "isthing": 0, "color": (128, 128, 128)}
+    return things + [background]
 
 
-def category_id(obj: "SceneObject") -> int:
-    """Panoptic / refer category id of a scene object (its colour and shape)."""
-    return _CATEGORY_ID[f"{obj.colour} {obj.shape}"]
+CATEGORIES = panoptic_categories()
+THING_CATEGORIES, BACKGROUND_CATEGORY = CATEGORIES[:-1], CATEGORIES[-1]
+
+
+def category_id(obj: "SceneObject", categories: Sequence[Dict] = CATEGORIES) -> int:
+    """Panoptic / refer category id of a scene object (its colour and shape) among ``categories``."""
+    name = f"{obj.colour} {obj.shape}"
+    for c in categories:
+        if c["name"] == name:
+            return int(c["id"])
+    raise KeyError(f"no category {name!r} among {[c['name'] for c in categories]}")
 
 
 def default_root() -> str:
@@ -69,19 +82,32 @@ def paths(root: str) -> Dict[str, str]:
     }
 
 
-def generate_split(split: str, num_images: int, seed: int, image_size: int) -> List[Scene]:
-    """Scenes of one split; each split has its own stream so sizes can change independently."""
-    rng = np.random.default_rng([seed, SPLITS.index(split)])
-    return [generate_scene(rng, image_size=image_size) for _ in range(num_images)]
+def generate_split(
+    split: str,
+    num_images: int,
+    seed: int,
+    image_size: int,
+    vocabulary: SceneVocabulary = DEFAULT_VOCABULARY,
+    stream: Optional[int] = None,
+) -> List[Scene]:
+    """Scenes of one split; each split has its own random stream (default: its index in
+    :data:`SPLITS`) so sizes can change independently."""
+    rng = np.random.default_rng([seed, SPLITS.index(split) if stream is None else stream])
+    return [generate_scene(rng, image_size=image_size, vocabulary=vocabulary) for _ in range(num_images)]
 
 
-def _write_refer(root: str, scenes_by_split: Dict[str, List[Scene]]) -> None:
-    p = paths(root)
-    images, annotations, refs = [], [], []
-    for split in SPLITS:
-        for scene in scenes_by_split[split]:
+def refer_records(
+    scenes_by_split: Dict[str, List[Scene]], categories: Sequence[Dict] = CATEGORIES, prefix: str = "synth"
+) -> Tuple[List[Dict], List[Dict], List[Dict]]:
+    """``write_refer_dataset``'s images, annotations (RLE) and refs: one ref per object that has
+    expressions, with all of them; images are named ``{prefix}_{split}_{index}.jpg``."""
+    images: List[Dict] = []
+    annotations: List[Dict] = []
+    refs: List[Dict] = []
+    for split, scenes in scenes_by_split.items():
+        for scene in scenes:
             image_index = len(images)
-            images.append({"image": scene.image, "file_name": f"synth_{split}_{image_index:06d}.jpg"})
+            images.append({"image": scene.image, "file_name": f"{prefix}_{split}_{image_index:06d}.jpg"})
             ann_index = {}
             for k, obj in enumerate(scene.objects):
                 ann_index[k] = len(annotations)
@@ -90,7 +116,7 @@ def _write_refer(root: str, scenes_by_split: Dict[str, List[Scene]]) -> None:
                     {
                         "image_index": image_index,
                         "mask": obj.mask,
-                        "category_id": category_id(obj),
+                        "category_id": category_id(obj, categories),
                         "format": "rle",
                     }
                 )
@@ -98,6 +124,12 @@ def _write_refer(root: str, scenes_by_split: Dict[str, List[Scene]]) -> None:
                 sentences = [e.text for e in scene.expressions if e.target == k]
                 if sentences:
                     refs.append({"ann_index": ann_index[k], "split": split, "sentences": sentences})
+    return images, annotations, refs
+
+
+def _write_refer(root: str, scenes_by_split: Dict[str, List[Scene]]) -> None:
+    p = paths(root)
+    images, annotations, refs = refer_records({s: scenes_by_split[s] for s in SPLITS})
     write_refer_dataset(
         p["refer_root"],
         REFER_DATASET,
@@ -132,22 +164,28 @@ def _write_reasonseg(root: str, scenes_by_split: Dict[str, List[Scene]], seed: i
         write_reasonseg_dataset(os.path.join(p["reason_root"], split), samples)
 
 
+def panoptic_segments(scene: Scene, categories: Sequence[Dict] = CATEGORIES) -> List[Dict]:
+    """``write_coco_panoptic_dataset``'s segments of a scene: its objects, then the background
+    (the last of ``categories``)."""
+    segs = [
+        {"mask": o.mask, "category_id": category_id(o, categories), "iscrowd": 0}
+        for o in scene.objects
+        if o.mask.any()
+    ]
+    background = ~np.any([o.mask for o in scene.objects], axis=0)
+    if background.any():
+        segs.append({"mask": background, "category_id": categories[-1]["id"], "iscrowd": 0})
+    return segs
+
+
 def _write_panoptic(root: str, scenes_by_split: Dict[str, List[Scene]]) -> None:
     p = paths(root)
     for split in SPLITS:
-        images, segments = [], []
-        for scene in scenes_by_split[split]:
-            segs = [
-                {"mask": o.mask, "category_id": category_id(o), "iscrowd": 0}
-                for o in scene.objects
-                if o.mask.any()
-            ]
-            background = ~np.any([o.mask for o in scene.objects], axis=0)
-            if background.any():
-                segs.append({"mask": background, "category_id": BACKGROUND_CATEGORY["id"], "iscrowd": 0})
-            images.append(scene.image)
-            segments.append(segs)
-        write_coco_panoptic_dataset(p["panoptic_root"], images, segments, CATEGORIES, split=split)
+        scenes = scenes_by_split[split]
+        segments = [panoptic_segments(scene) for scene in scenes]
+        write_coco_panoptic_dataset(
+            p["panoptic_root"], [s.image for s in scenes], segments, CATEGORIES, split=split
+        )
 
 
 def generate_synthetic_datasets(

@@ -7,6 +7,8 @@ use attributes ("the small red circle"), superlatives ("the leftmost star") and 
 ("the square to the right of the purple hexagon"); reasoning queries describe the same
 targets implicitly ("the shape with three corners that has the colour of a ripe banana").
 
+The shapes, colours and words come from a :class:`~.vocabulary.SceneVocabulary`
+(``vocabulary=``, default :data:`~.vocabulary.DEFAULT_VOCABULARY`, the examples above).
 Everything is deterministic given the seed (numpy ``Generator``).
 """
 
@@ -16,46 +18,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-SHAPES: Tuple[str, ...] = ("circle", "square", "triangle", "star", "hexagon")
-COLOURS: Dict[str, Tuple[int, int, int]] = {
-    "red": (215, 35, 35),
-    "green": (35, 160, 60),
-    "blue": (35, 75, 215),
-    "yellow": (235, 215, 35),
-    "purple": (145, 55, 190),
-    "orange": (245, 135, 25),
-}
-# object radius as a fraction of the image side
-SIZES: Dict[str, Tuple[float, float]] = {"small": (0.06, 0.085), "large": (0.12, 0.16)}
+from .shapes import shape_mask
+from .vocabulary import DEFAULT_VOCABULARY, SceneVocabulary
 
-# implicit descriptions for reasoning queries (ReasonSeg-style: the name is never said)
-SHAPE_HINTS = {
-    "circle": "the shape with no corners at all",
-    "square": "the shape with four equal sides",
-    "triangle": "the shape with exactly three corners",
-    "star": "the shape with five sharp points",
-    "hexagon": "the shape with six sides, like a honeycomb cell",
-}
-COLOUR_HINTS = {
-    "red": "the colour of a ripe tomato",
-    "green": "the colour of fresh grass",
-    "blue": "the colour of a clear summer sky",
-    "yellow": "the colour of a ripe banana",
-    "purple": "the colour of lavender flowers",
-    "orange": "the colour of a pumpkin",
-}
-DIRECTIONS = {  # superlative word -> (axis, sign): axis 0 = x, 1 = y; sign -1 = smallest value
-    "leftmost": (0, -1),
-    "rightmost": (0, 1),
-    "topmost": (1, -1),
-    "bottommost": (1, 1),
-}
-RELATIONS = {  # relation phrase -> (axis, sign): target coordinate compared with the anchor's
-    "to the left of": (0, -1),
-    "to the right of": (0, 1),
-    "above": (1, -1),
-    "below": (1, 1),
-}
+# The default vocabulary's tables, under the names the rest of the package imports.
+SHAPES: Tuple[str, ...] = tuple(DEFAULT_VOCABULARY.shapes)
+COLOURS = DEFAULT_VOCABULARY.colours
+SIZES = DEFAULT_VOCABULARY.sizes
 
 
 @dataclass
@@ -96,36 +65,6 @@ class Scene:
 
 
 # ------------------------------------------------------------------ rendering
-def _polygon(shape: str, center: Tuple[float, float], r: float, angle: float) -> Optional[np.ndarray]:
-    cx, cy = center
-    if shape == "circle":
-        return None
-    if shape == "square":
-        n, radii = 4, [r * 1.1] * 4
-        angle = angle + np.pi / 4
-    elif shape == "triangle":
-        n, radii = 3, [r * 1.25] * 3
-    elif shape == "hexagon":
-        n, radii = 6, [r * 1.05] * 6
-    elif shape == "star":
-        n, radii = 10, [r * 1.3 if i % 2 == 0 else r * 0.55 for i in range(10)]
-    else:
-        raise ValueError(f"unknown shape {shape!r}")
-    t = angle + np.arange(n) * 2 * np.pi / n - np.pi / 2
-    pts = np.stack([cx + np.asarray(radii) * np.cos(t), cy + np.asarray(radii) * np.sin(t)], axis=1)
-    return np.round(pts).astype(np.int32)
-
-
-def _shape_mask(shape: str, center, r: float, angle: float, size: int) -> np.ndarray:
-    m = np.zeros((size, size), np.uint8)
-    poly = _polygon(shape, center, r, angle)
-    if poly is None:
-        cv2.circle(m, (int(round(center[0])), int(round(center[1]))), int(round(r)), 1, -1)
-    else:
-        cv2.fillPoly(m, [poly], 1)
-    return m.astype(bool)
-
-
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """Muted low-frequency texture plus clutter strokes, so that objects are not the only edges."""
     base = rng.uniform(100, 160) + rng.uniform(-12, 12, size=3)  # greyish with a slight tint
@@ -154,14 +93,19 @@ def _coord(obj: SceneObject, axis: int) -> float:
     return obj.center[axis]
 
 
-def resolve(program: Dict, objects: Sequence[SceneObject], margin: float) -> List[int]:
+def resolve(
+    program: Dict,
+    objects: Sequence[SceneObject],
+    margin: float,
+    vocabulary: SceneVocabulary = DEFAULT_VOCABULARY,
+) -> List[int]:
     """The objects an expression program denotes. ``margin`` (pixels) is how clearly one
     position must beat another for "leftmost"/"to the left of" to hold."""
     kind = program["kind"]
     if kind == "attribute":
         return [i for i, o in enumerate(objects) if _matches(o, program["attrs"])]
     if kind == "superlative":
-        axis, sign = DIRECTIONS[program["direction"]]
+        axis, sign = vocabulary.superlatives[program["direction"]]
         cands = [i for i, o in enumerate(objects) if _matches(o, program["attrs"])]
         if len(cands) < 2:
             return []  # a superlative needs something to beat
@@ -170,11 +114,11 @@ def resolve(program: Dict, objects: Sequence[SceneObject], margin: float) -> Lis
             return []  # no clear winner: ambiguous
         return [vals[0][1]]
     if kind == "relation":
-        anchors = resolve({"kind": "attribute", "attrs": program["anchor"]}, objects, margin)
+        anchors = resolve({"kind": "attribute", "attrs": program["anchor"]}, objects, margin, vocabulary)
         if len(anchors) != 1:
             return []
         a = objects[anchors[0]]
-        axis, sign = RELATIONS[program["relation"]]
+        axis, sign = vocabulary.relations[program["relation"]]
         out = []
         for i, o in enumerate(objects):
             if i == anchors[0] or not _matches(o, program["attrs"]):
@@ -185,33 +129,37 @@ def resolve(program: Dict, objects: Sequence[SceneObject], margin: float) -> Lis
     raise ValueError(f"unknown expression kind {kind!r}")
 
 
-def _noun_phrase(attrs: Dict[str, Optional[str]]) -> str:
-    words = [attrs.get("size"), attrs.get("colour"), attrs.get("shape") or "shape"]
+def _noun_phrase(attrs: Dict[str, Optional[str]], noun: str) -> str:
+    words = [attrs.get("size"), attrs.get("colour"), attrs.get("shape") or noun]
     return " ".join(w for w in words if w)
 
 
-def render_expression(program: Dict) -> str:
-    kind = program["kind"]
+def render_expression(program: Dict, vocabulary: SceneVocabulary = DEFAULT_VOCABULARY) -> str:
+    kind, noun = program["kind"], vocabulary.noun
     if kind == "attribute":
-        return "the " + _noun_phrase(program["attrs"])
+        return "the " + _noun_phrase(program["attrs"], noun)
     if kind == "superlative":
-        return f"the {program['direction']} " + _noun_phrase(program["attrs"])
+        return "the " + program["direction"].format(_noun_phrase(program["attrs"], noun))
     if kind == "relation":
-        target, anchor = _noun_phrase(program["attrs"]), _noun_phrase(program["anchor"])
+        target, anchor = _noun_phrase(program["attrs"], noun), _noun_phrase(program["anchor"], noun)
         return f"the {target} {program['relation']} the {anchor}"
     raise ValueError(kind)
 
 
-def expression_kind(text: str) -> str:
+def expression_kind(text: str, vocabulary: SceneVocabulary = DEFAULT_VOCABULARY) -> str:
     """The kind ("attribute" / "superlative" / "relation") of an expression that
-    :func:`render_expression` wrote; ValueError for text it cannot have written."""
+    :func:`render_expression` wrote with ``vocabulary``; ValueError for text it cannot have written."""
     words = text.split()
     if len(words) < 2 or words[0] != "the":
         raise ValueError(f"not a synthetic referring expression: {text!r}")
     padded = f" {text} "
-    if any(f" {phrase} the " in padded for phrase in RELATIONS):
+    if any(f" {phrase} the " in padded for phrase in vocabulary.relations):
         return "relation"
-    return "superlative" if words[1] in DIRECTIONS else "attribute"
+    for template in vocabulary.superlatives:
+        before, after = template.split("{}")
+        if text.startswith("the " + before) and text.endswith(after):
+            return "superlative"
+    return "attribute"
 
 
 def _attr_subsets(obj: SceneObject) -> List[Dict[str, Optional[str]]]:
@@ -228,19 +176,19 @@ def _attr_subsets(obj: SceneObject) -> List[Dict[str, Optional[str]]]:
 
 
 def _expressions_for(
-    idx: int, objects: List[SceneObject], rng: np.random.Generator, margin: float
+    idx: int, objects: List[SceneObject], rng: np.random.Generator, margin: float, vocabulary: SceneVocabulary
 ) -> List[Dict]:
     obj = objects[idx]
     programs: List[Dict] = []
     for attrs in _attr_subsets(obj):
         p = {"kind": "attribute", "attrs": attrs}
-        if resolve(p, objects, margin) == [idx]:
+        if resolve(p, objects, margin, vocabulary) == [idx]:
             programs.append(p)
             break  # the shortest unique description, as people say it
-    for direction in rng.permutation(list(DIRECTIONS)):
+    for direction in rng.permutation(list(vocabulary.superlatives)):
         for attrs in ({"shape": obj.shape}, {"colour": obj.colour}):
             p = {"kind": "superlative", "direction": str(direction), "attrs": attrs}
-            if resolve(p, objects, margin) == [idx]:
+            if resolve(p, objects, margin, vocabulary) == [idx]:
                 programs.append(p)
                 break
         if len(programs) and programs[-1]["kind"] == "superlative":
@@ -251,20 +199,20 @@ def _expressions_for(
             (
                 a
                 for a in _attr_subsets(objects[j])
-                if resolve({"kind": "attribute", "attrs": a}, objects, margin) == [j]
+                if resolve({"kind": "attribute", "attrs": a}, objects, margin, vocabulary) == [j]
             ),
             None,
         )
         if anchor_attrs is None:
             continue
-        for rel in rng.permutation(list(RELATIONS)):
+        for rel in rng.permutation(list(vocabulary.relations)):
             p = {
                 "kind": "relation",
                 "relation": str(rel),
                 "attrs": {"shape": obj.shape},
                 "anchor": anchor_attrs,
             }
-            if resolve(p, objects, margin) == [idx]:
+            if resolve(p, objects, margin, vocabulary) == [idx]:
                 programs.append(p)
                 break
         if programs and programs[-1]["kind"] == "relation":
@@ -272,37 +220,40 @@ def _expressions_for(
     return programs
 
 
-def _reasoning_for(obj: SceneObject, objects: List[SceneObject]) -> Optional[ReasoningQuery]:
+def _reasoning_for(
+    obj: SceneObject, objects: List[SceneObject], vocabulary: SceneVocabulary
+) -> Optional[ReasoningQuery]:
     """Implicit queries; only for objects whose (shape, colour) pair is unique in the scene."""
     if sum(1 for o in objects if o.shape == obj.shape and o.colour == obj.colour) != 1:
         return None
     idx = objects.index(obj)
-    short = f"{SHAPE_HINTS[obj.shape]} that has {COLOUR_HINTS[obj.colour]}"
-    long = (
-        f"Somewhere in this picture there is {SHAPE_HINTS[obj.shape]}, and it is painted in "
-        f"{COLOUR_HINTS[obj.colour]}. Which object am I thinking of?"
-    )
+    hints = {"shape": vocabulary.shape_hints[obj.shape], "colour": vocabulary.colour_hints[obj.colour]}
+    short = vocabulary.reasoning_short.format(**hints)
+    long = vocabulary.reasoning_long.format(**hints)
     return ReasoningQuery(target=idx, short=short, long=long)
 
 
 # ------------------------------------------------------------------ scenes
-def _sample_types(rng: np.random.Generator, n: int) -> List[Tuple[str, str, str]]:
+def _sample_types(
+    rng: np.random.Generator, n: int, vocabulary: SceneVocabulary
+) -> List[Tuple[str, str, str]]:
     """Object types where every object shares its shape or colour with another one."""
+    shapes, colours = tuple(vocabulary.shapes), list(vocabulary.colours)
     types: List[Tuple[str, str, str]] = []
     while len(types) < n:
-        size = str(rng.choice(list(SIZES)))
+        size = str(rng.choice(list(vocabulary.sizes)))
         if not types or (len(types) == 1 and rng.random() < 0.3):
-            types.append((str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS))), size))
+            types.append((str(rng.choice(shapes)), str(rng.choice(colours)), size))
             continue
         base = types[int(rng.integers(len(types)))]
         if rng.random() < 0.5:  # same shape, other colour
-            types.append((base[0], str(rng.choice([c for c in COLOURS if c != base[1]])), size))
+            types.append((base[0], str(rng.choice([c for c in colours if c != base[1]])), size))
         else:  # same colour, other shape
-            types.append((str(rng.choice([s for s in SHAPES if s != base[0]])), base[1], size))
+            types.append((str(rng.choice([s for s in shapes if s != base[0]])), base[1], size))
     # the first object may still be alone in both attributes: give it a partner if so
     for i, t in enumerate(types):
         if not any(j != i and (u[0] == t[0] or u[1] == t[1]) for j, u in enumerate(types)):
-            types.append((t[0], str(rng.choice([c for c in COLOURS if c != t[1]])), t[2]))
+            types.append((t[0], str(rng.choice([c for c in colours if c != t[1]])), t[2]))
     return types
 
 
@@ -325,19 +276,20 @@ def generate_scene(
     image_size: int = 128,
     num_objects: Tuple[int, int] = (3, 6),
     min_visible: float = 0.6,
+    vocabulary: SceneVocabulary = DEFAULT_VOCABULARY,
 ) -> Scene:
     """One scene: background, objects (later ones may occlude earlier ones), expressions."""
     n = int(rng.integers(num_objects[0], num_objects[1] + 1))
-    types = _sample_types(rng, n)
+    types = _sample_types(rng, n, vocabulary)
     image = _background(rng, image_size)
     full_masks: List[np.ndarray] = []
     placed: List[Tuple[str, str, str, Tuple[float, float], float, float]] = []
     for shape, colour, size in types:
         for _ in range(50):
-            r = rng.uniform(*SIZES[size]) * image_size
+            r = rng.uniform(*vocabulary.sizes[size]) * image_size
             c = (float(rng.uniform(r, image_size - r)), float(rng.uniform(r, image_size - r)))
             a = float(rng.uniform(0, 2 * np.pi))
-            m = _shape_mask(shape, c, r, a, image_size)
+            m = shape_mask(vocabulary.shapes[shape], c, r, a, image_size)
             # occlusion is allowed, but every object must stay mostly visible
             visible_ok = min(_visible_fractions(full_masks + [m])) >= min_visible
             if visible_ok and m.sum() > 0:
@@ -347,7 +299,7 @@ def generate_scene(
     objects: List[SceneObject] = []
     visible = _visible_masks(full_masks)
     for (shape, colour, size, c, r, a), fm, vm in zip(placed, full_masks, visible):
-        rgb = np.asarray(COLOURS[colour], np.float32) + rng.normal(0, 6, 3)
+        rgb = np.asarray(vocabulary.colours[colour], np.float32) + rng.normal(0, 6, 3)
         shade = np.clip(rgb[None, None] + rng.normal(0, 6, (image_size, image_size, 3)), 0, 255)
         image[fm] = shade[fm].astype(np.uint8)
         objects.append(SceneObject(shape, colour, size, c, r, a, vm))
@@ -355,10 +307,10 @@ def generate_scene(
     expressions: List[Expression] = []
     seen = set()
     for i in range(len(objects)):
-        for p in _expressions_for(i, objects, rng, margin):
-            text = render_expression(p)
+        for p in _expressions_for(i, objects, rng, margin, vocabulary):
+            text = render_expression(p, vocabulary)
             if text not in seen:  # unique within the scene
                 seen.add(text)
                 expressions.append(Expression(text=text, target=i, kind=p["kind"], program=p))
-    reasoning = [q for q in (_reasoning_for(o, objects) for o in objects) if q is not None]
+    reasoning = [q for q in (_reasoning_for(o, objects, vocabulary) for o in objects) if q is not None]
     return Scene(image=image, objects=objects, expressions=expressions, reasoning=reasoning)
