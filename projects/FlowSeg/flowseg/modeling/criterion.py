@@ -13,7 +13,7 @@ them is the trainer's decision.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ..config import uses_class_head
 from .from_scratch import segment_class_loss
+from .mask_losses import Indices, calculate_uncertainty, dice_loss, gather_target_masks, sigmoid_ce_loss
 from .matcher import HungarianMatcher, build_matcher
 
 __all__ = [
@@ -40,55 +41,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Indices = List[Tuple[Tensor, Tensor]]
 RefineFn = Callable[[Tensor, Tensor], Tensor]
-
-
-def dice_loss(inputs: Tensor, targets: Tensor, num_masks: float) -> Tensor:
-    """Dice loss ``1 − (2Σ p·t + 1) / (Σ p + Σ t + 1)`` per mask, summed and divided by ``num_masks``.
-
-    Args:
-        inputs: [N, P] mask logits at P points.
-        targets: [N, P] targets in [0, 1] at the same points.
-    """
-    probs = inputs.sigmoid()
-    numerator = 2.0 * (probs * targets).sum(-1)
-    denominator = probs.sum(-1) + targets.sum(-1)
-    loss = 1.0 - (numerator + 1.0) / (denominator + 1.0)
-    return loss.sum() / num_masks
-
-
-def sigmoid_ce_loss(inputs: Tensor, targets: Tensor, num_masks: float) -> Tensor:
-    """Binary cross-entropy with logits, mean over points, summed over masks, divided by ``num_masks``.
-
-    Args:
-        inputs: [N, P] mask logits at P points.
-        targets: [N, P] targets in [0, 1].
-    """
-    loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
-    return loss.mean(1).sum() / num_masks
-
-
-def calculate_uncertainty(logits: Tensor) -> Tensor:
-    """PointRend uncertainty of class-agnostic logits [N, 1, ...]: ``−|logit|`` (highest at 0)."""
-    assert logits.shape[1] == 1, f"expected class-agnostic logits [N, 1, ...], got {tuple(logits.shape)}"
-    return -torch.abs(logits)
-
-
-def _gather_target_masks(
-    targets: Sequence[Dict[str, Tensor]], indices: Indices, device: torch.device
-) -> Tensor:
-    """Matched target masks [N, H, W] (float32), zero-padded to a common size if images differ."""
-    picked = [t["masks"][j.to(t["masks"].device)] for t, (_, j) in zip(targets, indices)]
-    h = max(m.shape[-2] for m in picked)
-    w = max(m.shape[-1] for m in picked)
-    # Predictions cover the padded batch canvas, so smaller targets are padded bottom/right with
-    # background (as Mask2Former's nested tensors do); the data pipeline usually pads already.
-    picked = [
-        F.pad(m.to(device=device, dtype=torch.float32), (0, w - m.shape[-1], 0, h - m.shape[-2]))
-        for m in picked
-    ]
-    return torch.cat(picked, dim=0)
 
 
 class SetCriterion(nn.Module):
@@ -257,7 +210,7 @@ class SetCriterion(nn.Module):
             zero = pred_masks.sum() * 0.0
             return {"loss_mask": zero, "loss_dice": zero.clone()}
         src_masks = pred_masks[batch_idx.to(pred_masks.device), src_idx.to(pred_masks.device)]
-        tgt_masks = _gather_target_masks(targets, indices, pred_masks.device)
+        tgt_masks = gather_target_masks(targets, indices, pred_masks.device)
         loss_mask, loss_dice = self._point_losses(src_masks, tgt_masks, num_masks)
         return {"loss_mask": loss_mask, "loss_dice": loss_dice}
 
@@ -285,7 +238,7 @@ class SetCriterion(nn.Module):
         if src_idx.numel() == 0:
             zero = refined.sum() * 0.0
             return {"loss_mask_refined": zero, "loss_dice_refined": zero.clone()}
-        tgt_masks = _gather_target_masks(targets, indices, refined.device)
+        tgt_masks = gather_target_masks(targets, indices, refined.device)
         loss_mask, loss_dice = self._point_losses(refined, tgt_masks, num_masks)
         return {"loss_mask_refined": loss_mask, "loss_dice_refined": loss_dice}
 

@@ -5,10 +5,11 @@ Paper §3.1 "Language Model Processing" and A.2 (eq. 11); X-SAM's pooling conven
 1. the instruction (``<p>…</p>``-marked phrases) and a teacher-forced answer containing ``<SEG>``
    are tokenised (:mod:`.prompts`);
 2. the vanilla encoder's image tokens, projected by ``φ_vis``, replace the ``<image>`` placeholder
-   in the LLM's input embeddings;
-3. one LLM forward pass gives the last hidden states ``H``; the LM loss covers the answer tokens;
+   in the LLM's input embeddings (:mod:`.sequences`);
+3. one LLM forward pass gives the last hidden states ``H`` (:mod:`.hidden_states`); the LM loss
+   covers the answer tokens;
 4. ``C_k`` = mean of ``φ_llm(H_t)`` over the tokens ``t`` of span ``k`` from ``<p>`` to ``</p>``
-   (markers included); ``S = φ_llm(H_seg)`` at the ``<SEG>`` token.
+   (markers included); ``S = φ_llm(H_seg)`` at the ``<SEG>`` token (:mod:`.conditions`).
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ from torch import nn
 from ...utils.bad_samples import BadSampleError, describe_sample
 from ..backbone.sam_vit import sam_vit_embed_dim
 from ..registry import CONDITION_HEAD_REGISTRY
+from .conditions import pool_conditions
+from .hidden_states import decoder_stack, last_hidden, last_hidden_shared_prefix
 from .llm import LoraSettings, load_causal_lm, load_tokenizer, parse_dtype, setup_trainable
-from .projector import MLPProjector, pixel_unshuffle_tokens, pool_spans
-from .prompts import IGNORE_INDEX, PROMPT_STYLES, EncodedPrompt, encode_sample, shift_position
+from .projector import MLPProjector, pixel_unshuffle_tokens
+from .prompts import IGNORE_INDEX, PROMPT_STYLES, EncodedPrompt, encode_sample
+from .sequences import insert_image_tokens, pad_right, shared_prefix_len
 from .tokens import (
     IMAGE_TOKEN_INDEX,
     P_END,
@@ -213,23 +217,7 @@ class LLMConditionHead(nn.Module):
         return encoded
 
     def _decoder(self) -> nn.Module | None:
-        base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
-        return base.get_decoder() if hasattr(base, "get_decoder") else None
-
-    def _last_hidden(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        # The decoder stack alone gives the (final-norm) last hidden states without materialising
-        # [B, L, vocab] logits or every layer's states; LoRA layers live inside it, so they apply.
-        decoder = self._decoder()
-        if decoder is not None:
-            out = decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
-            return out.last_hidden_state
-        out = self.llm(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            output_hidden_states=True,
-            use_cache=False,
-        )
-        return out.hidden_states[-1]
+        return decoder_stack(self.llm)
 
     def pool_outputs(
         self,
@@ -237,42 +225,8 @@ class LLMConditionHead(nn.Module):
         span_positions: list[list[tuple[int, int]]],
         seg_positions: list[int | None],
     ) -> dict:
-        """C and S from the last hidden states [B,T,D]: per sample, the mean of φ_llm over each
-        ``<p>…</p>`` span (markers included; X-SAM's convention) and φ_llm at ``<SEG>`` (eq. 11).
-        Returns ``conditions`` [B,K,h] (zero-padded), ``condition_mask``, ``seg_embed`` [B,h],
-        ``seg_mask``, and the positions."""
-        bsz, device = hidden.shape[0], hidden.device
-        num_k = max((len(s) for s in span_positions), default=0)
-        proj_dtype = self.llm_projector[0].weight.dtype
-        zero_cond = hidden.new_zeros(num_k, self.hidden_dim, dtype=proj_dtype)
-        zero_seg = hidden.new_zeros(self.hidden_dim, dtype=proj_dtype)
-        condition_mask = torch.zeros(bsz, num_k, dtype=torch.bool, device=device)
-        seg_mask = torch.zeros(bsz, dtype=torch.bool, device=device)
-        cond_rows, seg_rows = [], []
-        for b in range(bsz):
-            spans, seg = span_positions[b], seg_positions[b]
-            points = [p for span in spans for p in span] + ([seg] if seg is not None else [])
-            if not points:
-                cond_rows.append(zero_cond)
-                seg_rows.append(zero_seg)
-                continue
-            # Project only the stretch that holds the spans and <SEG> (not the image tokens before it).
-            lo, hi = min(points), max(points)
-            proj = self.llm_projector(hidden[b, lo : hi + 1])
-            pooled = pool_spans(proj, [(s - lo, e - lo) for s, e in spans])
-            cond_rows.append(F.pad(pooled, (0, 0, 0, num_k - pooled.shape[0])))
-            condition_mask[b, : len(spans)] = True
-            seg_rows.append(proj[seg - lo] if seg is not None else zero_seg)
-            seg_mask[b] = seg is not None
-        empty = hidden.new_zeros(0, num_k, self.hidden_dim, dtype=proj_dtype)
-        return {
-            "conditions": torch.stack(cond_rows) if bsz else empty,
-            "condition_mask": condition_mask,
-            "seg_embed": torch.stack(seg_rows) if bsz else empty[:, 0],
-            "seg_mask": seg_mask,
-            "span_positions": span_positions,
-            "seg_positions": seg_positions,
-        }
+        """C and S from the last hidden states [B,T,D] (eq. 11): see :func:`.conditions.pool_conditions`."""
+        return pool_conditions(hidden, span_positions, seg_positions, self.llm_projector, self.hidden_dim)
 
     def lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Next-token CE over positions whose target is an answer token (mean over those tokens).
@@ -329,76 +283,6 @@ class LLMConditionHead(nn.Module):
             return tokens.index_select(0, image_index)
         return tokens.expand(len(batched_inputs), -1, -1)
 
-    def _sequences(
-        self, encoded: list[EncodedPrompt], text_embeds, image_tokens
-    ) -> tuple[list, list, list, list]:
-        """Per sample: input embeddings with the image tokens at ``<image>``, labels, span and
-        ``<SEG>`` positions in that sequence."""
-        device = self.device
-        seqs, seq_labels, span_positions, seg_positions = [], [], [], []
-        for b, enc in enumerate(encoded):
-            emb = text_embeds[b]
-            lab = torch.tensor(enc.labels, dtype=torch.long, device=device)
-            n_img = 0
-            if enc.image_position is not None:
-                q, n_img = enc.image_position, image_tokens.shape[1]
-                emb = torch.cat([emb[:q], image_tokens[b], emb[q + 1 :]])
-                lab = torch.cat([lab[:q], lab.new_full((n_img,), IGNORE_INDEX), lab[q + 1 :]])
-            # Text positions after the placeholder move by n_img - 1 (see shift_position).
-            img_pos = enc.image_position
-            span_positions.append(
-                [(shift_position(s, img_pos, n_img), shift_position(e, img_pos, n_img)) for s, e in enc.spans]
-            )
-            seg = enc.seg_position
-            seg_positions.append(None if seg is None else shift_position(seg, img_pos, n_img))
-            seqs.append(emb)
-            seq_labels.append(lab)
-        return seqs, seq_labels, span_positions, seg_positions
-
-    def _shared_prefix_len(self, encoded: list[EncodedPrompt], seqs: list[torch.Tensor], n_img: int) -> int:
-        """Length of the embedded prefix all samples share (0: none worth sharing): their common
-        text tokens, which must reach past ``<image>`` when there is one, with equal image tokens;
-        every sample keeps at least one token of its own."""
-        ids = [e.input_ids for e in encoded]
-        shortest = min(len(x) for x in ids)
-        n_text = next((i for i in range(shortest) if any(x[i] != ids[0][i] for x in ids[1:])), shortest)
-        q = encoded[0].image_position
-        if q is not None:
-            same = all(e.image_position == q for e in encoded)
-            if (
-                not same
-                or n_text <= q
-                or not all(torch.equal(s[q : q + n_img], seqs[0][q : q + n_img]) for s in seqs)
-            ):
-                return 0
-            n_text += n_img - 1
-        return max(0, min(n_text, min(s.shape[0] for s in seqs) - 1))
-
-    def _last_hidden_shared_prefix(self, seqs: list[torch.Tensor], prefix: int) -> torch.Tensor | None:
-        """Last hidden states [K, T, D] of K right-padded sequences that share their first ``prefix``
-        embeddings: the prefix runs once with a key/value cache (transformers' ``DynamicCache``,
-        repeated K times with its public ``batch_repeat_interleave``), the K rests on top of it.
-        Causal attention makes this the full pass up to float reduction order. None without a
-        decoder stack."""
-        decoder = self._decoder()
-        if decoder is None:
-            return None
-        out = decoder(inputs_embeds=seqs[0][None, :prefix], use_cache=True)
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(len(seqs))
-        rests = [s[prefix:] for s in seqs]
-        rest_len = max(r.shape[0] for r in rests)
-        rest_embeds = rests[0].new_zeros(len(seqs), rest_len, rests[0].shape[-1])
-        attention_mask = torch.zeros(len(seqs), prefix + rest_len, dtype=torch.long, device=self.device)
-        attention_mask[:, :prefix] = 1
-        for b, r in enumerate(rests):
-            rest_embeds[b, : r.shape[0]] = r
-            attention_mask[b, prefix : prefix + r.shape[0]] = 1
-        rest_hidden = decoder(
-            inputs_embeds=rest_embeds, attention_mask=attention_mask, past_key_values=cache, use_cache=True
-        ).last_hidden_state
-        return torch.cat([out.last_hidden_state.expand(len(seqs), -1, -1), rest_hidden], dim=1)
-
     def forward(
         self,
         batched_inputs: Sequence[dict[str, Any]],
@@ -437,26 +321,19 @@ class LLMConditionHead(nn.Module):
         tokens = self.image_embeddings(batched_inputs, image_tokens, sam_tokens, image_index)
         if tokens is not None:
             tokens = tokens.to(text_embeds[0].dtype)
-        seqs, seq_labels, span_positions, seg_positions = self._sequences(encoded, text_embeds, tokens)
+        seqs, seq_labels, span_positions, seg_positions = insert_image_tokens(
+            encoded, text_embeds, tokens, self.device
+        )
 
         if share_prefix and not compute_loss and not return_hidden_states and len(seqs) > 1:
             n_img = 0 if tokens is None else tokens.shape[1]
-            prefix = self._shared_prefix_len(encoded, seqs, n_img)
-            hidden = self._last_hidden_shared_prefix(seqs, prefix) if prefix > 0 else None
+            prefix = shared_prefix_len(encoded, seqs, n_img)
+            hidden = last_hidden_shared_prefix(self.llm, seqs, prefix, self.device) if prefix > 0 else None
             if hidden is not None:
                 return self.pool_outputs(hidden, span_positions, seg_positions)
 
-        # Right padding: positions 0..len-1 stay what the model would see for an unpadded sequence.
-        bsz, max_len = len(seqs), max(s.shape[0] for s in seqs)
-        inputs_embeds = seqs[0].new_zeros(bsz, max_len, seqs[0].shape[-1])
-        attention_mask = torch.zeros(bsz, max_len, dtype=torch.long, device=self.device)
-        labels = torch.full((bsz, max_len), IGNORE_INDEX, dtype=torch.long, device=self.device)
-        for b, (s, lab) in enumerate(zip(seqs, seq_labels)):
-            inputs_embeds[b, : s.shape[0]] = s
-            attention_mask[b, : s.shape[0]] = 1
-            labels[b, : s.shape[0]] = lab
-
-        hidden = self._last_hidden(inputs_embeds, attention_mask)
+        inputs_embeds, attention_mask, labels = pad_right(seqs, seq_labels, self.device)
+        hidden = last_hidden(self.llm, inputs_embeds, attention_mask)
 
         out: dict[str, Any] = self.pool_outputs(hidden, span_positions, seg_positions)
         if compute_loss:

@@ -12,17 +12,18 @@ Two modes (``MODEL.FLOWSEG.MODE``):
   decoder runs Bidirectional Semantic Flow with them; the query whose similarity to the
   refined condition ``C^L`` is highest is selected (propose-then-select), and BAR refines its
   boundary. Loss: ``L = L_llm + L_seg`` (eq. 8).
+
+``FlowSeg`` composes the parts and the training losses; the inference post-processing of each mode
+lives in :mod:`.generic_inference` and :mod:`.referring_inference`, whose methods it inherits.
 """
 
 import logging
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
-from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import BitMasks, ImageList, Instances
 from torch import nn
 
@@ -30,20 +31,18 @@ from ...config import llm_configured
 from ..criterion import build_criterion
 from ..language import build_condition_head
 from ..refiner import build_refiner
-from .gres import check_thresholds, gres_answers, select_targets
+from .generic_inference import PANOPTIC_MERGES, GenericInference
+from .gres import check_thresholds
 from .image_groups import expand_image_list, group_consecutive_inputs, image_index_of_groups
+from .referring_inference import ReferringInference
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["FlowSeg", "llm_configured"]
 
 
-#: MODEL.MASK_FORMER.TEST.PANOPTIC_MERGE: Mask2Former's panoptic merge or X-SAM's variant of it
-PANOPTIC_MERGES = ("mask2former", "xsam")
-
-
 @META_ARCH_REGISTRY.register()
-class FlowSeg(nn.Module):
+class FlowSeg(GenericInference, ReferringInference, nn.Module):
     @configurable
     def __init__(
         self,
@@ -318,202 +317,3 @@ class FlowSeg(nn.Module):
             padded[:, : gt_masks.shape[1], : gt_masks.shape[2]] = gt_masks
             new_targets.append({"labels": t.gt_classes, "masks": padded})
         return new_targets
-
-    def _upsample(self, mask_logits: torch.Tensor, images: ImageList) -> torch.Tensor:
-        """Mask logits [B,Q,h,w] (1/4 or 1/8 scale) -> padded input resolution."""
-        return F.interpolate(mask_logits, size=images.tensor.shape[-2:], mode="bilinear", align_corners=False)
-
-    # ------------------------------------------------------------------ referring / reasoning
-    @torch.no_grad()
-    def select_queries(self, pred_logits: torch.Tensor, condition_mask: Optional[torch.Tensor]) -> Tuple:
-        """Propose-then-select: for each condition k, the query maximising p(k | q).
-
-        Returns (scores [B,K], query index [B,K]). Probabilities are the softmax over the
-        K conditions + no-object, so a query confident in "no object" is not chosen.
-        """
-        prob = pred_logits.softmax(-1)[..., :-1]  # [B,Q,K]
-        scores, idx = prob.max(dim=1)  # over queries
-        if condition_mask is not None:
-            scores = scores.masked_fill(~condition_mask, 0.0)
-        return scores, idx
-
-    def referring_inference(
-        self, outputs: Dict, cond: Dict, batched_inputs: List[Dict], images: ImageList
-    ) -> List[Dict]:
-        """Per input: ``ref_seg`` = the selected mask of the first condition at input resolution,
-        its score, and (``return_candidates``) every query's mask for oracle analysis;
-        ``ref_segs`` = the same for each ``<p>`` span of a multi-span prompt. Samples marked
-        ``multi_target`` (gRefCOCO; every sample with ``gres_all_samples``) are answered by
-        :func:`~flowseg.modeling.meta_arch.gres.select_targets` instead: the union of every
-        confident query's mask, or an empty mask with ``no_target`` True."""
-        pred_logits = outputs["pred_logits"]
-        pred_masks = outputs["pred_masks"]
-        mask_features = outputs["mask_features"]
-        scores, idx = self.select_queries(pred_logits, cond.get("condition_mask"))
-        results = []
-        for b, x in enumerate(batched_inputs):
-            if self.gres_all_samples or x.get("multi_target", False):
-                results.append(self._gres_inference(b, x, outputs, cond, images))
-                continue
-            selected = pred_masks[b, idx[b]]  # [K,h,w]
-            if self.refiner is not None:
-                batch_idx = torch.full((selected.shape[0],), b, dtype=torch.long, device=selected.device)
-                selected = self.refiner.refine_selected(selected, mask_features, batch_idx)
-            image_size = images.image_sizes[b]
-            height = x.get("height", image_size[0])
-            width = x.get("width", image_size[1])
-            selected = self._upsample(selected[None], images)[0]
-            selected = sem_seg_postprocess(selected, image_size, height, width)
-            n_valid = int(cond["condition_mask"][b].sum())
-            per_cond = [
-                {"mask": selected[k] > 0, "score": float(scores[b, k]), "query": int(idx[b, k])}
-                for k in range(n_valid)
-            ]
-            ref = dict(per_cond[0])
-            if self.return_candidates:
-                cand = self._upsample(pred_masks[b][None], images)[0]
-                cand = sem_seg_postprocess(cand, image_size, height, width) > 0
-                # the selected query's candidate is what was output (BAR-refined), so each
-                # sample's oracle IoU (best candidate, Table 5) is at least its IoU: oracle gIoU
-                # bounds gIoU (oracle cIoU, a ratio of sums, bounds nothing)
-                cand[ref["query"]] = ref["mask"]
-                ref["candidates"] = cand
-            results.append({"ref_seg": ref, "ref_segs": per_cond})
-        return results
-
-    def _gres_inference(self, b: int, x: Dict, outputs: Dict, cond: Dict, images: ImageList) -> Dict:
-        """Multi-target / no-target answers of input ``b`` (see :mod:`.gres`)."""
-        image_size = images.image_sizes[b]
-        height, width = x.get("height", image_size[0]), x.get("width", image_size[1])
-        prob = outputs["pred_logits"][b].float().softmax(-1)  # [Q, K+1], last = no object
-
-        def final_masks(queries: torch.Tensor) -> torch.Tensor:
-            masks = outputs["pred_masks"][b, queries.to(self.device)]
-            if self.refiner is not None:
-                batch_idx = torch.full((len(queries),), b, dtype=torch.long, device=masks.device)
-                masks = self.refiner.refine_selected(masks, outputs["mask_features"], batch_idx)
-            masks = sem_seg_postprocess(self._upsample(masks[None], images)[0], image_size, height, width)
-            return masks > 0
-
-        n_valid = int(cond["condition_mask"][b].sum())
-        selections = select_targets(prob, n_valid, self.gres_score_threshold, self.gres_no_target_threshold)
-        per_cond = gres_answers(selections, final_masks, height, width, device=self.device)
-        ref = dict(per_cond[0])
-        if self.return_candidates:  # what the evaluator needs to score other thresholds
-            ref["query_scores"] = prob[:, 0].tolist()
-            ref["candidates"] = final_masks(torch.arange(prob.shape[0]))
-        return {"ref_seg": ref, "ref_segs": per_cond}
-
-    # ------------------------------------------------------------------ generic segmentation
-    def generic_inference(self, outputs: Dict, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
-        mask_cls_results = outputs["pred_logits"]
-        mask_pred_results = outputs["pred_masks"]
-        if self.refiner is not None:
-            mask_pred_results = self.refiner(mask_pred_results, outputs["mask_features"])
-        mask_pred_results = self._upsample(mask_pred_results, images)
-        processed_results = []
-        for mask_cls, mask_pred, x, image_size in zip(
-            mask_cls_results, mask_pred_results, batched_inputs, images.image_sizes
-        ):
-            height = x.get("height", image_size[0])
-            width = x.get("width", image_size[1])
-            res: Dict[str, object] = {}
-            if self.sem_seg_postprocess_before_inference:
-                mask_pred = sem_seg_postprocess(mask_pred, image_size, height, width)
-            if self.semantic_on:
-                r = self.semantic_inference(mask_cls, mask_pred)
-                if not self.sem_seg_postprocess_before_inference:
-                    r = sem_seg_postprocess(r, image_size, height, width)
-                res["sem_seg"] = r
-            if self.panoptic_on:
-                res["panoptic_seg"] = self.panoptic_inference(mask_cls, mask_pred)
-            if self.instance_on:
-                res["instances"] = self.instance_inference(mask_cls, mask_pred)
-            processed_results.append(res)
-        return processed_results
-
-    def semantic_inference(self, mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> torch.Tensor:
-        # per-pixel class scores = sum over queries of p(class | q) * sigmoid(mask_q)
-        return torch.einsum("qc,qhw->chw", mask_cls.softmax(-1)[..., :-1], mask_pred.sigmoid())
-
-    def _is_thing(self, contiguous_id: int) -> bool:
-        ids = getattr(self.metadata, "thing_dataset_id_to_contiguous_id", None)
-        return ids is not None and contiguous_id in set(ids.values())
-
-    def panoptic_inference(self, mask_cls: torch.Tensor, mask_pred: torch.Tensor):
-        """Mask2Former's panoptic merge: keep confident non-void queries, give every pixel to
-        the query with the highest score x mask probability, drop segments that lost most
-        of their own mask to others, merge stuff segments of the same class.
-
-        ``panoptic_merge`` ``"xsam"`` is X-SAM's variant (Hugging Face's DETR-style merge): a
-        query's own area is where score x probability >= 0.5 (not probability >= 0.5), its
-        segment is every pixel it owns (not only those where its probability >= 0.5), and it is
-        kept when owned / own area > OVERLAP_THRESHOLD (Mask2Former: >=)."""
-        num_classes = mask_cls.shape[-1] - 1
-        xsam = self.panoptic_merge == "xsam"
-        # X-SAM labels each query with its best real class (no-object column dropped first)
-        probs = mask_cls.softmax(-1)
-        scores, labels = (probs[:, :-1] if xsam else probs).max(-1)
-        keep = labels.ne(num_classes) & (scores > self.object_mask_threshold)
-        cur_scores, cur_classes = scores[keep], labels[keep]
-        cur_masks = mask_pred.sigmoid()[keep]
-        h, w = mask_pred.shape[-2:]
-        panoptic_seg = torch.zeros((h, w), dtype=torch.int32, device=mask_pred.device)
-        segments_info: List[Dict] = []
-        if cur_masks.shape[0] == 0:
-            return panoptic_seg, segments_info
-        weighted = cur_scores.view(-1, 1, 1) * cur_masks
-        owner = weighted.argmax(0)
-        stuff_segment: Dict[int, int] = {}
-        for k in range(cur_classes.shape[0]):
-            pred_class = int(cur_classes[k])
-            own = (weighted[k] if xsam else cur_masks[k]) >= 0.5
-            mask = (owner == k) if xsam else (owner == k) & own
-            owned_area, own_area = int((owner == k).sum()), int(own.sum())
-            if owned_area == 0 or own_area == 0 or int(mask.sum()) == 0:
-                continue
-            ratio = owned_area / own_area
-            if (ratio <= self.overlap_threshold) if xsam else (ratio < self.overlap_threshold):
-                continue
-            isthing = self._is_thing(pred_class)
-            if not isthing and pred_class in stuff_segment:
-                panoptic_seg[mask] = stuff_segment[pred_class]
-                continue
-            segment_id = len(segments_info) + 1
-            panoptic_seg[mask] = segment_id
-            if not isthing:
-                stuff_segment[pred_class] = segment_id
-            segments_info.append({"id": segment_id, "isthing": isthing, "category_id": pred_class})
-        return panoptic_seg, segments_info
-
-    def instance_inference(self, mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> Instances:
-        image_size = mask_pred.shape[-2:]
-        num_classes = mask_cls.shape[-1] - 1
-        scores = mask_cls.softmax(-1)[:, :-1]
-        labels = torch.arange(num_classes, device=mask_cls.device).unsqueeze(0).repeat(mask_cls.shape[0], 1)
-        topk = min(self.test_topk_per_image, scores.numel())
-        scores_per_image, topk_indices = scores.flatten(0, 1).topk(topk, sorted=False)
-        labels_per_image = labels.flatten(0, 1)[topk_indices]
-        mask_pred = mask_pred[topk_indices // num_classes]
-        if self.panoptic_on:
-            # COCO-panoptic instance results: things only
-            keep = torch.tensor(
-                [self._is_thing(int(lab)) for lab in labels_per_image],
-                dtype=torch.bool,
-                device=mask_pred.device,
-            )
-            scores_per_image, labels_per_image, mask_pred = (
-                scores_per_image[keep],
-                labels_per_image[keep],
-                mask_pred[keep],
-            )
-        result = Instances(image_size)
-        result.pred_masks = (mask_pred > 0).float()
-        result.pred_boxes = BitMasks(result.pred_masks > 0).get_bounding_boxes()
-        # mask score = mean foreground probability inside the predicted mask
-        mask_scores = (mask_pred.sigmoid().flatten(1) * result.pred_masks.flatten(1)).sum(1) / (
-            result.pred_masks.flatten(1).sum(1) + 1e-6
-        )
-        result.scores = scores_per_image * mask_scores
-        result.pred_classes = labels_per_image
-        return result
