@@ -10,6 +10,7 @@ from typing import Dict, Mapping, Optional
 
 from torch import Tensor
 
+from .formats import detect_checkpoint_format
 from .mask2former_decoder import convert_d2_mask2former_checkpoint, convert_hf_mask2former_transformer_decoder
 from .mask2former_pixel_decoder import convert_hf_mask2former_pixel_decoder
 
@@ -29,7 +30,8 @@ def convert_hf_mask2former(hf_state_dict: Mapping[str, Tensor]) -> Dict[str, Ten
 def convert_mask2former_checkpoint(
     state_dict: Mapping[str, Tensor], num_classes: Optional[int] = None
 ) -> Dict[str, Tensor]:
-    """Either format, detected from the key names."""
-    if any(k.startswith(("sem_seg_head.", "backbone.")) for k in state_dict):
-        return convert_d2_mask2former_checkpoint(dict(state_dict), num_classes=num_classes)
-    return convert_hf_mask2former(state_dict)
+    """Either format, told apart by :func:`~.formats.detect_checkpoint_format` (anything but a
+    Hugging Face layout is read as an original Detectron2 checkpoint)."""
+    if detect_checkpoint_format(state_dict) == "mask2former_hf":
+        return convert_hf_mask2former(state_dict)
+    return convert_d2_mask2former_checkpoint(dict(state_dict), num_classes=num_classes)

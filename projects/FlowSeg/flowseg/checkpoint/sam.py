@@ -27,12 +27,19 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from detectron2.modeling.backbone.vit import SimpleFeaturePyramid, ViT
 from detectron2.utils.file_io import PathManager
 from fvcore.common.checkpoint import get_missing_parameters_message, get_unexpected_parameters_message
 
-__all__ = ["convert_sam_checkpoint", "load_sam_checkpoint", "read_state_dict", "sam_neck_prefix"]
+from .position_tables import resample_position_table
+
+__all__ = [
+    "convert_sam_checkpoint",
+    "load_sam_checkpoint",
+    "model_sam_neck",
+    "read_state_dict",
+    "sam_neck_prefix",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -140,20 +147,6 @@ def read_state_dict(path: Union[str, os.PathLike]) -> StateDict:
     return dict(obj)
 
 
-def _resize_pos_embed(pos: torch.Tensor, num_target: int) -> torch.Tensor:
-    """(1, S*S, C) -> (1, T*T, C) with bicubic resampling, as Detectron2's ``get_abs_pos`` does."""
-    src, dst = math.isqrt(pos.shape[1]), math.isqrt(num_target)
-    grid = pos.reshape(1, src, src, -1).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=(dst, dst), mode="bicubic", align_corners=False)
-    return grid.permute(0, 2, 3, 1).reshape(1, dst * dst, -1).to(pos.dtype)
-
-
-def _resize_rel_pos(rel: torch.Tensor, length: int) -> torch.Tensor:
-    """(L, C) -> (length, C) with linear resampling, as Detectron2's ``get_rel_pos`` does."""
-    r = F.interpolate(rel.float().t().unsqueeze(0), size=length, mode="linear")
-    return r.squeeze(0).t().to(rel.dtype)
-
-
 def _fit_shapes(state_dict: StateDict, target: Mapping[str, torch.Tensor]) -> StateDict:
     """Resample position tables to the model's input size; drop other shape mismatches."""
     out: StateDict = {}
@@ -162,13 +155,9 @@ def _fit_shapes(state_dict: StateDict, target: Mapping[str, torch.Tensor]) -> St
         if want is None or want.shape == value.shape:
             out[key] = value
             continue
-        same_dim = value.dim() == want.dim() and value.shape[-1] == want.shape[-1]
-        if same_dim and key.endswith("pos_embed") and value.dim() == 3:
-            if math.isqrt(value.shape[1]) ** 2 == value.shape[1]:
-                out[key] = _resize_pos_embed(value, want.shape[1])
-        elif same_dim and key.endswith(("rel_pos_h", "rel_pos_w")) and value.dim() == 2:
-            out[key] = _resize_rel_pos(value, want.shape[0])
-        if key in out:
+        resampled = resample_position_table(key, value, want.shape)
+        if resampled is not None:
+            out[key] = resampled
             logger.info(f"Resampled {key} from {tuple(value.shape)} to {tuple(want.shape)}")
         else:
             logger.warning(
@@ -192,6 +181,13 @@ def sam_neck_prefix(backbone: nn.Module) -> Optional[str]:
     if isinstance(backbone, SimpleFeaturePyramid):
         return _neck_stage(backbone)
     return getattr(backbone, "sam_neck_prefix", None)
+
+
+def model_sam_neck(model: nn.Module) -> str:
+    """Where a whole FlowSeg model receives SAM's neck, relative to ``backbone.`` (``simfp_4`` when
+    its backbone has no place for it)."""
+    backbone = getattr(model, "backbone", None)
+    return (sam_neck_prefix(backbone) if backbone is not None else None) or "simfp_4"
 
 
 def load_sam_checkpoint(

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, 
 import torch
 from torch import nn
 
-from .checkpointer import component_of
+from .components import component_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from .checkpointer import FlowSegCheckpointer
@@ -203,7 +203,7 @@ def restore_frozen_base(
     left-out tensors' fingerprints and return the checkpoint with them filled in from the model
     (so that the ordinary load sees a complete state dict). Other checkpoints pass unchanged.
     Also returns what :func:`note_loaded_checkpoint` needs once the load is done."""
-    src_file = os.path.abspath(checkpointer._source) if checkpointer._source else ""
+    src_file = os.path.abspath(checkpointer.source) if checkpointer.source else ""
     if not is_trainable_only(checkpoint):
         return checkpoint, {"file": src_file}
     manifest = checkpoint[MANIFEST_KEY]
@@ -215,11 +215,9 @@ def restore_frozen_base(
                 f"{base}, which does not exist (restore it, or load a full export of {src_file})"
             )
         logger.info("%s is trainable-only: loading its base checkpoint %s first", src_file, base)
-        source = checkpointer._source
-        checkpointer._load_model(checkpointer._load_file(base))
+        checkpointer.load_weights(base)
         if checkpointer.last_report is not None:
             checkpointer.last_report.log(logger)
-        checkpointer._source = source
     model_state = checkpointer.model.state_dict()
     _check_fingerprints(model_state, manifest, src_file)
     left_out = [k for e in manifest["sources"].values() for k in e["keys"]] + list(

@@ -27,7 +27,7 @@ from typing import List, Sequence
 from detectron2.config import CfgNode
 from torch import nn
 
-from ..checkpoint.checkpointer import COMPONENTS, group_keys_by_component
+from ..checkpoint.components import COMPONENTS, group_keys_by_component
 
 __all__ = ["apply_stage_freezing", "trainable_parameter_names"]
 
