@@ -86,8 +86,10 @@ def dry_run(
     llm_layers: int = 1,
     vision_layers: int = 1,
     sam_depth: int = 2,
+    llm_dtype: str = "",
 ) -> Dict[str, Any]:
-    """Run ``checks`` on one config; returns the numbers (raises on the first failing check)."""
+    """Run ``checks`` on one config; returns the numbers (raises on the first failing check).
+    ``llm_dtype`` replaces ``MODEL.LLM.TORCH_DTYPE`` in the CPU check ("": the config's)."""
     import flowseg  # noqa: F401  (registers FlowSeg's components and data sets)
 
     res: Dict[str, Any] = {"config": config_file}
@@ -103,12 +105,15 @@ def dry_run(
     if "cpu" in checks:
         files = model_files(workdir, llm_layers, vision_layers, texts)
         cfg = paper_cfg(config_file, files, "cpu", sam_depth)
+        if llm_dtype:
+            cfg.MODEL.LLM.TORCH_DTYPE = llm_dtype
         samples = task_samples(cfg, torch.randint(0, 256, (3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8))
         tokens = check_prompts(cfg, samples)
         t0 = time.perf_counter()
         res["cpu"] = run_on_cpu(cfg, samples, tokens)
         res["cpu"]["total_s"] = time.perf_counter() - t0
         res["cpu"]["cut"] = {"llm_layers": llm_layers, "vision_layers": vision_layers, "sam_depth": sam_depth}
+        res["cpu"]["llm_dtype"] = cfg.MODEL.LLM.TORCH_DTYPE
     return res
 
 
@@ -137,6 +142,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--vision-layers", type=int, default=1)
     p.add_argument("--sam-depth", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument(
+        "--llm-dtype",
+        default="",
+        help="LLM dtype of the CPU check (default: the config's). CPUs without native bfloat16 "
+        "(e.g. AVX2 only) run bf16 matrix products in PyTorch's reference loop, 20-40 min a step: "
+        "float32 goes through MKL (the LLM's weights then take twice the memory)",
+    )
     p.add_argument("--output", default="", help="also write the JSON here")
     args = p.parse_args(argv)
     if args.threads > 0:
@@ -152,6 +164,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     llm_layers=args.llm_layers,
                     vision_layers=args.vision_layers,
                     sam_depth=args.sam_depth,
+                    llm_dtype=args.llm_dtype,
                 )
             except Exception as e:  # report every config, then fail
                 r = {
