@@ -18,7 +18,7 @@ Steps (each skipped when its output is already there, so a rerun resumes):
   6. save overlay pictures (image, expression, predicted and true mask) to ``OUTPUT_DIR/vis``.
 
 Other data: name registered sets (``--refer-train refcoco_unc_train --refer-test refcoco_unc_val
---panoptic-train coco_2017_train_panoptic --reason-test ''``) under ``--data-root`` (the
+--panoptic-train coco_2017_train_panoptic_with_sem_seg``) under ``--data-root`` (the
 ``$DETECTRON2_DATASETS`` layout of ``datasets/README.md``); nothing is generated then.
 
 With ``--gres`` the synthetic expressions with several targets or none (``synthgref_*``, gRefCOCO
@@ -67,7 +67,11 @@ def parse_args() -> argparse.Namespace:
     data.add_argument("--data-root", default=None, help="$DETECTRON2_DATASETS (default: it, else ./datasets)")
     data.add_argument("--refer-train", default="synthref_train", help="referring training set")
     data.add_argument("--refer-test", default="synthref_test", help="referring held-out set")
-    data.add_argument("--reason-test", default="synthreason_test", help="ReasonSeg-style set ('': none)")
+    data.add_argument(
+        "--reason-test",
+        default=None,
+        help="ReasonSeg-style set ('': none; default: synthreason_test with synthref)",
+    )
     data.add_argument("--panoptic-train", default="synthpan_train", help="COCO-panoptic-style set")
     p.add_argument("--num-train", type=int, default=2000, help="synthetic training images")
     p.add_argument("--num-eval", type=int, default=200, help="synthetic val/test images")
@@ -188,6 +192,8 @@ def pretrain(args: argparse.Namespace, train_net: list, device: list) -> tuple:
 
 def main() -> None:
     args = parse_args()
+    if args.reason_test is None:
+        args.reason_test = "synthreason_test" if args.refer_train.startswith("synthref") else ""
     os.makedirs(args.output_dir, exist_ok=True)
     os.environ["DETECTRON2_DATASETS"] = args.data_root or os.environ.get(
         "DETECTRON2_DATASETS", os.path.join(ROOT, "datasets")
