@@ -273,9 +273,8 @@ def build_sam_vit(
 
     Args:
         preset: "B", "L", "H" (official SAM sizes) or "tiny".
-        img_size: pre-training input size (1024 for SAM); sets the absolute position embedding
-            grid and the relative-position tables of the global blocks. Other input sizes work
-            (Detectron2 interpolates both at run time), but SAM itself sees 1024x1024 padded images.
+        img_size: pre-training input size (1024 for SAM): the position-embedding grid and the global
+            blocks' relative-position tables (Detectron2 interpolates both for other sizes).
         embed_dim, depth, num_heads, global_attn_indexes, window_size: override the preset
             (``None`` = take the preset's value).
         mlp_ratio: MLP width / embed_dim (4 in every SAM; tiny test models use others).
@@ -298,8 +297,7 @@ def build_sam_vit(
         checkpoint: optional SAM checkpoint (official, Hugging Face or this module's own names),
             loaded through :func:`flowseg.checkpoint.sam.load_sam_checkpoint`.
 
-    Returns:
-        The backbone; its ``net`` is the ViT.
+    Returns the backbone; its ``net`` is the ViT.
     """
     if feature_path not in FEATURE_PATHS:
         raise ValueError(f"MODEL.SAM_VIT.FEATURE_PATH must be one of {FEATURE_PATHS}, got {feature_path!r}")
