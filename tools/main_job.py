@@ -91,8 +91,8 @@ def corpus(args: argparse.Namespace, conversations_json: str) -> list:
     from flowseg.modeling.language.prompts import DEFAULT_ANSWERS, PROMPT_TEMPLATES
 
     names = [args.refer_train] + (["synthgref_train"] if args.gres else [])
-    if args.reason_test:
-        names.append(args.reason_test.replace("_test", "_train"))
+    if args.reason_test.endswith("_test"):  # its training split, never a held-out set's words
+        names.append(args.reason_test[: -len("_test")] + "_train")
     lines = [d["expression"] for n in names if n in DatasetCatalog.list() for d in DatasetCatalog.get(n)]
     lines += list(MetadataCatalog.get(args.panoptic_train).get("stuff_classes", []))
     if conversations_json:
