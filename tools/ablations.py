@@ -10,8 +10,9 @@ finished main job, ``output/main`` by default) with the same data, iterations an
   +SR+CR+BAR        + Boundary-Aware Refinement (full FlowSeg)
   visual-control    SR's modules reading pixel features instead of C (Table 11; as many
                     parameters as +SR)
+  no-mask-position  full FlowSeg without MODEL.FLOWSEG.MASK_POSITION_LOGITS (not in the paper)
 
-    python tools/ablations.py --iters 800 --seeds 0 1 2 [--variants baseline +SR ...]
+    python tools/ablations.py --iters 800 --seeds 0 1 2 [--variants baseline +SR ...] [--jobs 2]
 
 Results: OUTPUT/ablations.json and a markdown table on stdout: each metric's mean ± std over
 seeds, and each variant's paired difference to the baseline (same seeds, same expressions) with a
@@ -44,6 +45,17 @@ VARIANTS = {
         False,
         "VISUAL_CROSS_ATTN_CONTROL",
         True,
+    ],
+    # full FlowSeg without the mask positions in the condition logits (not in the paper)
+    "no-mask-position": [
+        "SEMANTIC_REFINEMENT",
+        True,
+        "CONDITION_REFINEMENT",
+        True,
+        "BAR.ENABLED",
+        True,
+        "MASK_POSITION_LOGITS",
+        False,
     ],
 }
 METRICS = ("cIoU", "gIoU", "oracle_cIoU", "cBIoU", "gBIoU")
@@ -101,6 +113,39 @@ def paired_difference(base: List[Dict], variant: List[Dict], n_boot: int = 2000,
     }
 
 
+def cell_dir(args: argparse.Namespace, name: str, seed: int) -> str:
+    return os.path.join(args.output_dir, f"{name}_seed{seed}")
+
+
+def run_cells(args: argparse.Namespace, cells: List[tuple]) -> None:
+    """Train and evaluate ``cells`` ((variant, seed) pairs), ``args.jobs`` at a time. Independent
+    single-process runs use the cores better than one data-parallel run at a time; a cell's log
+    is ``<cell>.log`` beside its folder."""
+    threads = str(max((os.cpu_count() or 1) // args.jobs, 1))
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    pending, running = list(cells), []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            name, seed = pending.pop(0)
+            out = cell_dir(args, name, seed)
+            cmd = [sys.executable, os.path.join(ROOT, "tools", "main_job.py"), "--output-dir", out]
+            cmd += ["--pretrained-run", args.pretrained_run, "--iters", str(args.iters), "--num-vis", "0"]
+            cmd += ["--cpu-processes", "1", "SEED", str(seed), *variant_opts(name)]
+            os.makedirs(args.output_dir, exist_ok=True)
+            log = open(out + ".log", "w")
+            running.append(
+                (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log, out)
+            )
+        proc, log, out = running.pop(0)
+        code = proc.wait()
+        log.close()
+        if code:
+            for p, f, _ in running:
+                p.kill()
+                f.close()
+            sys.exit(f"error: the cell {out} failed (exit {code}); see {out}.log")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default=os.path.join(ROOT, "output", "ablations"))
@@ -108,25 +153,29 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=800, help="stage-3 iterations per run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="cells trained at once, each one process with cores / jobs threads",
+    )
     args = p.parse_args()
     if not os.path.isfile(os.path.join(args.pretrained_run, "stage1", "model_final.pth")):
         sys.exit(
             f"error: no stage-1 checkpoint under {args.pretrained_run}: run `bash tools/run_main.sh` first"
         )
 
+    cells = [(name, seed) for name in args.variants for seed in args.seeds]
+    run_cells(
+        args, [c for c in cells if not os.path.isfile(os.path.join(cell_dir(args, *c), "summary.json"))]
+    )
     results, per_expr = {}, {}
-    for name in args.variants:
-        for seed in args.seeds:
-            out = os.path.join(args.output_dir, f"{name}_seed{seed}")
-            if not os.path.isfile(os.path.join(out, "summary.json")):
-                cmd = [sys.executable, os.path.join(ROOT, "tools", "main_job.py"), "--output-dir", out]
-                cmd += ["--pretrained-run", args.pretrained_run, "--iters", str(args.iters), "--num-vis", "0"]
-                cmd += ["SEED", str(seed), *variant_opts(name)]
-                subprocess.run(cmd, check=True, cwd=ROOT)
-            with open(os.path.join(out, "metrics_all.json")) as f:
-                ref = json.load(f)["metrics"]["synthref_test"]["referring"]
-            results.setdefault(name, []).append({k: ref.get(k) for k in METRICS} | {"seed": seed})
-            per_expr.setdefault(name, []).append(per_expression(out))
+    for name, seed in cells:
+        out = cell_dir(args, name, seed)
+        with open(os.path.join(out, "metrics_all.json")) as f:
+            ref = json.load(f)["metrics"]["synthref_test"]["referring"]
+        results.setdefault(name, []).append({k: ref.get(k) for k in METRICS} | {"seed": seed})
+        per_expr.setdefault(name, []).append(per_expression(out))
     paired = {}
     if "baseline" in per_expr:
         paired = {

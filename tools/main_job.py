@@ -78,6 +78,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="data seed")
     p.add_argument("--num-vis", type=int, default=12, help="overlay pictures to save")
     p.add_argument("--num-gpus", type=int, default=0, help="0: CPU (MODEL.DEVICE cpu)")
+    p.add_argument(
+        "--cpu-processes",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="CPU runs: data-parallel training processes (gloo), each with cores / N threads",
+    )
     p.add_argument("--gres", action="store_true", help="also train/evaluate the synthgref_* data")
     p.add_argument("--gres-ratio", type=float, default=2.0, help="stage-3 task ratio of synthgref_train")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="extra KEY VALUE config options")
@@ -192,6 +198,12 @@ def pretrain(args: argparse.Namespace, train_net: list, device: list) -> tuple:
 
 def main() -> None:
     args = parse_args()
+    if not args.num_gpus:
+        # One thread per process: PyTorch's default (every core in each process) makes processes
+        # that share the cores spin against each other; one 2-thread process is ~1.3x slower than
+        # two 1-thread processes on a 2-core machine (tools/bench_cpu_processes.py).
+        threads = max((os.cpu_count() or 1) // max(args.cpu_processes, 1), 1)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     if args.reason_test is None:
         args.reason_test = "synthreason_test" if args.refer_train.startswith("synthref") else ""
     os.makedirs(args.output_dir, exist_ok=True)
@@ -200,7 +212,8 @@ def main() -> None:
     )
     gres_opts = prepare_data(args)
     device = ["MODEL.DEVICE", "cuda"] if args.num_gpus else []
-    train_net = [sys.executable, TRAIN_NET, "--num-gpus", str(max(args.num_gpus, 1)), "--config-file"]
+    processes = max(args.num_gpus or args.cpu_processes, 1)
+    train_net = [sys.executable, TRAIN_NET, "--num-gpus", str(processes), "--config-file"]
     weights, lang = pretrain(args, train_net, device)
 
     tests = [args.refer_test] + ([args.reason_test] if args.reason_test else [])
