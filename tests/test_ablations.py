@@ -53,3 +53,34 @@ def test_runs_on_different_expressions_are_refused(tool):
     b = [{2: (1, 2, 0.5)}]
     with pytest.raises(ValueError, match="share no expression"):
         tool.paired_difference(a, b)
+
+
+_WAIT_FOR = (
+    "import os, sys, time\n"
+    "open(sys.argv[1], 'w').write(os.environ['OMP_NUM_THREADS'])\n"
+    "t = time.time()\n"
+    "while not os.path.exists(sys.argv[2]):\n"
+    "    time.sleep(0.05)\n"
+    "    if time.time() - t > 20: sys.exit(5)\n"
+)
+
+
+def test_run_parallel_runs_jobs_at_once_with_a_share_of_the_cores(tool, tmp_path):
+    # each job waits for the other to have started: only a parallel run can finish
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    jobs = [
+        ([tool.sys.executable, "-c", _WAIT_FOR, a, b], str(tmp_path / "a.log")),
+        ([tool.sys.executable, "-c", _WAIT_FOR, b, a], str(tmp_path / "b.log")),
+    ]
+    tool.run_parallel(jobs, 2)
+    threads = str(max((os.cpu_count() or 1) // 2, 1))
+    assert open(a).read() == threads and open(b).read() == threads
+
+
+def test_run_parallel_stops_at_a_failure_and_names_its_log(tool, tmp_path):
+    log = str(tmp_path / "bad.log")
+    jobs = [([tool.sys.executable, "-c", "print('boom'); raise SystemExit(3)"], log)]
+    jobs.append(([tool.sys.executable, "-c", "import time; time.sleep(30)"], str(tmp_path / "slow.log")))
+    with pytest.raises(SystemExit, match="exit 3.*bad.log"):
+        tool.run_parallel(jobs, 2)
+    assert "boom" in open(log).read()

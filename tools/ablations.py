@@ -117,33 +117,34 @@ def cell_dir(args: argparse.Namespace, name: str, seed: int) -> str:
     return os.path.join(args.output_dir, f"{name}_seed{seed}")
 
 
-def run_cells(args: argparse.Namespace, cells: List[tuple]) -> None:
-    """Train and evaluate ``cells`` ((variant, seed) pairs), ``args.jobs`` at a time. Independent
-    single-process runs use the cores better than one data-parallel run at a time; a cell's log
-    is ``<cell>.log`` beside its folder."""
-    threads = str(max((os.cpu_count() or 1) // args.jobs, 1))
+def cell_command(args: argparse.Namespace, name: str, seed: int) -> list:
+    main_job = os.path.join(ROOT, "tools", "main_job.py")
+    cmd = [sys.executable, main_job, "--output-dir", cell_dir(args, name, seed), "--num-vis", "0"]
+    cmd += ["--pretrained-run", args.pretrained_run, "--iters", str(args.iters), "--cpu-processes", "1"]
+    return cmd + ["SEED", str(seed), *variant_opts(name)]
+
+
+def run_parallel(jobs: List[tuple], parallel: int) -> None:
+    """Run ``jobs`` ((command, log path) pairs) ``parallel`` at a time, each with cores /
+    ``parallel`` threads: independent single-process runs use the cores better than one
+    data-parallel run at a time. The first failure stops the others and exits naming its log."""
+    threads = str(max((os.cpu_count() or 1) // parallel, 1))
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-    pending, running = list(cells), []
+    pending, running = list(jobs), []
     while pending or running:
-        while pending and len(running) < args.jobs:
-            name, seed = pending.pop(0)
-            out = cell_dir(args, name, seed)
-            cmd = [sys.executable, os.path.join(ROOT, "tools", "main_job.py"), "--output-dir", out]
-            cmd += ["--pretrained-run", args.pretrained_run, "--iters", str(args.iters), "--num-vis", "0"]
-            cmd += ["--cpu-processes", "1", "SEED", str(seed), *variant_opts(name)]
-            os.makedirs(args.output_dir, exist_ok=True)
-            log = open(out + ".log", "w")
-            running.append(
-                (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log, out)
-            )
-        proc, log, out = running.pop(0)
+        while pending and len(running) < parallel:
+            cmd, log_path = pending.pop(0)
+            log = open(log_path, "w")
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            running.append((proc, log, log_path))
+        proc, log, log_path = running.pop(0)
         code = proc.wait()
         log.close()
         if code:
-            for p, f, _ in running:
-                p.kill()
+            for other, f, _ in running:
+                other.kill()
                 f.close()
-            sys.exit(f"error: the cell {out} failed (exit {code}); see {out}.log")
+            sys.exit(f"error: a run failed (exit {code}); see {log_path}")
 
 
 def main() -> None:
@@ -166,9 +167,9 @@ def main() -> None:
         )
 
     cells = [(name, seed) for name in args.variants for seed in args.seeds]
-    run_cells(
-        args, [c for c in cells if not os.path.isfile(os.path.join(cell_dir(args, *c), "summary.json"))]
-    )
+    os.makedirs(args.output_dir, exist_ok=True)
+    todo = [c for c in cells if not os.path.isfile(os.path.join(cell_dir(args, *c), "summary.json"))]
+    run_parallel([(cell_command(args, *c), cell_dir(args, *c) + ".log") for c in todo], args.jobs)
     results, per_expr = {}, {}
     for name, seed in cells:
         out = cell_dir(args, name, seed)

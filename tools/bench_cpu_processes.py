@@ -2,11 +2,12 @@
 """Training speed on CPU: one process using every core vs data-parallel single-thread processes.
 
 Runs the main job's stage 1 (``configs/synthetic/stage1_synthpan_cpu.yaml``, same global batch)
-for ``--iters`` iterations in each layout, one after the other, and reports seconds per iteration
-(median of Detectron2's 20-iteration windows after the first) and the speed-up. Needs the
+for ``--iters`` iterations in each layout, alternating ``--repeats`` times, and reports seconds
+per iteration (median of Detectron2's 20-iteration windows after the first) and the speed-up of
+each pair. Needs the
 synthetic data (``bash tools/run_main.sh`` writes it) and an otherwise idle machine.
 
-    python tools/bench_cpu_processes.py [--iters 100] [--processes 2]
+    python tools/bench_cpu_processes.py [--iters 100] [--processes 2] [--repeats 3]
 """
 
 import argparse
@@ -38,25 +39,25 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="alternating runs of each layout")
     args = p.parse_args()
     cores = os.cpu_count() or 1
+    threads = max(cores // args.processes, 1)
+    one, many = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        one = seconds_per_iter(1, cores, args.iters, os.path.join(tmp, "one"))
-        many = seconds_per_iter(
-            args.processes, max(cores // args.processes, 1), args.iters, os.path.join(tmp, "dp")
-        )
-    print(
-        json.dumps(
-            {
-                "cores": cores,
-                f"1 process x {cores} threads (s/it)": round(one, 3),
-                f"{args.processes} processes x {max(cores // args.processes, 1)} threads (s/it)": round(
-                    many, 3
-                ),
-                "speed-up": round(one / many, 2),
-            }
-        )
-    )
+        # alternating, so that a slow spell of a shared machine hits both layouts
+        for r in range(args.repeats):
+            one.append(seconds_per_iter(1, cores, args.iters, os.path.join(tmp, f"one{r}")))
+            many.append(seconds_per_iter(args.processes, threads, args.iters, os.path.join(tmp, f"dp{r}")))
+    ratios = [a / b for a, b in zip(one, many)]
+    result = {
+        "cores": cores,
+        f"1 process x {cores} threads (s/it)": [round(t, 3) for t in one],
+        f"{args.processes} processes x {threads} threads (s/it)": [round(t, 3) for t in many],
+        "speed-up per pair": [round(x, 2) for x in ratios],
+        "median speed-up": round(statistics.median(ratios), 2),
+    }
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "projects", "FlowSeg"))
@@ -46,7 +47,7 @@ def log(msg: str) -> None:
     print(f"[main {time.time() - T0:6.0f}s] {msg}", flush=True)
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cfg_dir = os.path.join(ROOT, "configs", "synthetic")
     p.add_argument("--config-file", default=os.path.join(cfg_dir, "flowseg_synthref_cpu.yaml"))
@@ -86,8 +87,16 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--gres", action="store_true", help="also train/evaluate the synthgref_* data")
     p.add_argument("--gres-ratio", type=float, default=2.0, help="stage-3 task ratio of synthgref_train")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="extra KEY VALUE config options")
-    return p.parse_args()
+    p.add_argument(
+        "--set",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("KEY", "VALUE"),
+        help="a config option for every stage (e.g. MODEL.SAM_VIT.CONV_STEM False); repeatable",
+    )
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="extra KEY VALUE config options of stage 3")
+    return p.parse_args(argv)
 
 
 def corpus(args: argparse.Namespace, conversations_json: str) -> list:
@@ -161,8 +170,9 @@ def pretrained(run_dir: str) -> tuple:
     raise FileNotFoundError(f"--pretrained-run: no stage1/ or stage2/ model_final.pth under {run_dir}")
 
 
-def pretrain(args: argparse.Namespace, train_net: list, device: list) -> tuple:
-    """Stages 1 and 2 (each skipped when done); returns (weights for stage 3, language options)."""
+def pretrain(args: argparse.Namespace, train_net: list, common: list) -> tuple:
+    """Stages 1 and 2 (each skipped when done), with ``common`` (options of every stage) added;
+    returns (weights for stage 3, language options)."""
     from detectron2.data import MetadataCatalog
     from flowseg.data.writers.scene_conversations import write_scene_conversations
 
@@ -183,11 +193,11 @@ def pretrain(args: argparse.Namespace, train_net: list, device: list) -> tuple:
         "DATASETS.TRAIN",
         f"('{args.panoptic_train}',)",
     ]
-    s1 += ["MODEL.SEM_SEG_HEAD.NUM_CLASSES", str(num_classes)] + device
+    s1 += ["MODEL.SEM_SEG_HEAD.NUM_CLASSES", str(num_classes)] + common
     s1 += ["SOLVER.MAX_ITER", str(args.stage1_iters)] if args.stage1_iters else []
     weights = train(s1, os.path.join(args.output_dir, "stage1"), "4a/6 stage 1: segmentor on panoptic data")
     if conv_json:
-        s2 = train_net + [args.stage2_config, "MODEL.WEIGHTS", weights] + lang + device
+        s2 = train_net + [args.stage2_config, "MODEL.WEIGHTS", weights] + lang + common
         s2 += ["DATASETS.TRAIN", f"('{args.refer_train}_conversations',)"]
         s2 += ["SOLVER.MAX_ITER", str(args.stage2_iters)] if args.stage2_iters else []
         weights = train(
@@ -196,28 +206,33 @@ def pretrain(args: argparse.Namespace, train_net: list, device: list) -> tuple:
     return weights, lang
 
 
+def launcher(args: argparse.Namespace) -> tuple:
+    """``(train_net command up to --config-file, options of every stage)``. On the CPU, training
+    runs in ``--cpu-processes`` data-parallel processes (gloo) of cores / N threads each: PyTorch's
+    default (every core in each process) makes processes that share the cores spin against each
+    other, and one 2-thread process is slower than two 1-thread ones on 2 cores
+    (``tools/bench_cpu_processes.py``). Sets ``OMP_NUM_THREADS`` unless the caller did."""
+    processes = max(args.num_gpus or args.cpu_processes, 1)
+    if not args.num_gpus:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max((os.cpu_count() or 1) // processes, 1)))
+    common = (["MODEL.DEVICE", "cuda"] if args.num_gpus else []) + [x for kv in args.set for x in kv]
+    return [sys.executable, TRAIN_NET, "--num-gpus", str(processes), "--config-file"], common
+
+
 def main() -> None:
     args = parse_args()
-    if not args.num_gpus:
-        # One thread per process: PyTorch's default (every core in each process) makes processes
-        # that share the cores spin against each other; one 2-thread process is ~1.3x slower than
-        # two 1-thread processes on a 2-core machine (tools/bench_cpu_processes.py).
-        threads = max((os.cpu_count() or 1) // max(args.cpu_processes, 1), 1)
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     if args.reason_test is None:
         args.reason_test = "synthreason_test" if args.refer_train.startswith("synthref") else ""
     os.makedirs(args.output_dir, exist_ok=True)
     os.environ["DETECTRON2_DATASETS"] = args.data_root or os.environ.get(
         "DETECTRON2_DATASETS", os.path.join(ROOT, "datasets")
     )
+    train_net, common = launcher(args)
     gres_opts = prepare_data(args)
-    device = ["MODEL.DEVICE", "cuda"] if args.num_gpus else []
-    processes = max(args.num_gpus or args.cpu_processes, 1)
-    train_net = [sys.executable, TRAIN_NET, "--num-gpus", str(processes), "--config-file"]
-    weights, lang = pretrain(args, train_net, device)
+    weights, lang = pretrain(args, train_net, common)
 
     tests = [args.refer_test] + ([args.reason_test] if args.reason_test else [])
-    opts = lang + ["DATASETS.TEST", str(tuple(tests))] + device
+    opts = lang + ["DATASETS.TEST", str(tuple(tests))] + common
     opts += ["DATASETS.TRAIN", f"('{args.refer_train}', '{args.panoptic_train}')"]
     opts += gres_opts + (["SOLVER.MAX_ITER", str(args.iters)] if args.iters else []) + args.opts
     base = train_net + [args.config_file]
