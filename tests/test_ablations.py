@@ -1,20 +1,15 @@
 """tools/ablations.py: the paired difference to the baseline and its bootstrap interval."""
 
-import importlib.util
 import os
 
 import numpy as np
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from repo_scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("ablations", os.path.join(ROOT, "tools", "ablations.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/ablations.py")
 
 
 def _runs(intersections, unions):

@@ -3,20 +3,14 @@
 in the ``paper_scale`` tier (``pytest -m paper_scale``), one CPU training step and one inference
 per paper config at the true widths, token lengths, image size, query and class counts."""
 
-import importlib.util
-import os
-
 import pytest
+from repo_scripts import load_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE3 = "configs/stages/stage3_joint.yaml"
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("dry_run", os.path.join(ROOT, "tools", "dry_run.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+    return load_script("tools/dry_run.py")
 
 
 @pytest.fixture(scope="module")

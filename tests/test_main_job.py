@@ -1,19 +1,14 @@
 """tools/main_job.py: how the stages are launched (processes, threads, options of every stage)."""
 
-import importlib.util
 import os
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from repo_scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("main_job", os.path.join(ROOT, "tools", "main_job.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/main_job.py")
 
 
 def test_cpu_runs_use_data_parallel_single_thread_processes(tool, monkeypatch):
