@@ -115,6 +115,12 @@ def test_oracle_vs_selected_by_synthetic_kind(tmp_path):
     assert rows[1]["oracle_cIoU"] == pytest.approx(100 * 120 / 150)
     assert rows[2]["cIoU"] == pytest.approx(10.0) and rows[3]["cIoU"] == pytest.approx(0.0)
     assert rows[0]["cIoU"] == pytest.approx(100 * 90 / 300)
+    # a run's inference/ folder also holds the reasoning set: it keeps its one row, without kinds
+    query = "Which shape has the colour of a ripe banana?"
+    reason_rec = dict(_rec(3, 5, 5, 20, 40, expression=query), task="reasoning")
+    reason = _write(tmp_path / "reason" / "per_expression.json", [reason_rec])
+    rows = oracle.oracle_vs_selected([f, reason], ["M", "R"], by_synthetic_kind=True)["rows"]
+    assert [r["label"] for r in rows][-2:] == ["M [relation]", "R"]
 
 
 def test_oracle_vs_selected_without_candidates_and_bad_file(tmp_path):

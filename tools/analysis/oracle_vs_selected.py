@@ -104,7 +104,9 @@ def oracle_vs_selected(
                 label = f"{label}/{os.path.relpath(os.path.dirname(f), path)}"
             records = load_per_expression(f)
             rows.append({"label": label, "file": f, **summarize_records(records, fail_threshold)})
-            if by_synthetic_kind:
+            # kinds are those of referring expressions: a reasoning set (a run's inference/
+            # folder holds both) keeps its one row
+            if by_synthetic_kind and all(r.get("task", "referring") == "referring" for r in records):
                 kinds = [expression_kind(r["expression"]) for r in records]
                 for kind in ("attribute", "superlative", "relation"):
                     subset = [r for r, k in zip(records, kinds) if k == kind]
