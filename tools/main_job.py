@@ -8,7 +8,8 @@ Steps (each skipped when its output is already there, so a rerun resumes):
   2. write LLaVA-format conversations about the referring training scenes
      (``flowseg.data.writers.scene_conversations``), registered as ``<refer-train>_conversations``;
   3. write a tiny Qwen3 + SigLIP config and a tokenizer trained on the data's words;
-  4. train with ``projects/FlowSeg/train_net.py`` (Detectron2 prints progress with an ETA):
+  4. train with ``projects/FlowSeg/train_net.py`` (Detectron2 prints progress with an ETA; on the
+     CPU in ``--cpu-processes`` data-parallel processes):
      stage 1 = the segmentor alone on the panoptic data (queries learn to propose every object),
      stage 2 = the language model, vision tower and phi_vis on the conversations (LM loss: the
      stand-in for a pretrained LLM), stage 3 = FlowSeg (LLM conditions, BSF, BAR) on referring +
@@ -210,7 +211,7 @@ def launcher(args: argparse.Namespace) -> tuple:
     """``(train_net command up to --config-file, options of every stage)``. On the CPU, training
     runs in ``--cpu-processes`` data-parallel processes (gloo) of cores / N threads each: PyTorch's
     default (every core in each process) makes processes that share the cores spin against each
-    other, and one 2-thread process is slower than two 1-thread ones on 2 cores
+    other, and on 2 cores two 1-thread processes ran 1.0-1.3x as fast as one 2-thread process
     (``tools/bench_cpu_processes.py``). Sets ``OMP_NUM_THREADS`` unless the caller did."""
     processes = max(args.num_gpus or args.cpu_processes, 1)
     if not args.num_gpus:
