@@ -155,6 +155,11 @@ def test_failure_rescue_exact_numbers():
     assert s2["baseline_cIoU"] == pytest.approx(10.0) and s2["model_cIoU"] == pytest.approx(42.0)
     assert s2["model_gIoU"] == pytest.approx(100 * 1.3 / 3)
     assert s2["rescue_rate"] == pytest.approx(100 * 2 / 3)
+    # the model's own failures (IoU 0.4 and 0.1) are failures of the baseline too
+    assert (s5["num_model_failures"], s5["reverse_rescue_rate"]) == (2, pytest.approx(0.0))
+    swapped = rescue.failure_rescue(b, a, thresholds=(0.5, 0.2))["subsets"]
+    assert swapped[0]["reverse_rescue_rate"] == pytest.approx(s5["rescue_rate"])
+    assert swapped[1]["reverse_rescue_rate"] == pytest.approx(s2["rescue_rate"])
 
 
 def test_failure_rescue_joins_on_expression_and_averages(tmp_path):

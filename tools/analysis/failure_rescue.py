@@ -9,7 +9,10 @@ files must hold exactly the same samples, otherwise the tool stops and names the
 For each threshold t (default 0.5 and 0.2) the subset is A's failures, ``IoU_A < t``; on it:
 
 * A's and B's cIoU (ΣI/ΣU) and gIoU (mean IoU), and B − A;
-* rescue rate = share of the subset where ``IoU_B >= success_threshold`` (0.5).
+* rescue rate = share of the subset where ``IoU_B >= success_threshold`` (0.5);
+* reverse rescue rate = the same with A and B swapped (A's share of B's failures ``IoU_B < t``).
+  Read the rescue rate next to it: two models of equal accuracy whose errors differ rescue each
+  other's failures at similar rates, so a high rescue rate alone does not show B is better.
 
 Several datasets (one ``--baseline``/``--model`` pair each) add an "Avg." column: the mean of
 the per-dataset numbers, as in Table 6. All values are percent.
@@ -105,6 +108,10 @@ def failure_rescue(
         a_c, a_g = region_metrics(sub_a)
         b_c, b_g = region_metrics(sub_b)
         rescued = sum(1 for r in sub_b if float(r["iou"]) >= success_threshold)
+        # the same statistic with the roles swapped: two equally good models with different
+        # errors rescue each other's failures at similar rates
+        b_fail = [k for k, r in b.items() if float(r["iou"]) < t]
+        reverse = sum(1 for k in b_fail if float(a[k]["iou"]) >= success_threshold)
         out["subsets"].append(
             {
                 "threshold": t,
@@ -117,6 +124,8 @@ def failure_rescue(
                 "delta_gIoU": None if a_g is None else b_g - a_g,
                 "num_rescued": rescued,
                 "rescue_rate": 100.0 * rescued / len(keys) if keys else None,
+                "num_model_failures": len(b_fail),
+                "reverse_rescue_rate": 100.0 * reverse / len(b_fail) if b_fail else None,
             }
         )
     return out
@@ -142,6 +151,7 @@ def _table(results: List[Dict[str, Any]], labels: List[str], baseline_name: str,
             ("Δ gIoU", "delta_gIoU"),
             (f"rescue rate (IoU>={results[0]['success_threshold']:g}) %", "rescue_rate"),
             ("failures", "num_failures"),
+            (f"reverse: {baseline_name} rescues {model_name}'s failures %", "reverse_rescue_rate"),
         ):
             vals = [s[key] for s in per]
             avg = _mean(vals) if key != "num_failures" else sum(vals)
@@ -193,6 +203,7 @@ def failure_rescue_files(
                     "model_gIoU",
                     "delta_gIoU",
                     "rescue_rate",
+                    "reverse_rescue_rate",
                 )
             },
         }
