@@ -4,12 +4,12 @@ flattened feature levels. Module names are Mask2Former's (``transformer.encoder.
 """
 
 import copy
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..transformer_decoder.layers import activation_fn
 from .ms_deform_attn import MSDeformAttn
 
 __all__ = [
@@ -17,16 +17,6 @@ __all__ = [
     "MSDeformAttnTransformerEncoderLayer",
     "MSDeformAttnTransformerEncoderOnly",
 ]
-
-
-def _activation(name: str) -> Callable[[Tensor], Tensor]:
-    if name == "relu":
-        return F.relu
-    if name == "gelu":
-        return F.gelu
-    if name == "glu":
-        return F.glu
-    raise ValueError(f"activation should be relu/gelu/glu, not {name}")
 
 
 class MSDeformAttnTransformerEncoderLayer(nn.Module):
@@ -48,7 +38,7 @@ class MSDeformAttnTransformerEncoderLayer(nn.Module):
         self.norm1 = nn.LayerNorm(d_model)
 
         self.linear1 = nn.Linear(d_model, d_ffn)
-        self.activation = _activation(activation)
+        self.activation = activation_fn(activation)
         self.dropout2 = nn.Dropout(dropout)
         self.linear2 = nn.Linear(d_ffn, d_model)
         self.dropout3 = nn.Dropout(dropout)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "activation_fn",
     "SelfAttentionLayer",
     "CrossAttentionLayer",
     "FFNLayer",
@@ -41,7 +42,8 @@ def _xavier_init(module: nn.Module) -> None:
             nn.init.xavier_uniform_(p)
 
 
-def _activation(name: str) -> Callable[[Tensor], Tensor]:
+def activation_fn(name: str) -> Callable[[Tensor], Tensor]:
+    """The FFN activation of a config name (``"relu"``, ``"gelu"``, ``"glu"``)."""
     acts = {"relu": F.relu, "gelu": F.gelu, "glu": F.glu}
     if name not in acts:
         raise ValueError(f"activation must be one of {sorted(acts)}, got {name!r}")
@@ -138,7 +140,7 @@ class FFNLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm = nn.LayerNorm(d_model)
-        self.activation = _activation(activation)
+        self.activation = activation_fn(activation)
         self.normalize_before = normalize_before
         _xavier_init(self)
 
