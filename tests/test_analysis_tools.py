@@ -4,7 +4,6 @@ Table 5/6 tools on hand-made ``per_expression.json`` files with known numbers; t
 tools on a tiny untrained referring FlowSeg saved with ``DetectionCheckpointer`` and a few
 synthetic samples."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,6 +17,7 @@ from detectron2.modeling import build_model
 from flowseg.data.synthetic import generate_synthetic_datasets, register_synthetic_datasets
 from flowseg.utils.inference import build_cfg
 from flowseg.utils.tiny_models import make_tiny_llm_dir, tiny_llm_cfg_overrides
+from repo_scripts import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(ROOT, "tools", "analysis")
@@ -25,12 +25,7 @@ CONFIG = os.path.join(ROOT, "configs", "tiny", "flowseg_refer_tiny.yaml")
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(
-        f"flowseg_analysis_{name}", os.path.join(TOOLS, f"{name}.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"tools/analysis/{name}.py")
 
 
 oracle = _load("oracle_vs_selected")

@@ -1,7 +1,6 @@
 """``tools/benchmark.py``: the tiny run works end to end on CPU and its parameter deltas are exact
 (the paper-size counts of Table 9 are tests/test_param_counts.py)."""
 
-import importlib.util
 import json
 import os
 
@@ -10,17 +9,14 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from flowseg import add_flowseg_config
 from flowseg.utils.tiny_models import make_tiny_llm_dir, tiny_llm_cfg_overrides
+from repo_scripts import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location(
-        "flowseg_benchmark", os.path.join(ROOT, "tools", "benchmark.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("tools/benchmark.py")
     return module
 
 

@@ -1,7 +1,6 @@
 """``TEST.RETURN_CANDIDATES``: referring inference returns every query's mask only on request, the
 selection does not depend on it, and ``tools/candidates_cost.py`` measures what it costs."""
 
-import importlib.util
 import os
 
 import torch
@@ -9,6 +8,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from flowseg import add_flowseg_config
 from flowseg.utils.tiny_models import make_tiny_llm_dir, tiny_llm_cfg_overrides
+from repo_scripts import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,11 +47,7 @@ def test_paper_configs_default_off_and_selection_independent_of_candidates(tmp_p
 
 
 def test_candidates_cost_tool_measures_the_candidate_memory(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "candidates_cost", os.path.join(ROOT, "tools/candidates_cost.py")
-    )
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_script("tools/candidates_cost.py")
     model = _model(tmp_path, "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", 200)
     x = _input(96, 128, height=512, width=512)
     res = tool.measure_modes(model, [x], reps=1, device=torch.device("cpu"))

@@ -7,7 +7,6 @@ check the contiguous-id mapping (things first).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -27,8 +26,7 @@ from flowseg.data.writers import register_coco_panoptic_folder, write_coco_panop
 from panopticapi.utils import rgb2id
 from PIL import Image
 from pycocotools.coco import COCO
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from repo_scripts import load_script
 
 CATEGORIES = [
     {"id": 7, "name": "background", "isthing": 0, "color": [128, 128, 128]},
@@ -386,10 +384,7 @@ def test_mapper_registry_by_name() -> None:
 def test_prepare_semantic_script_reproduces_written_pngs(written: Dict[str, Any], tmp_path) -> None:
     out_dir = str(tmp_path / "semseg")
     # the script's CLI, run in-process (a subprocess would spend seconds re-importing torch)
-    path = os.path.join(REPO, "datasets", "prepare_coco_semantic_annos_from_panoptic_annos.py")
-    spec = importlib.util.spec_from_file_location("prepare_semseg", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("datasets/prepare_coco_semantic_annos_from_panoptic_annos.py")
     script.main(
         [
             "--panoptic-json",

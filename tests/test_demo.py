@@ -1,7 +1,6 @@
 """``demo/demo.py`` on a tiny untrained referring model: pictures for a file and for a folder,
 the "no target" warning, and a clear error (exit status 1) for each bad input."""
 
-import importlib.util
 import os
 
 import cv2
@@ -12,14 +11,13 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from flowseg.utils.inference import build_cfg
 from flowseg.utils.tiny_models import make_tiny_llm_dir, tiny_llm_cfg_overrides
+from repo_scripts import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "tiny", "flowseg_refer_tiny.yaml")
 GENERIC_CONFIG = os.path.join(ROOT, "configs", "tiny", "flowseg_coco_panoptic_tiny.yaml")
 
-_spec = importlib.util.spec_from_file_location("flowseg_demo", os.path.join(ROOT, "demo", "demo.py"))
-demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(demo)
+demo = load_script("demo/demo.py")
 
 
 def _image(path, h, w, seed):

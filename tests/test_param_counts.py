@@ -6,12 +6,8 @@ The expected numbers are X-SAM's modules at these sizes, which give the paper's 
 (segmentor 328.9M, total 4816.7M) and, with BSF's 5,928,192, FlowSeg's (334.8M, 4822.6M). Each
 component is computed by hand below from its layer shapes."""
 
-import importlib.util
-import os
-
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from repo_scripts import load_script
 
 D_SAM, D_LLM, D_VIS, HIDDEN = 1024, 2560, 1152, 256
 
@@ -74,11 +70,7 @@ TOTAL = (4_816_680_449, 4_822_608_641)
 
 @pytest.fixture(scope="module")
 def counts():
-    spec = importlib.util.spec_from_file_location(
-        "flowseg_benchmark", os.path.join(ROOT, "tools", "benchmark.py")
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("tools/benchmark.py")
     result = bench.main(["--count-only"])  # both variants, on the meta device
     return result["baseline"]["params"], result["flowseg"]["params"], result["deltas"]
 
@@ -132,11 +124,7 @@ def test_total_baseline_and_with_bsf(counts):
 
 
 def test_padded_tokenizer_has_qwen3s_length_and_tokenises_as_before():
-    spec = importlib.util.spec_from_file_location(
-        "flowseg_benchmark", os.path.join(ROOT, "tools", "benchmark.py")
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("tools/benchmark.py")
     from flowseg.utils.tiny_models import CHATML_TEMPLATE, make_tokenizer
 
     tok = make_tokenizer(CHATML_TEMPLATE)

@@ -17,6 +17,7 @@ from flowseg import add_flowseg_config
 from flowseg.checkpoint import FlowSegCheckpointer, group_keys_by_component
 from flowseg.checkpoint.trainable import MANIFEST_KEY, FrozenBaseMismatchError, checkpoint_bytes
 from flowseg.utils.tiny_models import make_tiny_llm_dir, tiny_llm_cfg_overrides
+from repo_scripts import load_script
 
 REFER_TINY = "configs/tiny/flowseg_refer_tiny.yaml"
 FROZEN = {"condition_head.llm_base", "condition_head.vision_tower"}
@@ -267,15 +268,7 @@ def test_checkpoint_bytes_counts_the_saved_tensors(llm_paths, tmp_path) -> None:
 
 
 def _export_tool():
-    import importlib.util
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location(
-        "export_full", os.path.join(root, "tools/export_full_checkpoint.py")
-    )
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+    return load_script("tools/export_full_checkpoint.py")
 
 
 def test_export_full_checkpoint_is_self_contained_and_merges_lora(llm_paths, tmp_path) -> None:

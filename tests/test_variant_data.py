@@ -3,7 +3,6 @@ benchmark with none of its shape / colour words, and tools/make_variant_data.py 
 the builtin RefCOCO / COCO-panoptic names read it."""
 
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,8 +17,8 @@ from flowseg.data.synthetic.generate import generate_split, panoptic_categories
 from flowseg.data.synthetic.scenes import expression_kind
 from flowseg.data.synthetic.shapes import DRAWINGS, shape_mask
 from flowseg.data.synthetic.vocabulary import DEFAULT_VOCABULARY, VARIANT_VOCABULARY, get_vocabulary
+from repo_scripts import load_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = VARIANT_VOCABULARY
 
 
@@ -146,11 +145,7 @@ print("RESULT" + json.dumps(out))
 
 
 def test_tool_output_loads_through_the_builtin_names(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "make_variant_data", os.path.join(ROOT, "tools", "make_variant_data.py")
-    )
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_script("tools/make_variant_data.py")
     manifest = tool.write_variant_data(str(tmp_path), num_train=4, num_eval=2, seed=1, image_size=64)
     env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path))
     proc = subprocess.run([sys.executable, "-c", _LOAD], env=env, capture_output=True, text=True, check=True)
