@@ -36,6 +36,7 @@ attention = _load("attention_maps")
 bar = _load("boundary_eval")
 common = _load("common")
 probe = _load("attribute_probe")
+picks = _load("wrong_picks")
 
 
 # ------------------------------------------------------------------------------ hand-made records
@@ -208,6 +209,46 @@ def test_oracle_cli_smoke(tmp_path):
     assert "| M | 4 | 24.00 |" in proc.stdout
     with open(tmp_path / "out" / "oracle_vs_selected.json") as f:
         assert json.load(f)[0]["misalignment_share"] == pytest.approx(50.0)
+
+
+def test_wrong_picks_outcome_of_known_masks():
+    """Three instances, two of category 7: the output is matched to the instance it overlaps
+    best, if that IoU reaches the threshold."""
+    masks = [np.zeros((10, 10), bool) for _ in range(3)]
+    masks[0][0:4, 0:4] = True
+    masks[1][5:9, 0:4] = True
+    masks[2][0:4, 5:9] = True
+    instances = [(11, 7, masks[0]), (12, 7, masks[1]), (13, 9, masks[2])]
+    assert picks.pick_outcome(masks[0], 11, instances) == ("correct", 7)
+    assert picks.pick_outcome(masks[1], 11, instances) == ("same category", 7)
+    assert picks.pick_outcome(masks[2], 11, instances) == ("other category", 9)
+    assert picks.pick_outcome(np.zeros((10, 10), bool), 11, instances) == ("no instance", None)
+    half = np.zeros((10, 10), bool)
+    half[0:4, 0:2] = True  # IoU 0.5 with instance 11
+    half[9, 9] = True  # ... and one stray pixel: 8 / 17
+    assert picks.pick_outcome(half, 11, instances) == ("no instance", None)
+    assert picks.pick_outcome(half, 11, instances, min_iou=0.4) == ("correct", 7)
+    with pytest.raises(ValueError, match="annotation 99"):
+        picks.pick_outcome(masks[0], 99, instances)
+
+
+def test_wrong_picks_summary_and_word_agreement():
+    rec = [
+        {"outcome": "correct", "target_name": "red circle", "picked_name": "red circle"},
+        {"outcome": "other category", "target_name": "red circle", "picked_name": "red star"},
+        {"outcome": "other category", "target_name": "red star", "picked_name": "red circle"},
+        {"outcome": "other category", "target_name": "blue star", "picked_name": "green star"},
+        {"outcome": "same category", "target_name": "red star", "picked_name": "red star"},
+        {"outcome": "no instance", "target_name": "red star", "picked_name": None},
+    ]
+    out = picks.summarize_picks(rec, ["colour", "shape"])
+    assert out["num_samples"] == 6
+    assert out["counts"] == {"correct": 1, "same category": 1, "other category": 3, "no instance": 1}
+    assert out["shares"]["other category"] == pytest.approx(50.0)
+    assert out["wrong_pick_agreement"] == {"colour= shape≠": 2, "colour= shape=": 1, "colour≠ shape=": 1}
+    assert "wrong_pick_agreement" not in picks.summarize_picks(rec)
+    with pytest.raises(ValueError, match="2 words"):
+        picks.summarize_picks([{**rec[1], "picked_name": "star"}], ["colour", "shape"])
 
 
 # ------------------------------------------------------------------------------ tiny model
@@ -411,3 +452,25 @@ def test_attribute_probe_scores_known_predictions(setup, monkeypatch):
         probe.attribute_probe(
             build_model(build_cfg(CONFIG, None, setup["opts"])).eval(), samples, names, things
         )
+
+
+def test_wrong_picks_on_a_refer_set(setup, monkeypatch, tmp_path):
+    """Outputs that are the referred object's own mask are all correct; empty outputs pick no
+    instance; the untrained model's outcomes cover every sample."""
+    args = _args(picks, setup, "--attribute-words", "colour", "shape", "--by-synthetic-kind")
+    real = picks.run(args)["groups"]["all"]
+    assert real["num_samples"] == 3 and sum(real["counts"].values()) == 3
+
+    cfg, model, dataset, samples = common.model_and_dataset_from_args(args)
+    truth = [(d, x) for d, x in samples]
+    answers = iter([x["gt_mask"] for _, x in truth])
+    monkeypatch.setattr(model, "forward", lambda inputs: [{"ref_seg": {"mask": next(answers)}}])
+    records = picks.wrong_picks(model, truth, dataset)
+    assert [r["outcome"] for r in records] == ["correct"] * 3
+    assert all(r["picked_name"] == r["target_name"] and len(r["target_name"].split()) == 2 for r in records)
+    monkeypatch.setattr(
+        model, "forward", lambda inputs: [{"ref_seg": {"mask": np.zeros_like(inputs[0]["gt_mask"])}}]
+    )
+    assert {r["outcome"] for r in picks.wrong_picks(model, truth, dataset)} == {"no instance"}
+    with pytest.raises(ValueError, match="not a refer-format"):
+        picks.wrong_picks(model, [], "synthpan_val")
