@@ -472,5 +472,5 @@ def test_wrong_picks_on_a_refer_set(setup, monkeypatch, tmp_path):
         model, "forward", lambda inputs: [{"ref_seg": {"mask": np.zeros_like(inputs[0]["gt_mask"])}}]
     )
     assert {r["outcome"] for r in picks.wrong_picks(model, truth, dataset)} == {"no instance"}
-    with pytest.raises(ValueError, match="not a refer-format"):
+    with pytest.raises(ValueError, match="not a single-target refer-format"):
         picks.wrong_picks(model, [], "synthpan_val")

@@ -105,8 +105,11 @@ def summarize_picks(records: Sequence[Dict[str, Any]], attribute_words: Sequence
 def _image_instances(dataset: str) -> Tuple[Dict[Any, List[Dict[str, Any]]], Dict[Any, str]]:
     """Annotations by image id and category names by id, from the data set's ``instances.json``."""
     meta = MetadataCatalog.get(dataset)
-    if not hasattr(meta, "refer_root"):
-        raise ValueError(f"{dataset} is not a refer-format data set (no instances.json to match against)")
+    if getattr(meta, "evaluator_type", None) != "refer":
+        raise ValueError(
+            f"{dataset} is not a single-target refer-format data set (RefCOCO/+/g layout): "
+            "nothing to match the outputs against"
+        )
     path = os.path.join(meta.refer_root, meta.refer_dataset, "instances.json")
     data = read_json(path, "wrong_picks", "instances file", "expected COCO-style json")
     by_image: Dict[Any, List[Dict[str, Any]]] = {}
