@@ -39,6 +39,7 @@ from detectron2.config import CfgNode  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.utils.file_io import PathManager  # noqa: E402
 from flowseg.data.build import build_test_mapper  # noqa: E402
+from flowseg.data.synthetic.scenes import expression_kind  # noqa: E402
 from flowseg.evaluation.metrics import cumulative_iou, mean_iou  # noqa: E402
 from flowseg.utils import inference  # noqa: E402
 
@@ -59,6 +60,7 @@ __all__ = [
     "resolve_per_expression",
     "pct",
     "region_metrics",
+    "group_by_synthetic_kind",
     "write_json",
     "write_text",
     "write_report",
@@ -248,6 +250,16 @@ def region_metrics(records: Sequence[Dict[str, Any]]) -> Tuple[Optional[float], 
 
 
 # ---------------------------------------------------------------------------------------- output
+def group_by_synthetic_kind(records: Sequence[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:
+    """The records of each synthetic expression kind (attribute, superlative, relation; kinds
+    without records left out), read from their ``expression`` text."""
+    kinds = [expression_kind(r["expression"]) for r in records]
+    groups = {
+        k: [r for r, rk in zip(records, kinds) if rk == k] for k in ("attribute", "superlative", "relation")
+    }
+    return {k: rs for k, rs in groups.items() if rs}
+
+
 def _clean(x: Any) -> Any:
     """NaN -> None (strict JSON) recursively."""
     if isinstance(x, float) and math.isnan(x):

@@ -32,6 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
+    group_by_synthetic_kind,
     load_per_expression,
     markdown_table,
     pct,
@@ -40,7 +41,6 @@ from common import (  # noqa: E402
     setup_logging,
     write_report,
 )
-from flowseg.data.synthetic.scenes import expression_kind  # noqa: E402
 from flowseg.evaluation.metrics import cumulative_iou  # noqa: E402
 
 logger = logging.getLogger("flowseg.analysis.oracle")
@@ -107,17 +107,10 @@ def oracle_vs_selected(
             # kinds are those of referring expressions: a reasoning set (a run's inference/
             # folder holds both) keeps its one row
             if by_synthetic_kind and all(r.get("task", "referring") == "referring" for r in records):
-                kinds = [expression_kind(r["expression"]) for r in records]
-                for kind in ("attribute", "superlative", "relation"):
-                    subset = [r for r, k in zip(records, kinds) if k == kind]
-                    if subset:
-                        rows.append(
-                            {
-                                "label": f"{label} [{kind}]",
-                                "file": f,
-                                **summarize_records(subset, fail_threshold),
-                            }
-                        )
+                for kind, subset in group_by_synthetic_kind(records).items():
+                    rows.append(
+                        {"label": f"{label} [{kind}]", "file": f, **summarize_records(subset, fail_threshold)}
+                    )
     headers = [
         "Model",
         "N",

@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from common import (  # noqa: E402
     add_model_args,
+    group_by_synthetic_kind,
     markdown_table,
     model_and_dataset_from_args,
     setup_logging,
@@ -45,7 +46,6 @@ from common import (  # noqa: E402
 from detectron2.data import MetadataCatalog  # noqa: E402
 from flowseg.data.dataset_mappers.referring_masks import rasterize_segmentation  # noqa: E402
 from flowseg.data.datasets.refcoco import read_json  # noqa: E402
-from flowseg.data.synthetic.scenes import expression_kind  # noqa: E402
 
 __all__ = ["OUTCOMES", "pick_outcome", "summarize_picks", "wrong_picks", "parse_args", "run", "main"]
 
@@ -161,11 +161,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     _, model, dataset, samples = model_and_dataset_from_args(args)
     records = wrong_picks(model, samples, dataset, args.min_iou)
-    groups = {"all": records}
-    if args.by_synthetic_kind:
-        kinds = [expression_kind(r["expression"]) for r in records]
-        for kind in ("attribute", "superlative", "relation"):
-            groups[kind] = [r for r, k in zip(records, kinds) if k == kind]
+    groups = {"all": records, **(group_by_synthetic_kind(records) if args.by_synthetic_kind else {})}
     rows = {g: summarize_picks(rs, args.attribute_words) for g, rs in groups.items() if rs}
     table = [[g, r["num_samples"], *(r["shares"][o] for o in OUTCOMES)] for g, r in rows.items()]
     markdown = markdown_table(["expressions", "N", *(f"{o} %" for o in OUTCOMES)], table, digits=1)
