@@ -68,7 +68,7 @@ def pick_outcome(
         iou = np.logical_and(pred, mask).sum() / union if union else 0.0
         if iou > best_iou:
             best, best_iou = (ann, cat), iou
-    if best is None or best_iou < min_iou:
+    if best_iou < min_iou:  # instances hold the target: best is set
         return "no instance", None
     if best[0] == target_ann_id:
         return "correct", best[1]
@@ -128,14 +128,20 @@ def wrong_picks(
     """One record per sample: ``expression, outcome, target_name, picked_name``."""
     by_image, names = _image_instances(dataset)
     records = []
+    cached: Tuple[Any, List[Instance]] = (None, [])  # the expressions of an image come in a row
     for d, x in samples:
-        h, w = int(d["height"]), int(d["width"])
         pred = model([x])[0]["ref_seg"]["mask"]
         pred = (pred.cpu().numpy() if torch.is_tensor(pred) else np.asarray(pred)).astype(bool)
-        instances = [
-            (a["id"], a["category_id"], rasterize_segmentation(a["segmentation"], h, w).astype(bool))
-            for a in by_image.get(d["image_id"], [])
-        ]
+        if cached[0] != d["image_id"]:
+            h, w = int(d["height"]), int(d["width"])
+            cached = (
+                d["image_id"],
+                [
+                    (a["id"], a["category_id"], rasterize_segmentation(a["segmentation"], h, w).astype(bool))
+                    for a in by_image.get(d["image_id"], [])
+                ],
+            )
+        instances = cached[1]
         outcome, picked = pick_outcome(pred, d["ann_id"], instances, min_iou)
         records.append(
             {
