@@ -339,12 +339,10 @@ def test_test_mapper_chosen_by_evaluator_type(refer):
     assert isinstance(mapper, ReferringDatasetMapper) and not mapper.is_train
 
 
-def test_empty_target_errors_in_training_and_is_allowed_in_eval(refer):
-    (d,) = DatasetCatalog.get(refer["names"]["empty"])
-    with pytest.raises(ValueError, match=r"empty target.*COCO_train2014_000000000003\.jpg.*ref_id=5"):
-        ReferringDatasetMapper(_cfg(32), is_train=True)(d)
-    out = ReferringDatasetMapper(_cfg(32), is_train=False)(d)
-    assert out["gt_mask"].shape == (30, 30) and out["gt_mask"].sum() == 0
+def test_empty_target_is_refused_at_load_time(refer):
+    # training and evaluation alike: scored, an empty target is "right" for an empty prediction
+    with pytest.raises(ValueError, match=r"annotation id=505 .*ref_id=5.* wholly outside the 30x30"):
+        DatasetCatalog.get(refer["names"]["empty"])
 
 
 # ---------------------------------------------------------------- errors name the file and id

@@ -29,7 +29,7 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from panopticapi.utils import rgb2id
 
 from ..build import MAPPER_REGISTRY
-from ..datasets.validation import check_panoptic_segments
+from ..datasets.validation import check_panoptic_segments, check_panoptic_size
 from ..image_io import read_image
 
 __all__ = [
@@ -93,6 +93,7 @@ class COCOPanopticLSJDatasetMapper:
         dataset_dict = copy.deepcopy(dataset_dict)  # it is modified below
         image = read_image(dataset_dict["file_name"], format=self.image_format)
         utils.check_image_size(dataset_dict, image)
+        image_shape = image.shape
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)
         image = aug_input.image
@@ -105,6 +106,7 @@ class COCOPanopticLSJDatasetMapper:
         # 255-padding of FixedSizeCrop decodes to an id that no segment uses.
         pan_file = dataset_dict.pop("pan_seg_file_name")
         pan = read_image(pan_file, "RGB")
+        check_panoptic_size(pan.shape, image_shape, _where(pan_file, dataset_dict))
         check_panoptic_segments(rgb2id(pan), dataset_dict["segments_info"], _where(pan_file, dataset_dict))
         pan_ids = rgb2id(transforms.apply_segmentation(pan))
         classes, masks = [], []
@@ -136,15 +138,19 @@ def _where(pan_file: str, d: Dict[str, Any]) -> str:
 
 class CheckedPanopticTestMapper(DatasetMapper):
     """Detectron2's ``DatasetMapper`` that also checks the ground truth PQ will be computed on:
-    every ``segments_info`` id must occur in the panoptic PNG (else PQ counts an unmatchable
+    the panoptic PNG must have the image's size (else the evaluator fails after the whole
+    inference) and every ``segments_info`` id must occur in it (else PQ counts an unmatchable
     segment as a false negative without a word)."""
 
     def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
+        out = super().__call__(dataset_dict)  # fills in the original height / width
         pan_file = dataset_dict.get("pan_seg_file_name")
         if pan_file and "segments_info" in dataset_dict:
             pan_ids = rgb2id(read_image(pan_file, "RGB"))
-            check_panoptic_segments(pan_ids, dataset_dict["segments_info"], _where(pan_file, dataset_dict))
-        return super().__call__(dataset_dict)
+            where = _where(pan_file, dataset_dict)
+            check_panoptic_size(pan_ids.shape, (out["height"], out["width"]), where)
+            check_panoptic_segments(pan_ids, dataset_dict["segments_info"], where)
+        return out
 
 
 def build_coco_panoptic_test_mapper(cfg: CfgNode) -> DatasetMapper:

@@ -237,7 +237,11 @@ class ReferringDatasetMapper:
         elif self.is_train:
             out["instances"] = self._target_instances(dataset_dict, gt_mask, ignore_mask, image, transforms)
         else:
-            # An empty target is legal here: the evaluator scores it with its empty-GT rule.
+            # Only a gRefCOCO no-target expression may have an empty ground truth: anywhere else the
+            # evaluator's empty-GT rule would score a broken annotation as right for an empty answer.
+            no_target = "segmentations" in dataset_dict and not dataset_dict["segmentations"]
+            if not no_target and not gt_mask.any():
+                raise ValueError(f"empty target mask after rasterisation: {_sample_id(dataset_dict)}")
             out["gt_mask"] = gt_mask
             out["ignore_mask"] = ignore_mask
         return out

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Tuple
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
-from .validation import check_phrase_markers, read_text_file
+from .validation import check_phrase_markers, outside_image_problem, read_text_file
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +176,9 @@ def load_reasonseg_dataset(folder: str, all_queries: bool = False) -> List[Dict[
     for stem in sorted(images):
         anno = parse_reasonseg_json(jsons[stem])
         height, width = _image_size(images[stem])
+        problem = outside_image_problem(anno["target_polygons"], height, width)
+        if problem:
+            raise ValueError(f"ReasonSeg: the target of {jsons[stem]} (image {images[stem]}) is {problem}")
         texts = anno["texts"] if all_queries else anno["texts"][:1]
         for q, text in enumerate(texts):
             dataset_dicts.append(

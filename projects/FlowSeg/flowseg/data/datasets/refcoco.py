@@ -179,11 +179,6 @@ def _ref_record(
             f"which is not in {inst_path}"
         )
     segm = ann.get("segmentation")
-    problem = segmentation_problem(segm)  # [[]], 2-point or zero-area polygons, empty RLE
-    if problem:
-        raise ValueError(
-            f"refer dataset: annotation id={ann_id} in {inst_path} (ref_id={ref_id}) has {problem}"
-        )
     image_id = ann.get("image_id", ref.get("image_id"))
     if ref.get("image_id") is not None and ref["image_id"] != image_id:
         raise ValueError(
@@ -191,6 +186,12 @@ def _ref_record(
             f"but its ann_id={ann_id} in {inst_path} has image_id={image_id}"
         )
     img = image_record(images, image_id, f"ref_id={ref_id}, ann_id={ann_id}", inst_path, "refer dataset")
+    # [[]], 2-point or zero-area polygons, empty RLE; polygons outside the image, RLE of another size
+    problem = segmentation_problem(segm, int(img["height"]), int(img["width"]))
+    if problem:
+        raise ValueError(
+            f"refer dataset: annotation id={ann_id} in {inst_path} (ref_id={ref_id}) has {problem}"
+        )
     texts = ref_texts(ref, refs_path, "refer dataset")
     base = {
         "file_name": os.path.join(image_root, img["file_name"]),

@@ -11,7 +11,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "check_panoptic_segments",
+    "check_panoptic_size",
     "check_phrase_markers",
+    "outside_image_problem",
     "polygon_area",
     "read_text_file",
     "segmentation_problem",
@@ -41,17 +43,46 @@ def _polygon_problem(poly: Any) -> Optional[str]:
     return None
 
 
-def segmentation_problem(segm: Any) -> Optional[str]:
+def outside_image_problem(polygons: Sequence[Sequence[float]], height: int, width: int) -> Optional[str]:
+    """Why flat polygons ``[x0, y0, x1, y1, ...]`` give an empty mask in a ``height`` x ``width``
+    image because every one lies wholly outside it; None if one reaches into the image.
+
+    Scoring such a target would count an empty ground truth (a model answering "nothing" is right),
+    so it is an annotation of another image or another image size, not a sample to score.
+    """
+    flats = [[float(v) for v in p] for p in polygons if len(p) >= 2]
+    if not flats:
+        return None
+    xs = [v for f in flats for v in f[0::2]]
+    ys = [v for f in flats for v in f[1::2]]
+    for f in flats:
+        fx, fy = f[0::2], f[1::2]
+        # pixel (i, j) covers [i, i+1) x [j, j+1): a polygon touching none of them has no area inside
+        if max(fx) > 0 and min(fx) < width and max(fy) > 0 and min(fy) < height:
+            return None
+    return (
+        f"{'a polygon' if len(flats) == 1 else f'{len(flats)} polygons'} wholly outside the "
+        f"{width}x{height} (WxH) image (x in [{min(xs):g}, {max(xs):g}], y in [{min(ys):g}, {max(ys):g}]): "
+        "an empty target mask after rasterisation"
+    )
+
+
+def segmentation_problem(
+    segm: Any, height: Optional[int] = None, width: Optional[int] = None
+) -> Optional[str]:
     """Why a COCO ``segmentation`` (polygons or RLE) cannot be a ground-truth mask; None if it can.
 
     Polygons: every polygon needs >= 3 points and a positive area. RLE: ``size`` and ``counts``
-    and at least one foreground pixel.
+    and at least one foreground pixel. Given the image size, polygons must not all lie outside the
+    image (:func:`outside_image_problem`) and an RLE must have the image's size.
     """
     if not segm:
         return "no segmentation"
     if isinstance(segm, dict):
         if "counts" not in segm or "size" not in segm:
             return "an RLE without 'counts' / 'size'"
+        if height is not None and width is not None and list(segm["size"]) != [height, width]:
+            return f"an RLE of size {list(segm['size'])} (HxW) for an image of size {[height, width]}"
         from pycocotools import mask as mask_utils
 
         rle = segm
@@ -64,6 +95,8 @@ def segmentation_problem(segm: Any) -> Optional[str]:
         problem = _polygon_problem(poly)
         if problem:
             return f"{problem} (polygon {i})"
+    if height is not None and width is not None:
+        return outside_image_problem(segm, height, width)
     return None
 
 
@@ -91,6 +124,20 @@ def check_panoptic_segments(pan_ids: Any, segments_info: Sequence[dict], where: 
         raise ValueError(
             f"{where}: segments_info ids {missing[:10]} ({len(missing)} of {len(segments_info)}) "
             f"do not occur in the panoptic PNG (ids in the PNG: {sorted(present)[:10]})"
+        )
+
+
+def check_panoptic_size(pan_shape: Sequence[int], image_shape: Sequence[int], where: str) -> None:
+    """Raise ``ValueError`` naming ``where`` when the panoptic PNG and its image differ in size.
+
+    Detectron2's transforms assert equal sizes without naming a file, and the panoptic evaluator
+    fails only after the whole inference, on arrays that do not broadcast.
+    """
+    (ph, pw), (ih, iw) = pan_shape[:2], image_shape[:2]
+    if (ph, pw) != (ih, iw):
+        raise ValueError(
+            f"{where}: the PNG is {pw}x{ph} (WxH) but its image is {iw}x{ih}; the panoptic PNG must "
+            "have the size of the image it annotates (a PNG of another image, or a resized one?)"
         )
 
 
