@@ -29,7 +29,7 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from flowseg import add_flowseg_config
-from flowseg.checkpoint import FlowSegCheckpointer
+from flowseg.checkpoint import FlowSegCheckpointer, check_evaluation_weights
 from flowseg.engine import FlowSegTrainer, resolve_amp
 from flowseg.utils.inference import check_device
 
@@ -58,9 +58,11 @@ def main(args: Any) -> Any:
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        FlowSegCheckpointer(model, save_dir=cfg.OUTPUT_DIR, cfg=cfg).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        checkpointer = FlowSegCheckpointer(model, save_dir=cfg.OUTPUT_DIR, cfg=cfg)
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        # parts left at their initialisation (a checkpoint of another stage or task) are an error
+        # unless TEST.ALLOW_UNTRAINED_PARTS
+        check_evaluation_weights(model, cfg, checkpointer.last_report)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

@@ -149,6 +149,9 @@ def add_test_config(cfg: CN) -> CN:
     # tools/analysis/oracle_vs_selected.py. Off: only the selected mask(s) are upsampled (at 1024^2
     # the candidates cost Q x 1024^2 floats per sample before thresholding).
     cfg.TEST.RETURN_CANDIDATES = False
+    # --eval-only refuses a model whose parts stay at their initialisation (no weights in
+    # MODEL.WEIGHTS, no pretrained file): True evaluates anyway, with a warning naming them.
+    cfg.TEST.ALLOW_UNTRAINED_PARTS = False
     return cfg
 
 

@@ -10,3 +10,4 @@ from .mask2former import (  # noqa: F401
 from .peft_layout import canonical_key  # noqa: F401
 from .report import LoadReport  # noqa: F401
 from .sam import convert_sam_checkpoint, load_sam_checkpoint  # noqa: F401
+from .untrained import UntrainedPartsError, check_evaluation_weights  # noqa: F401

@@ -49,6 +49,7 @@ __all__ = [
     "is_trainable_only",
     "tensor_fingerprint",
     "frozen_sources",
+    "build_time_source",
     "outside_run",
     "trainable_state_dict",
     "checkpoint_bytes",
@@ -104,6 +105,13 @@ def _source_values(cfg: Any) -> Dict[str, str]:
         "MODEL.SAM_VIT.CHECKPOINT": cfg.MODEL.SAM_VIT.CHECKPOINT,
     }
     return {k: os.path.abspath(v) for k, v in values.items() if v}
+
+
+def build_time_source(component: str, cfg: Any) -> str:
+    """The config key that gives ``component`` pretrained weights when the model is built
+    (e.g. ``MODEL.LLM.PATH`` for the LLM base), if ``cfg`` sets it; "" otherwise."""
+    key = _BUILD_SOURCES.get(component, "")
+    return key if key in _source_values(cfg) else ""
 
 
 def frozen_sources(
