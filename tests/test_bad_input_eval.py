@@ -64,6 +64,16 @@ def test_refer_val_target_outside_image_is_refused_before_evaluation(tmp_path) -
     assert "x in [-9, -2], y in [-9, -2]" in msg
 
 
+def test_refer_rle_of_another_size_is_refused_at_load_time(tmp_path) -> None:
+    paths = _write(tmp_path)
+    _move_val_target(paths, {"size": [60, 40], "counts": [100, 50, 2250]})  # image 3 is 30x30
+    with pytest.raises(
+        ValueError, match=r"an RLE of size \[60, 40\] \(HxW\) for an image of size \[30, 30\]"
+    ) as e:
+        load_refer_dataset(str(tmp_path), "refcoco", "unc", "val")
+    assert paths["instances"] in str(e.value) and "annotation id=503" in str(e.value)
+
+
 def test_refer_target_that_rasterises_to_nothing_is_an_error_in_evaluation_or_skipped(tmp_path) -> None:
     # inside the image with a positive area, but it covers no pixel centre: an empty mask
     paths = _write(tmp_path)
