@@ -4,6 +4,7 @@ panoptic PNGs of another size than their image (COCO-panoptic json + PNGs)."""
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import cv2
@@ -17,12 +18,14 @@ from flowseg.data.dataset_mappers.coco_panoptic_lsj import (
     build_coco_panoptic_test_mapper,
 )
 from flowseg.data.dataset_mappers.referring import ReferringDatasetMapper
+from flowseg.data.datasets.grefcoco import load_grefcoco_dataset
 from flowseg.data.datasets.reasonseg import load_reasonseg_dataset
 from flowseg.data.datasets.refcoco import load_refer_dataset, register_refer_dataset
 from flowseg.data.writers import register_coco_panoptic_folder, write_coco_panoptic_dataset
 from flowseg.engine import FlowSegTrainer
 from test_bad_input import _edit_refer
 from test_coco_panoptic_data import CATEGORIES, make_scenes
+from test_gres_data import _write as _write_gref
 from test_reasonseg_data import _patch_json, _write_one
 from test_refer_data import _write
 
@@ -96,6 +99,24 @@ def test_refer_target_partly_outside_the_image_still_loads(tmp_path) -> None:
     (d,) = load_refer_dataset(str(tmp_path), "refcoco", "unc", "val")
     out = ReferringDatasetMapper(_cfg(), is_train=False)(d)
     assert out["gt_mask"].shape == (30, 30) and 350 <= out["gt_mask"].sum() <= 450
+
+
+def test_grefcoco_no_target_still_evaluates_and_a_target_outside_the_image_is_refused(tmp_path) -> None:
+    paths = _write_gref(str(tmp_path))
+    dicts = load_grefcoco_dataset(paths["refer_root"], "grefcoco", "unc", "val")
+    (no_target,) = [d for d in dicts if d["no_target"]]
+    out = ReferringDatasetMapper(_cfg(), is_train=False)(no_target)  # legitimately empty
+    assert out["gt_mask"].shape == (40, 48) and not out["gt_mask"].any()
+
+    with open(paths["instances"]) as f:
+        data = json.load(f)
+    (ann,) = [a for a in data["annotations"] if a["id"] == 902]  # one of the 3 targets of "all boxes"
+    ann["segmentation"] = [[60.0, 5.0, 70.0, 5.0, 70.0, 20.0]]  # right of the 48-wide image
+    with open(paths["instances"], "w") as f:
+        json.dump(data, f)
+    with pytest.raises(ValueError, match=r"annotation id=902 .*wholly outside the 48x40 \(WxH\) image") as e:
+        load_grefcoco_dataset(paths["refer_root"], "grefcoco", "unc", "val")
+    assert paths["instances"] in str(e.value) and "ref_id=3" in str(e.value)
 
 
 # ------------------------------------------------------------------ ReasonSeg target outside its image

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from .refcoco import _load_instances, image_record, read_json, ref_texts, refer_image_root, split_refs
+from .validation import outside_image_problem
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,17 @@ def _ref_dicts(ref, anns, images, image_root, inst_path, refs_path) -> List[Dict
     ann_ids = _target_ann_ids(ref, refs_path)
     targets = _targets(ref, ann_ids, anns, inst_path, refs_path)
     img = image_record(images, ref.get("image_id"), f"ref_id={ref_id}", inst_path, "gRefCOCO")
+    for ann in targets:  # a target outside the image would silently drop out of the union
+        segm = ann["segmentation"]
+        problem = (
+            None
+            if isinstance(segm, dict)
+            else outside_image_problem(segm, int(img["height"]), int(img["width"]))
+        )
+        if problem:
+            raise ValueError(
+                f"gRefCOCO: annotation id={ann.get('id')} in {inst_path} (ref_id={ref_id}) has {problem}"
+            )
     texts = ref_texts(ref, refs_path, "gRefCOCO")
     base = {
         "file_name": os.path.join(image_root, img["file_name"]),

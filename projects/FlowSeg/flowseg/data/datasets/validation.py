@@ -50,7 +50,10 @@ def outside_image_problem(polygons: Sequence[Sequence[float]], height: int, widt
     Scoring such a target would count an empty ground truth (a model answering "nothing" is right),
     so it is an annotation of another image or another image size, not a sample to score.
     """
-    flats = [[float(v) for v in p] for p in polygons if len(p) >= 2]
+    try:
+        flats = [[float(v) for v in p] for p in polygons if isinstance(p, (list, tuple)) and len(p) >= 2]
+    except (TypeError, ValueError):
+        return None  # not polygons: other checks name what is wrong
     if not flats:
         return None
     xs = [v for f in flats for v in f[0::2]]
