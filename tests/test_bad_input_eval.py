@@ -1,6 +1,7 @@
 """Bad input in evaluation ends in an error naming the file / ids and the cause, never in a score:
-ground truth outside its image (RefCOCO ``instances.json`` + ``refs(unc).p``, ReasonSeg json),
-panoptic PNGs of another size than their image (COCO-panoptic json + PNGs)."""
+ground truth outside its image (RefCOCO ``instances.json`` + ``refs(unc).p``, gRefCOCO
+``grefs(unc).json``, ReasonSeg json), panoptic PNGs of another size than their image (COCO-panoptic
+json + PNGs)."""
 
 from __future__ import annotations
 
