@@ -38,13 +38,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.join(ROOT, "projects", "FlowSeg") not in sys.path:
     sys.path.insert(0, os.path.join(ROOT, "projects", "FlowSeg"))  # run from a checkout without installing
 
-from flowseg.checkpoint.checkpointer import CheckpointShapeError, NotACheckpointError  # noqa: E402
-from flowseg.checkpoint.trainable import FrozenBaseMismatchError  # noqa: E402
 from flowseg.utils.inference import add_opts_argument  # noqa: E402
 from flowseg.utils.referring_demo import (  # noqa: E402
     TASKS,
     DemoError,
     ReferringDemo,
+    load_demo,
     output_stem,
     parse_expressions,
     read_image,
@@ -81,17 +80,6 @@ def check_image(path: str) -> None:
             im.verify()
     except Exception as e:
         raise DemoError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
-
-
-def load_demo(config_file: str, weights: Optional[str], opts: Sequence[str] = ()) -> ReferringDemo:
-    """The config checked and the model loaded; every failure a :class:`DemoError` naming it."""
-    cfg = setup_cfg(config_file, weights, opts)
-    try:
-        return ReferringDemo(cfg)
-    except (NotACheckpointError, CheckpointShapeError, FrozenBaseMismatchError, FileNotFoundError) as e:
-        raise DemoError(str(e)) from e
-    except (OSError, ValueError, KeyError) as e:  # e.g. MODEL.LLM.PATH is not a model folder
-        raise DemoError(f"cannot build the model of {config_file}: {type(e).__name__}: {e}") from e
 
 
 def run(args: argparse.Namespace) -> List[str]:

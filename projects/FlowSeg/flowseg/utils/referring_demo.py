@@ -28,6 +28,8 @@ from detectron2.config import CfgNode
 from detectron2.data import detection_utils as utils
 from pycocotools import mask as mask_utils
 
+from ..checkpoint.checkpointer import CheckpointShapeError, NotACheckpointError
+from ..checkpoint.trainable import FrozenBaseMismatchError
 from ..data.dataset_mappers.referring import resize_long_side
 from ..data.image_io import read_image as read_image_file
 from ..engine.shared_features import SharedImageFeatureInference
@@ -42,6 +44,7 @@ __all__ = [
     "DemoError",
     "ReferringDemo",
     "setup_cfg",
+    "load_demo",
     "parse_expressions",
     "read_image",
     "check_image_array",
@@ -188,6 +191,17 @@ class ReferringDemo:
     ) -> np.ndarray:
         """The overlay (RGB) of :func:`~flowseg.utils.visualize.draw_expressions_overlay`."""
         return draw_expressions_overlay(self.to_rgb(image), results, scale=scale)
+
+
+def load_demo(config_file: str, weights: Optional[str], opts: Sequence[Any] = ()) -> ReferringDemo:
+    """The config checked and the model loaded; every failure a :class:`DemoError` naming it."""
+    cfg = setup_cfg(config_file, weights, opts)
+    try:
+        return ReferringDemo(cfg)
+    except (NotACheckpointError, CheckpointShapeError, FrozenBaseMismatchError, FileNotFoundError) as e:
+        raise DemoError(str(e)) from e
+    except (OSError, ValueError, KeyError) as e:  # e.g. MODEL.LLM.PATH is not a model folder
+        raise DemoError(f"cannot build the model of {config_file}: {type(e).__name__}: {e}") from e
 
 
 def output_stem(image_path: str, expressions: Sequence[str], task: str) -> str:
