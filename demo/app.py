@@ -8,7 +8,8 @@ The model is loaded once; requests are queued and served by that one instance. L
 inference and drawing are ``demo/demo.py``'s (:mod:`flowseg.utils.referring_demo`): the page shows
 the same overlay and offers the same files (overlay PNG, one mask PNG per answer, COCO RLE JSON).
 Expressions: one per line; a line with several ``<p>…</p>`` spans gives one answer per span; all
-of an image's expressions share one image encoding. Bad input (no image, an unreadable one, an
+of an image's expressions share one image encoding. Tasks: referring, reasoning, gres
+(multi / no target), generic (the lines are class names; none: the model's metadata classes). Bad input (no image, an unreadable one, an
 empty expression, unbalanced ``<p>``, a prompt longer than ``MODEL.LLM.MAX_LENGTH``) is shown as
 ``error: ...`` in the page and the server keeps serving. Nothing is fetched from outside: Gradio's
 analytics are off and the theme uses the browser's own fonts.

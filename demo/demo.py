@@ -4,10 +4,12 @@ of a folder).
 
     python demo/demo.py --config-file output/main/config.yaml --weights output/main/model_final.pth \
         --input photo.jpg --expression "the purple star" --expression "the yellow square" \
-        --output out/ [--task reasoning|gres] [--scale S] [--opts MODEL.DEVICE cpu]
+        --output out/ [--task reasoning|gres|generic] [--scale S] [--opts MODEL.DEVICE cpu]
 
 ``--expression`` may be repeated; an expression with several ``<p>…</p>`` spans gives one answer
-per span. All expressions of an image share one image encoding. Each input image ``NAME.EXT``
+per span. All expressions of an image share one image encoding. ``--task generic``: the
+expressions are class names (one condition each; none given: the model's metadata classes) and the
+classes found with a score of at least 0.5 are drawn. Each input image ``NAME.EXT``
 gives, in ``OUTPUT``, ``NAME-EXT-HASH.png`` (HASH: 8 hex digits of the expressions and task, so
 other expressions or ``a.jpg`` beside ``a.png`` never overwrite each other): the picture with each
 answer's mask filled and outlined in its own colour over a legend (number, colour, expression,
@@ -133,7 +135,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--task",
         choices=TASKS,
         default="referring",
-        help="referring expression, reasoning question, or gres (several targets or none)",
+        help="referring expression, reasoning question, gres (several targets or none), generic (class names)",
     )
     p.add_argument(
         "--scale",

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 from flowseg.utils.visualize import FILL_ALPHA
+from PIL import Image
 from pycocotools import mask as mask_utils
 from repo_scripts import load_script
 from test_demo import CONFIG, _image, env  # noqa: F401 - the tiny model fixture
@@ -34,8 +35,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(env):  # noqa: F811
-    model = demo_script.load_demo(CONFIG, env["weights"], env["opts"])
+def model(env):  # noqa: F811
+    return demo_script.load_demo(CONFIG, env["weights"], env["opts"])
+
+
+@pytest.fixture(scope="module")
+def server(env, model):  # noqa: F811
     out_root = env["tmp"] / "app_out"
     out_root.mkdir()
     app = app_script.build_app(model, str(out_root))
@@ -158,8 +163,13 @@ def test_browser_uploads_an_image_and_shows_two_expressions(env, server, tmp_pat
         )
         driver.save_screenshot(str(tmp_path / "result.png"))
         links = [a.get_attribute("href") for a in driver.find_elements(By.CSS_SELECTOR, "#files a")]
+        loaded = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     finally:
         driver.quit()
+
+    # nothing fetched from outside the server (fonts, themes, analytics)
+    outside = [u for u in loaded if not u.startswith((server["url"], "data:", "blob:"))]
+    assert loaded and not outside, outside
 
     with urllib.request.urlopen(src[0]) as r:
         shown = cv2.cvtColor(
@@ -198,3 +208,41 @@ def test_browser_uploads_an_image_and_shows_two_expressions(env, server, tmp_pat
         far.astype(np.uint8), (big.shape[1], big.shape[0]), interpolation=cv2.INTER_NEAREST
     ).astype(bool)
     assert np.abs(body[far] - big[far]).max() <= 3  # outside the masks: untouched
+
+
+def _save(path, array, mode=None):
+    Image.fromarray(array, mode=mode).save(path)
+    return str(path)
+
+
+def test_odd_images_are_converted_or_refused_with_a_message(model, tmp_path):
+    rgb = np.zeros((40, 50, 3), np.uint8)
+    rgb[10:30, 10:30] = (200, 30, 30)
+    cases = {
+        "grey.png": _save(tmp_path / "grey.png", rgb[..., 0]),
+        "rgba.png": _save(tmp_path / "rgba.png", np.dstack([rgb, np.full((40, 50), 128, np.uint8)])),
+        "sixteen.png": _save(tmp_path / "sixteen.png", (rgb[..., 0].astype(np.uint16) * 257)),
+        "tiny.png": _save(tmp_path / "tiny.png", rgb[:1, :1]),
+    }
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    cases["cmyk.jpg"] = str(tmp_path / "cmyk.jpg")
+    for name, path in cases.items():
+        overlay, files, status = app_script.segment(model, str(tmp_path), path, "the red box", "referring")
+        assert status.startswith("1 answer(s)"), (name, status)
+        assert overlay.ndim == 3 and overlay.shape[2] == 3 and len(files) == 3
+
+    (tmp_path / "broken.png").write_bytes(b"not an image at all")
+    for path, message in [
+        (None, "error: no image"),
+        (str(tmp_path / "broken.png"), "error: cannot read image"),
+    ]:
+        overlay, files, status = app_script.segment(model, str(tmp_path), path, "the red box", "referring")
+        assert overlay is None and files is None and status.startswith(message), status
+    big = np.zeros((10, 10, 3), np.uint8)
+    with pytest.raises(app_script.DemoError, match="too large"):
+        app_script.check_image_array(big, max_pixels=99)
+
+
+def test_example_images_come_from_the_synthetic_data(tmp_path):
+    paths = app_script.example_images(str(tmp_path), n=2)
+    assert len(paths) == 2 and all(np.asarray(Image.open(p)).std() > 5 for p in paths)

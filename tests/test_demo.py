@@ -235,3 +235,30 @@ def test_demo_errors_name_the_problem(env, tmp_path, capsys, case, message):
     if case == "missing_checkpoint":
         assert "missing.pth" in err
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
+def test_demo_gres_and_generic_tasks(env, tmp_path):
+    out = tmp_path / "gres"
+    assert (
+        _main(
+            env,
+            inp=env["folder"] / "a.jpg",
+            out=out,
+            expression=["the red box", "a unicorn"],
+            extra=["--task", "gres"],
+        )
+        == 0
+    )
+    _, answers = _answers(out)
+    assert [a["expression"] for a in answers] == ["the red box", "a unicorn"]
+    assert all(isinstance(a["no_target"], bool) for a in answers)
+    assert all(a["area"] == 0 for a in answers if a["no_target"])  # "no target": an empty mask
+
+    cfg = demo.setup_cfg(CONFIG, env["weights"], env["opts"])
+    model = demo.ReferringDemo(cfg)
+    image = cv2.imread(str(env["folder"] / "a.jpg"))[..., ::-1].copy()
+    names = ["box", "floor", "circle"]
+    found = model.predict(image, names, "generic")
+    assert all(r.text in names and r.mask.any() and r.score >= 0.5 for r in found)
+    with pytest.raises(demo.DemoError, match="take no <p></p> markers"):
+        model.predict(image, ["<p>box</p>"], "generic")

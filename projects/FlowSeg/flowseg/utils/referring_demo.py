@@ -54,8 +54,10 @@ __all__ = [
 
 logger = logging.getLogger("flowseg.demo")
 
-#: prompt templates: referring expression, reasoning question, or multi/no-target (GRES) answers
-TASKS = ("referring", "reasoning", "gres")
+#: prompt templates: referring expression, reasoning question, multi/no-target (GRES) answers, or
+#: generic segmentation (every class name one condition: the user's, else the model's metadata)
+TASKS = ("referring", "reasoning", "gres", "generic")
+GENERIC_MIN_SCORE = 0.5  # generic answers below this selection score are not shown
 _SPAN_RE = re.compile(re.escape(P_START) + r"(.*?)" + re.escape(P_END), re.S)
 
 
@@ -157,11 +159,34 @@ class ReferringDemo:
         """``ref_seg`` of the model (selected ``mask`` at the image's resolution, ``score``, ``query``)."""
         return self.model([self.model_input(image, expression, task)])[0]["ref_seg"]
 
+    def _generic(self, image: np.ndarray, class_names: Sequence[str]) -> List[ExpressionResult]:
+        x = self.model_input(image, "", "referring")
+        x["task"] = "generic"
+        if class_names:
+            x["class_names"] = list(class_names)
+        try:
+            (out,) = self.model([x])
+            names = list(class_names) or self.model._class_names()
+        except (BadSampleError, ValueError) as e:  # e.g. no category names in the metadata
+            raise DemoError(f"generic task: {e}; type the class names, one per line") from e
+        return [
+            ExpressionResult(name, seg["mask"].cpu().numpy().astype(bool), float(seg["score"]))
+            for name, seg in zip(names, out["ref_segs"])
+            if seg["score"] >= GENERIC_MIN_SCORE and bool(seg["mask"].any())
+        ]
+
     @torch.no_grad()
     def predict(
         self, image: np.ndarray, expressions: Sequence[str], task: str = "referring"
     ) -> List[ExpressionResult]:
-        """One answer per expression, and per ``<p>`` span of an expression that has several, in order."""
+        """One answer per expression, and per ``<p>`` span of an expression that has several, in order.
+        ``task="generic"``: the expressions are class names (none: the model's own), and the classes
+        found (score >= :data:`GENERIC_MIN_SCORE`, non-empty mask) are the answers."""
+        if task == "generic":
+            names = [e.strip() for e in expressions if e and e.strip()]
+            if any(P_START in n or P_END in n for n in names):
+                raise DemoError(f"generic class names take no {P_START}{P_END} markers: {names}")
+            return self._generic(image, names)
         expressions = parse_expressions(expressions)
         inputs = [self.model_input(image, e, task) for e in expressions]
         try:
