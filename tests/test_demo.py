@@ -187,6 +187,8 @@ def test_demo_warns_when_no_target_but_writes_the_picture(env, capsys):
         ("generic_config", "not in referring mode"),
         ("config_without_llm", "needs a language model: set MODEL.LLM.PATH"),
         ("unbalanced_span", "unbalanced phrase markers"),
+        ("not_yaml", "is not a YAML config"),
+        ("unknown_key", "Non-existent config key: MODEL.NOT_A_KEY"),
     ],
 )
 def test_demo_errors_name_the_problem(env, tmp_path, capsys, case, message):
@@ -208,6 +210,11 @@ def test_demo_errors_name_the_problem(env, tmp_path, capsys, case, message):
         kwargs["config"] = GENERIC_CONFIG
     elif case == "config_without_llm":  # a config whose LLM files are not given: no traceback
         kwargs["config"] = os.path.join(ROOT, "configs", "synthetic", "flowseg_synthref_cpu.yaml")
+    elif case == "not_yaml":
+        kwargs["config"] = os.path.join(ROOT, "README.md")
+    elif case == "unknown_key":
+        kwargs["config"] = str(tmp_path / "bad.yaml")
+        (tmp_path / "bad.yaml").write_text("MODEL:\n  NOT_A_KEY: 3\n")
     elif case == "unbalanced_span":
         kwargs["expression"] = ["the red box", "<p>the grey floor"]
     if case == "config_without_llm":
@@ -257,6 +264,10 @@ def test_demo_gres_and_generic_tasks(env, tmp_path):
     cfg = demo.setup_cfg(CONFIG, env["weights"], env["opts"])
     model = demo.ReferringDemo(cfg)
     image = cv2.imread(str(env["folder"] / "a.jpg"))[..., ::-1].copy()
+    results = model.predict(image, ["the red box", "<p>the floor</p> and <p>the wall</p>"])
+    assert [r.text for r in results] == ["the red box", "the floor", "the wall"]
+    assert (model.inference.images_encoded, model.inference.expressions) == (1, 2)  # one image encoding
+
     names = ["box", "floor", "circle"]
     found = model.predict(image, names, "generic")
     assert all(r.text in names and r.mask.any() and r.score >= 0.5 for r in found)

@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import cv2
 import numpy as np
 import torch
+import yaml
 from detectron2.config import CfgNode
 from detectron2.data import detection_utils as utils
 from pycocotools import mask as mask_utils
@@ -73,6 +74,8 @@ def setup_cfg(config_file: str, weights: Optional[str], opts: Sequence[Any] = ()
         check_device(cfg)
     except (FileNotFoundError, ValueError, KeyError, AttributeError) as e:  # yacs: unknown keys
         raise DemoError(f"config {config_file}: {e}") from e
+    except yaml.YAMLError as e:
+        raise DemoError(f"config {config_file} is not a YAML config: {str(e).splitlines()[0]}") from e
     if cfg.MODEL.FLOWSEG.MODE != "referring":
         raise DemoError(
             f"the model config {config_file} is not in referring mode (MODEL.FLOWSEG.MODE is "
