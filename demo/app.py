@@ -50,6 +50,10 @@ logger = logging.getLogger("flowseg.demo")
 
 __all__ = ["build_app", "segment", "main"]
 
+# what the main job (bash tools/run_main.sh) leaves
+DEFAULT_CONFIG = os.path.join("output", "main", "config.yaml")
+DEFAULT_WEIGHTS = os.path.join("output", "main", "model_final.pth")
+
 
 def segment(
     demo: ReferringDemo, out_root: str, image_path: Optional[str], text: str, task: str
@@ -132,8 +136,12 @@ def example_images(folder: str, n: int = 3) -> List[str]:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", default="output/main/config.yaml", metavar="FILE")
-    p.add_argument("--weights", default="output/main/model_final.pth", metavar="FILE")
+    p.add_argument(
+        "--config-file", default=DEFAULT_CONFIG, metavar="FILE", help="referring-mode FlowSeg config"
+    )
+    p.add_argument(
+        "--weights", default=DEFAULT_WEIGHTS, metavar="FILE", help="checkpoint (sets MODEL.WEIGHTS)"
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: the config's MODEL.DEVICE)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=7860)
@@ -148,7 +156,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         demo = load_demo(args.config_file, args.weights, opts)
     except DemoError as e:
-        print(f"error: {e}", file=sys.stderr)
+        hint = ""
+        if args.config_file == DEFAULT_CONFIG and not os.path.isfile(DEFAULT_CONFIG):
+            hint = " (the default is the main job's model: run bash tools/run_main.sh first, or pass --config-file)"
+        print(f"error: {e}{hint}", file=sys.stderr)
         return 1
     out_root = tempfile.mkdtemp(prefix="flowseg_app_")
     app = build_app(demo, out_root, example_images(os.path.join(out_root, "examples")))

@@ -246,3 +246,10 @@ def test_odd_images_are_converted_or_refused_with_a_message(model, tmp_path):
 def test_example_images_come_from_the_synthetic_data(tmp_path):
     paths = app_script.example_images(str(tmp_path), n=2)
     assert len(paths) == 2 and all(np.asarray(Image.open(p)).std() > 5 for p in paths)
+
+
+def test_app_without_the_main_jobs_model_says_what_to_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert app_script.main([]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "output/main/config.yaml" in err and "tools/run_main.sh" in err
