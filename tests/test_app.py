@@ -232,12 +232,15 @@ def test_odd_images_are_converted_or_refused_with_a_message(model, tmp_path):
         assert overlay.ndim == 3 and overlay.shape[2] == 3 and len(files) == 3
 
     (tmp_path / "broken.png").write_bytes(b"not an image at all")
-    for path, message in [
-        (None, "error: no image"),
-        (str(tmp_path / "broken.png"), "error: cannot read image"),
+    too_long = "the red box " * 2000
+    for path, text, message in [
+        (None, "the red box", "error: no image"),
+        (str(tmp_path / "broken.png"), "the red box", "error: cannot read image"),
+        (cases["grey.png"], too_long, "error: "),  # longer than MODEL.LLM.MAX_LENGTH
     ]:
-        overlay, files, status = app_script.segment(model, str(tmp_path), path, "the red box", "referring")
+        overlay, files, status = app_script.segment(model, str(tmp_path), path, text, "referring")
         assert overlay is None and files is None and status.startswith(message), status
+        assert text != too_long or "> MODEL.LLM.MAX_LENGTH" in status
     big = np.zeros((10, 10, 3), np.uint8)
     with pytest.raises(app_script.DemoError, match="too large"):
         app_script.check_image_array(big, max_pixels=99)
