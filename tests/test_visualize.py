@@ -1,6 +1,8 @@
 """Overlay pictures: the mask outline is visible on any background, the caption scales and wraps;
 several expressions in their own colours with a legend; text in any script."""
 
+import logging
+
 import numpy as np
 from flowseg.utils.fonts import uncovered_characters
 from flowseg.utils.visualize import (
@@ -135,3 +137,19 @@ def test_chinese_and_emoji_are_drawn_not_missing_glyph_boxes():
         assert drawn[i].sum() > 30, texts[i]
         for j in range(i):
             assert (drawn[i] != drawn[j]).sum() > 30, (texts[i], texts[j])
+
+
+def test_without_the_font_packages_a_warning_names_them(monkeypatch, caplog):
+    from flowseg.utils import fonts
+
+    monkeypatch.setattr(fonts, "FONT_PACKAGES", ("flowseg_no_such_font_package",))
+    fonts._package_fonts.cache_clear()
+    fonts._charmaps.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=fonts.__name__):
+            assert fonts.unicode_font_families() == ["DejaVu Sans"]
+        assert "pip install flowseg-no-such-font-package" in caplog.text
+        assert fonts.uncovered_characters("黄a") == "黄"
+    finally:
+        fonts._package_fonts.cache_clear()
+        fonts._charmaps.cache_clear()
