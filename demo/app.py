@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -48,7 +49,7 @@ from PIL import Image  # noqa: E402
 
 logger = logging.getLogger("flowseg.demo")
 
-__all__ = ["build_app", "segment", "main"]
+__all__ = ["build_app", "segment", "prune_old_requests", "main"]
 
 # what the main job (bash tools/run_main.sh) leaves
 DEFAULT_CONFIG = os.path.join("output", "main", "config.yaml")
@@ -70,7 +71,8 @@ def segment(
         results = demo.predict(image, expressions, task)
         overlay = demo.draw(image, results)
         expressions = [e.strip() for e in expressions if e.strip()]
-        out_dir = tempfile.mkdtemp(dir=out_root)
+        prune_old_requests(out_root)
+        out_dir = tempfile.mkdtemp(prefix="request_", dir=out_root)
         files = save_outputs(
             out_dir,
             output_stem(image_path, expressions, task),
@@ -88,13 +90,22 @@ def segment(
     return overlay, [files["json"], *files["masks"], files["overlay"]], status
 
 
+def prune_old_requests(out_root: str, keep: int = 32) -> None:
+    """Remove all but the newest ``keep`` request folders: a long-running server stays bounded
+    (the page has copied the files it shows into Gradio's own cache by then)."""
+    folders = [e for e in os.scandir(out_root) if e.is_dir() and e.name.startswith("request_")]
+    for e in sorted(folders, key=lambda e: e.stat().st_mtime)[: max(0, len(folders) - keep)]:
+        shutil.rmtree(e.path, ignore_errors=True)
+
+
 def build_app(demo: ReferringDemo, out_root: str, examples: Sequence[str] = ()) -> gr.Blocks:
     """The page: image, expressions and task in; overlay, files and status out (API name ``segment``)."""
 
     def run(image_path: Optional[str], text: str, task: str) -> Tuple[Any, Any, str]:
         return segment(demo, out_root, image_path, text, task)
 
-    with gr.Blocks(title="FlowSeg demo", analytics_enabled=False) as app:
+    # Gradio's cache of served files: entries older than an hour are removed every hour
+    with gr.Blocks(title="FlowSeg demo", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
         gr.Markdown(
             "## FlowSeg: referring segmentation\nOne expression per line, or `<p>…</p>` spans in a sentence."
         )

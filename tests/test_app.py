@@ -256,3 +256,12 @@ def test_app_without_the_main_jobs_model_says_what_to_run(tmp_path, monkeypatch,
     assert app_script.main([]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "output/main/config.yaml" in err and "tools/run_main.sh" in err
+
+
+def test_old_request_folders_are_pruned(tmp_path):
+    for i in range(5):
+        (tmp_path / f"request_{i}").mkdir()
+        os.utime(tmp_path / f"request_{i}", (1000 + i, 1000 + i))
+    (tmp_path / "examples").mkdir()
+    app_script.prune_old_requests(str(tmp_path), keep=2)
+    assert sorted(os.listdir(tmp_path)) == ["examples", "request_3", "request_4"]
