@@ -1,22 +1,31 @@
 #!/usr/bin/env python
-"""FlowSeg demo: segment what a sentence refers to in a picture (or every picture of a folder).
+"""FlowSeg demo: segment what one or several expressions refer to in a picture (or every picture
+of a folder).
 
-    python demo/demo.py --config-file configs/flowseg_refcoco.yaml --weights model_final.pth \
-        --input photo.jpg --expression "the man in the red shirt" --output out/ \
-        [--task reasoning] [--opts MODEL.DEVICE cpu]
+    python demo/demo.py --config-file output/main/config.yaml --weights output/main/model_final.pth \
+        --input photo.jpg --expression "the purple star" --expression "the yellow square" \
+        --output out/ [--task reasoning|gres|generic] [--scale S] [--opts MODEL.DEVICE cpu]
 
-Each input image ``NAME.ext`` gives ``OUTPUT/NAME.png``: the image with the selected mask
-(Detectron2 ``Visualizer``), the expression and the selection score as caption. The image is
-prepared like the evaluation mapper does (long side resized to ``INPUT.IMAGE_SIZE``, the model
-pads); the mask comes back at the original resolution.
+``--expression`` may be repeated; an expression with several ``<p>…</p>`` spans gives one answer
+per span. All expressions of an image share one image encoding. ``--task generic``: the
+expressions are class names (one condition each; none given: the model's metadata classes) and the
+classes found with a score of at least 0.5 are drawn. Each input image ``NAME.EXT``
+gives, in ``OUTPUT``, ``NAME-EXT-HASH.png`` (HASH: 8 hex digits of the expressions and task, so
+other expressions or ``a.jpg`` beside ``a.png`` never overwrite each other): the picture with each
+answer's mask filled and outlined in its own colour over a legend (number, colour, expression,
+score, or "no target" where a ``--task gres`` model answers so); ``NAME-EXT-HASH.json``: the
+answers with their masks as COCO RLE; ``NAME-EXT-HASH.mask<i>.png``: each mask (0/255). A small
+picture is enlarged to a long side of 640 pixels (``--scale`` overrides). Text in any script or
+emoji is drawn with the Noto fonts of the ``manimgx-fonts*`` packages (a warning names characters
+no font covers). The image is prepared like the evaluation mapper does (long side resized to
+``INPUT.IMAGE_SIZE``); the masks come back at the original resolution.
 
-Errors (exit status 1, message on stderr naming the problem): a missing / unreadable image or an
-empty folder, a missing checkpoint file, a file that is not a checkpoint, a checkpoint of another
-config, ``MODEL.DEVICE cuda`` without a GPU, an empty expression or one with unbalanced ``<p>``
-markers or longer than ``MODEL.LLM.MAX_LENGTH``, a config not in referring mode. A 16-bit image is
-scaled to 8 bits with a warning.
-When the selected mask is empty the demo warns "no target found for <expression>" and still
-writes the picture.
+Errors (exit status 1, one line ``error: ...`` on stderr naming the problem): a missing /
+unreadable image or an empty folder, a missing or broken config, a missing checkpoint file, a file
+that is not a checkpoint, a checkpoint of another config, ``MODEL.DEVICE cuda`` without a GPU, an
+empty expression or one with unbalanced ``<p>`` markers or longer than ``MODEL.LLM.MAX_LENGTH``, a
+config not in referring mode. A 16-bit image is scaled to 8 bits with a warning. When an answer's
+mask is empty the demo warns "no target found for <expression>" and still writes the picture.
 """
 
 from __future__ import annotations
@@ -25,64 +34,31 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.join(ROOT, "projects", "FlowSeg") not in sys.path:
     sys.path.insert(0, os.path.join(ROOT, "projects", "FlowSeg"))  # run from a checkout without installing
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from detectron2.config import CfgNode  # noqa: E402
-from detectron2.data import detection_utils as utils  # noqa: E402
-from flowseg.checkpoint.checkpointer import CheckpointShapeError, NotACheckpointError  # noqa: E402
-from flowseg.data.dataset_mappers.referring import resize_long_side  # noqa: E402
-from flowseg.data.image_io import read_image as read_image_file  # noqa: E402
-from flowseg.modeling.language.prompts import count_phrase_spans  # noqa: E402
-from flowseg.utils.bad_samples import BadSampleError  # noqa: E402
-from flowseg.utils.inference import (  # noqa: E402
-    add_opts_argument,
-    build_cfg,
-    check_cfg_args,
-    check_device,
-    load_model,
+from flowseg.utils.inference import add_opts_argument  # noqa: E402
+from flowseg.utils.referring_demo import (  # noqa: E402
+    TASKS,
+    DemoError,
+    ReferringDemo,
+    load_demo,
+    output_stem,
+    parse_expressions,
+    read_image,
+    save_outputs,
+    setup_cfg,
 )
-from flowseg.utils.visualize import draw_referring_overlay  # noqa: E402
 from PIL import Image  # noqa: E402
 
 logger = logging.getLogger("flowseg.demo")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
-__all__ = ["DemoError", "ReferringDemo", "list_images", "setup_cfg", "run", "main"]
-
-
-class DemoError(RuntimeError):
-    """A user-facing problem (bad input, config or checkpoint): printed as ``error: ...``."""
-
-
-def setup_cfg(config_file: str, weights: Optional[str], opts: Sequence[Any] = ()) -> CfgNode:
-    try:
-        check_cfg_args(config_file, opts)
-    except (FileNotFoundError, ValueError) as e:
-        raise DemoError(str(e)) from e
-    cfg = build_cfg(config_file, weights, opts)
-    try:
-        check_device(cfg)
-    except ValueError as e:
-        raise DemoError(str(e)) from e
-    if cfg.MODEL.FLOWSEG.MODE != "referring":
-        raise DemoError(
-            f"the model config {config_file} is not in referring mode (MODEL.FLOWSEG.MODE is "
-            f"{cfg.MODEL.FLOWSEG.MODE!r}): the demo needs a referring/reasoning model, "
-            "e.g. configs/flowseg_refcoco.yaml"
-        )
-    w = cfg.MODEL.WEIGHTS
-    if w and "://" not in w and not os.path.isfile(w):
-        raise DemoError(f"checkpoint file not found: {w} (--weights / MODEL.WEIGHTS)")
-    cfg.freeze()
-    return cfg
+__all__ = ["DemoError", "ReferringDemo", "list_images", "setup_cfg", "load_demo", "run", "main"]
 
 
 def list_images(path: str) -> List[str]:
@@ -108,84 +84,38 @@ def check_image(path: str) -> None:
         raise DemoError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
-def read_image(path: str, image_format: str) -> np.ndarray:
-    """HxWx3 uint8 in ``image_format`` (EXIF orientation applied, like Detectron2's loaders; a 16-bit
-    image is scaled to 8 bits with a warning, :mod:`flowseg.data.image_io`)."""
-    try:
-        return read_image_file(path, format=image_format)
-    except Exception as e:  # PIL raises several types for truncated / non-image files
-        raise DemoError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
-
-
-class ReferringDemo:
-    """A loaded referring model and the evaluation-mapper preprocessing for single pictures."""
-
-    def __init__(self, cfg: CfgNode) -> None:
-        self.cfg = cfg
-        self.model = load_model(cfg, logger)
-        self.image_format = cfg.INPUT.FORMAT
-        self.image_size = int(cfg.INPUT.IMAGE_SIZE)
-
-    def model_input(self, image: np.ndarray, expression: str, task: str = "referring") -> Dict[str, Any]:
-        height, width = image.shape[:2]
-        # Same geometry as ReferringDatasetMapper at test time: long side -> INPUT.IMAGE_SIZE.
-        resized = resize_long_side(image, self.image_size)
-        return {
-            "image": torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1))),
-            "height": height,
-            "width": width,
-            "expression": expression,
-            "task": task,
-            "is_sentence": task == "reasoning",
-        }
-
-    @torch.no_grad()
-    def __call__(self, image: np.ndarray, expression: str, task: str = "referring") -> Dict[str, Any]:
-        """``ref_seg`` of the model (selected ``mask`` at the image's resolution, ``score``, ``query``)."""
-        return self.model([self.model_input(image, expression, task)])[0]["ref_seg"]
-
-    def to_rgb(self, image: np.ndarray) -> np.ndarray:
-        return utils.convert_image_to_rgb(image, self.image_format)
-
-
 def run(args: argparse.Namespace) -> List[str]:
-    """Run the demo; returns the written files. Raises :class:`DemoError` on user errors."""
-    expression = (args.expression or "").strip()
-    if not expression:
-        raise DemoError('the expression is empty: pass --expression "the object to segment"')
-    try:
-        count_phrase_spans(expression)
-    except ValueError as e:
-        raise DemoError(f"--expression: {e}") from e
+    """Run the demo; returns the written overlay files. Raises :class:`DemoError` on user errors."""
+    expressions = parse_expressions(args.expression or [])
     images = list_images(args.input)  # before the (slow) model build: fail fast on a bad path
     for path in images:
         check_image(path)
-    cfg = setup_cfg(args.config_file, args.weights, args.opts)
-    try:
-        demo = ReferringDemo(cfg)
-    except (NotACheckpointError, CheckpointShapeError) as e:
-        raise DemoError(str(e)) from e
-    os.makedirs(args.output, exist_ok=True)
+    demo = load_demo(args.config_file, args.weights, args.opts)
     written = []
     for path in images:
         image = read_image(path, demo.image_format)
-        try:
-            ref = demo(image, expression, args.task)
-        except BadSampleError as e:  # e.g. longer than MODEL.LLM.MAX_LENGTH
-            raise DemoError(str(e)) from e
-        mask = ref["mask"].cpu().numpy().astype(bool)
-        if not mask.any():
-            msg = f"no target found for {expression!r} in {path}"
-            logger.warning(msg)
-            print(f"warning: {msg}", file=sys.stderr)
-        pic = draw_referring_overlay(
-            demo.to_rgb(image), expression, mask, score=ref.get("score"), scale=args.scale
+        results = demo.predict(image, expressions, args.task)
+        for r in results:
+            if not r.mask.any():
+                msg = f"no target found for {r.text!r} in {path}"
+                logger.warning(msg)
+                print(f"warning: {msg}", file=sys.stderr)
+        stem = output_stem(path, expressions, args.task)
+        files = save_outputs(
+            args.output,
+            stem,
+            demo.draw(image, results, args.scale),
+            results,
+            image=path,
+            task=args.task,
+            expressions=expressions,
         )
-        out = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + ".png")
-        if not cv2.imwrite(out, cv2.cvtColor(pic, cv2.COLOR_RGB2BGR)):
-            raise DemoError(f"cannot write {out}")
-        print(f"{path}: score {ref.get('score', float('nan')):.3f}, {int(mask.sum())} px -> {out}")
-        written.append(out)
+        summary = "; ".join(
+            f"{r.text!r}: " + ("no target" if r.no_target else f"score {r.score:.3f}, {int(r.mask.sum())} px")
+            for r in results
+        )
+        print(f"{path}: {summary} -> {files['overlay']}")
+        written.append(files["overlay"])
     return written
 
 
@@ -194,15 +124,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--config-file", required=True, metavar="FILE", help="referring-mode FlowSeg config")
     p.add_argument("--weights", default=None, metavar="FILE", help="checkpoint (sets MODEL.WEIGHTS)")
     p.add_argument("--input", required=True, help="an image file or a folder of images")
-    p.add_argument("--expression", required=True, help='what to segment, e.g. "the dog on the left"')
-    p.add_argument("--output", required=True, help="output folder for the overlay PNGs")
+    p.add_argument(
+        "--expression",
+        required=True,
+        action="append",
+        help='what to segment, e.g. "the dog on the left"; repeat it for several (each its own colour)',
+    )
+    p.add_argument("--output", required=True, help="output folder for the pictures, masks and JSON")
     p.add_argument(
         "--task",
-        choices=("referring", "reasoning"),
+        choices=TASKS,
         default="referring",
-        help="prompt template: referring expression or reasoning question",
+        help="referring expression, reasoning question, gres (several targets or none), generic (class names)",
     )
-    p.add_argument("--scale", type=float, default=1.0, help="drawing scale of the overlay")
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=None,
+        help="drawing scale (default: a small picture is enlarged to 640 px)",
+    )
     add_opts_argument(p, "MODEL.DEVICE cpu")
     return p.parse_args(argv)
 

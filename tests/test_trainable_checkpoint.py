@@ -4,6 +4,7 @@ the full checkpoint; a missing or changed source fails with its name."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from typing import Any, Dict, List
@@ -303,3 +304,38 @@ def test_export_full_checkpoint_is_self_contained_and_merges_lora(llm_paths, tmp
     for x, y in zip(a, b):
         assert x["ref_seg"]["query"] == y["ref_seg"]["query"]
         assert abs(x["ref_seg"]["score"] - y["ref_seg"]["score"]) < 1e-4  # W + BA merged: float rounding
+
+
+def test_base_without_condition_head_gives_no_warning_and_one_expected_line(
+    llm_paths, tmp_path, caplog
+) -> None:
+    # the main job's chain: a segmentor-only (stage-1) base; a referring run whose frozen LLM and
+    # vision tower are built from config files (no weights: the run's file keeps them), saved
+    # trainable-only. Loading it loads the base first, which lacks what the file itself holds.
+    cfg = get_cfg()
+    add_flowseg_config(cfg)
+    cfg.merge_from_file(REFER_TINY)
+    cfg.merge_from_list(tiny_llm_cfg_overrides(llm_paths, from_weights=False, lora=True))
+    frozen = ["MODEL.LLM.FREEZE", True, "MODEL.VANILLA_ENCODER.FREEZE", True, "MODEL.SAM_VIT.FREEZE", True]
+    cfg.merge_from_list(frozen)
+    start = _model(cfg, seed=0)
+    (tmp_path / "stage1").mkdir()
+    (tmp_path / "run").mkdir()
+    state = {k: v for k, v in start.state_dict().items() if not k.startswith("condition_head.")}
+    torch.save({"model": state}, tmp_path / "stage1" / "model_final.pth")
+    model = _model(cfg, seed=1)
+    FlowSegCheckpointer(model, cfg=cfg).load(str(tmp_path / "stage1" / "model_final.pth"))
+    _perturb_trainable(model, seed=3)
+    FlowSegCheckpointer(model, str(tmp_path / "run"), cfg=cfg).save("model_final")
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="flowseg"):
+        restored = _model(cfg, seed=4)
+        FlowSegCheckpointer(restored, cfg=cfg).load(str(tmp_path / "run" / "model_final.pth"))
+    _assert_same_state(model, restored)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not warnings, warnings[0][:300]
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    expected = [line for line in text.splitlines() if "as expected" in line]
+    assert expected and all(line.startswith("Not in the checkpoint, as expected: ") for line in expected)
+    assert "LLM base weights 25 (saved in model_final.pth)" in text  # filled by the run's own file

@@ -85,6 +85,21 @@ if ! "$VENV/bin/python" -c "import detectron2" 2>/dev/null; then
   repack_pure sal-detectron2==0.7.2 --python-version 3.10
 fi
 
+# The web demo's browser test drives Debian's Chromium; where apt-get is missing (or not root)
+# the rest still installs and that test skips, naming what is missing.
+if ! command -v chromedriver >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "[setup] installing chromium and chromium-driver (browser test of demo/app.py)" >&2
+    if ! (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \
+        >"$tmp/apt.log" 2>&1; then
+      tail -n 5 "$tmp/apt.log" >&2
+      echo "[setup] chromium not installed: the browser test will skip" >&2
+    fi
+  else
+    echo "[setup] no apt-get as root: chromium not installed, the browser test will skip" >&2
+  fi
+fi
+
 pip_ install -q --no-deps --no-build-isolation -e "$ROOT"
 "$VENV/bin/python" -c "import detectron2, flowseg" >&2
 echo "$want" > "$STAMP"

@@ -121,6 +121,28 @@ class LoadReport:
         self.num_loaded = len(loaded)
         return loaded
 
+    def expected_absent_line(self) -> str:
+        """One line: per component, how many tensors the checkpoint lacks and where they come from."""
+        parts = []
+        for c, keys in self.missing_expected.items():
+            reason = self.missing_reasons.get(c, "")
+            parts.append(f"{COMPONENTS[c]} {len(keys)}" + (f" ({reason})" if reason else ""))
+        return "Not in the checkpoint, as expected: " + "; ".join(parts) + "."
+
+    def explain_missing(self, keys: Set[str], reason: str) -> None:
+        """Move the unexplained missing ``keys`` to the expected ones, with ``reason``."""
+        for c in list(self.missing_unexpected):
+            moved = [k for k in self.missing_unexpected[c] if k in keys]
+            if not moved:
+                continue
+            self.missing_expected.setdefault(c, []).extend(moved)
+            self.missing_reasons.setdefault(c, reason)
+            rest = [k for k in self.missing_unexpected[c] if k not in keys]
+            if rest:
+                self.missing_unexpected[c] = rest
+            else:
+                del self.missing_unexpected[c]
+
     def info_text(self) -> str:
         lines = [
             f"Loaded {self.num_loaded} of {self.num_model_keys} model tensors from {self.source or 'checkpoint'}"
@@ -131,12 +153,7 @@ class LoadReport:
             lines.append(f"Converted from the {self.source_format} names:")
             lines += [_group_line(c, v) for c, v in self.converted.items()]
         if self.missing_expected:
-            lines.append(
-                "Not in the checkpoint, as expected (kept at their initialisation / pretrained weights):"
-            )
-            lines += [
-                _group_line(c, v, self.missing_reasons.get(c, "")) for c, v in self.missing_expected.items()
-            ]
+            lines.append(self.expected_absent_line())
         if self.dropped:
             lines.append("Checkpoint tensors dropped on purpose:")
             lines += [_group_line(c, v, self.dropped_reasons.get(c, "")) for c, v in self.dropped.items()]

@@ -225,7 +225,13 @@ def restore_frozen_base(
         logger.info("%s is trainable-only: loading its base checkpoint %s first", src_file, base)
         checkpointer.load_weights(base)
         if checkpointer.last_report is not None:
-            checkpointer.last_report.log(logger)
+            # what the base lacks but the file itself holds, or the build loaded, is no problem
+            report = checkpointer.last_report
+            report.explain_missing(set(checkpoint["model"]), f"saved in {os.path.basename(src_file)}")
+            for source, entry in manifest["sources"].items():
+                if source != _CHECKPOINT:
+                    report.explain_missing(set(entry["keys"]), f"loaded from {source}")
+            report.log(logger)
     model_state = checkpointer.model.state_dict()
     _check_fingerprints(model_state, manifest, src_file)
     left_out = [k for e in manifest["sources"].values() for k in e["keys"]] + list(

@@ -3,14 +3,23 @@
 A translucent fill alone disappears on objects of its own colour or on busy texture, so each
 mask is also outlined: a dark band under a bright line is visible on light, dark and coloured
 pixels alike.
+
+:func:`draw_expressions_overlay` draws several expressions of one image, each in its own colour,
+with a legend (colour, expression, score or "no target") below the picture, so that nothing is
+drawn over the objects. Text goes through :mod:`.fonts` (CJK, emoji and other scripts).
 """
 
 import textwrap
+import unicodedata
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
-from detectron2.utils.visualizer import ColorMode, Visualizer
+from detectron2.utils.visualizer import ColorMode, VisImage, Visualizer
+from matplotlib.patches import Rectangle
+
+from .fonts import unicode_font_families
 
 PRED_COLOR = (0.1, 0.45, 1.0)  # blue fill: prediction
 GT_COLOR = (0.1, 0.85, 0.2)  # green fill: ground truth
@@ -96,3 +105,120 @@ def draw_referring_overlay(
     font = caption_font_size(*image_rgb.shape[:2]) * scale
     lines = [expression] + (["  ".join(stats)] if stats else [])
     return np.concatenate([body, _caption(lines, body.shape[1], font)], axis=0)
+
+
+# Distinct, saturated colours (RGB) that stay apart on photos and on each other; cycled after 10.
+EXPRESSION_COLORS = (
+    (230, 25, 75),
+    (0, 130, 200),
+    (255, 200, 25),
+    (60, 180, 75),
+    (145, 30, 180),
+    (245, 130, 48),
+    (70, 240, 240),
+    (240, 50, 230),
+    (128, 0, 0),
+    (0, 0, 128),
+)
+FILL_ALPHA = 0.5
+MIN_LONG_SIDE = 640  # smaller pictures are enlarged so that outlines and the legend stay legible
+
+
+@dataclass
+class ExpressionResult:
+    """What the model answered for one expression of an image: the mask at the image's
+    resolution, the selection score and, for a GRES model, whether it answered "no target"."""
+
+    text: str
+    mask: np.ndarray
+    score: Optional[float] = None
+    no_target: bool = False
+
+
+def expression_color(i: int) -> Tuple[int, int, int]:
+    return EXPRESSION_COLORS[i % len(EXPRESSION_COLORS)]
+
+
+def auto_scale(height: int, width: int) -> float:
+    """Drawing scale that enlarges a small picture to a long side of :data:`MIN_LONG_SIDE`."""
+    return max(1.0, MIN_LONG_SIDE / max(height, width, 1))
+
+
+def legend_text(i: int, r: ExpressionResult) -> str:
+    if r.no_target:
+        answer = "no target"
+    elif not np.asarray(r.mask).any():
+        answer = "empty mask" + ("" if r.score is None else f" (score {r.score:.2f})")
+    else:
+        answer = "" if r.score is None else f"score {r.score:.2f}"
+    return f"{i + 1}. {r.text}" + (f"  \u2014  {answer}" if answer else "")
+
+
+def _text_width_em(text: str) -> float:
+    # wide (CJK) and emoji characters take about one em, others about 0.6
+    return sum(1.0 if unicodedata.east_asian_width(c) in "WF" else 0.6 for c in text)
+
+
+def _wrap(text: str, max_em: float) -> List[str]:
+    lines, cur = [], ""
+    for word in text.split(" "):
+        trial = f"{cur} {word}" if cur else word
+        if cur and _text_width_em(trial) > max_em:
+            lines.append(cur)
+            cur = word
+        else:
+            cur = trial
+        while _text_width_em(cur) > max_em and len(cur) > 1:  # a long unbroken run (CJK)
+            cut = max(1, next(k for k in range(len(cur), 0, -1) if _text_width_em(cur[:k]) <= max_em))
+            lines.append(cur[:cut])
+            cur = cur[cut:]
+    return lines + [cur]
+
+
+def draw_legend(results: Sequence[ExpressionResult], width: int, font_px: float) -> np.ndarray:
+    """White strip ``width`` pixels wide: per expression a swatch of its colour and its line."""
+    swatch, pad = font_px, font_px * 0.5
+    text_x = pad + swatch + pad
+    rows = [_wrap(legend_text(i, r), (width - text_x - pad) / font_px) for i, r in enumerate(results)]
+    line_h = 1.45 * font_px
+    height = int(np.ceil(pad + sum(len(r) for r in rows) * line_h + pad * (len(rows) - 1) + pad))
+    vis = VisImage(np.full((max(height, 1), width, 3), 255, np.uint8))
+    points = font_px * 72.0 / vis.dpi
+    families = unicode_font_families()  # matplotlib falls back glyph by glyph along this list
+    y = pad
+    for i, lines in enumerate(rows):
+        color = np.array(expression_color(i)) / 255.0
+        vis.ax.add_patch(
+            Rectangle((pad, y + 0.2 * font_px), swatch, swatch, facecolor=color, edgecolor="black", lw=1)
+        )
+        for line in lines:
+            vis.ax.text(text_x, y, line, size=points, family=families, va="top", ha="left", color="black")
+            y += line_h
+        y += pad
+    return vis.get_image()
+
+
+def draw_expressions_overlay(
+    image_rgb: np.ndarray, results: Sequence[ExpressionResult], scale: Optional[float] = None
+) -> np.ndarray:
+    """The image with each expression's mask filled and outlined in its own colour
+    (:func:`expression_color`, in order), over a legend. ``scale`` defaults to
+    :func:`auto_scale`; the outline and the legend's font follow the drawn size. RGB uint8."""
+    h, w = image_rgb.shape[:2]
+    scale = auto_scale(h, w) if scale is None else float(scale)
+    size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
+    out = cv2.resize(np.ascontiguousarray(image_rgb), size, interpolation=cv2.INTER_LINEAR).astype(np.float32)
+    masks = [
+        cv2.resize(np.asarray(r.mask, np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
+        for r in results
+    ]
+    for i, m in enumerate(masks):
+        out[m] = (1 - FILL_ALPHA) * out[m] + FILL_ALPHA * np.array(expression_color(i), np.float32)
+    out = np.ascontiguousarray(out.round().astype(np.uint8))
+    thickness = outline_width(size[1], size[0])
+    for i, m in enumerate(masks):
+        contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(out, contours, -1, OUTLINE_BAND, 2 * thickness)
+        cv2.drawContours(out, contours, -1, expression_color(i), thickness)
+    font_px = max(12.0, 0.03 * size[0])
+    return np.concatenate([out, draw_legend(results, size[0], font_px)], axis=0)
