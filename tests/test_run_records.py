@@ -43,12 +43,16 @@ def test_metrics_of_one_model_merge_and_of_another_are_kept_apart(tmp_path) -> N
     cfg.MODEL.WEIGHTS = str(w1)
     run1 = evaluation_record(cfg, None, {"x": 1.0})
     write_metrics_json(str(tmp_path), {"x": {"referring": {"cIoU": 10.0}}}, None, run1)
-    write_metrics_json(str(tmp_path), {"y": {"referring": {"cIoU": 20.0}}}, None, evaluation_record(cfg, None))
+    write_metrics_json(
+        str(tmp_path), {"y": {"referring": {"cIoU": 20.0}}}, None, evaluation_record(cfg, None)
+    )
     merged = json.loads((tmp_path / "metrics_all.json").read_text())
     assert set(merged["metrics"]) == {"x", "y"}  # same weights, data sets one by one
     assert merged["run"]["seconds"] == {"x": 1.0}
     cfg.MODEL.WEIGHTS = str(w2)
-    write_metrics_json(str(tmp_path), {"x": {"referring": {"cIoU": 30.0}}}, None, evaluation_record(cfg, None))
+    write_metrics_json(
+        str(tmp_path), {"x": {"referring": {"cIoU": 30.0}}}, None, evaluation_record(cfg, None)
+    )
     new = json.loads((tmp_path / "metrics_all.json").read_text())
     assert new["metrics"] == {"x": {"referring": {"cIoU": 30.0}}}
     assert new["run"]["weights_sha256"] == _sha(str(w2))
@@ -77,7 +81,10 @@ def test_two_evaluations_into_one_folder_stay_apart_with_weights_named(d2_root: 
     for res, w in ((first, weights[0]), (latest, weights[1])):
         assert res["run"]["weights"] == w and res["run"]["weights_sha256"] == _sha(w)
         assert len(res["run"]["config_sha256"]) == 64 and res["run"]["iteration"] is None
-        assert res["run"]["seconds"]["test_tn_train"] > 0 and "PQ" in res["metrics"]["test_tn_train"]["panoptic_seg"]
+        assert (
+            res["run"]["seconds"]["test_tn_train"] > 0
+            and "PQ" in res["metrics"]["test_tn_train"]["panoptic_seg"]
+        )
     assert first["run"]["config_sha256"] == latest["run"]["config_sha256"]
     log = open(os.path.join(out, "log.txt")).read()
     assert "Running with full config" in log and "\x1b[" not in log
@@ -113,3 +120,42 @@ def test_compare_runs_prints_one_table_over_folders(tmp_path) -> None:
     assert rows[1][7].endswith(_sha(os.path.join(folders[0], "model_final.pth"))[:10])
     bad = _compare(folders[0], str(tmp_path))
     assert bad.returncode == 2 and f"{tmp_path}: no metrics_all.json" in bad.stderr
+
+
+def test_plot_loss_curve_reads_training_lines_only(tmp_path) -> None:
+    import cv2
+    from flowseg.engine.loss_curve import plot_loss_curve, read_training_log
+
+    lines = [
+        {"iteration": i, "total_loss": 10.0 / (i + 1), "loss_ce": 1.0, "loss_ce_0": 2.0, "lr": 0.1}
+        for i in range(5)
+    ]
+    lines.insert(2, {"iteration": 3, "test/referring/cIoU": 12.0})  # an evaluation line
+    lines.append({"iteration": 4, "total_loss": 0.5, "loss_ce": 0.25})  # resumed: repeated iteration
+    path = tmp_path / "metrics.json"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + '\n{"iteration": 5, "tot')  # cut line
+    assert read_training_log(str(path))[4]["total_loss"] == 0.5 and sorted(read_training_log(str(path))) == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
+    keys = plot_loss_curve(str(path), str(tmp_path / "curve.png"))
+    assert keys == ["total_loss", "loss_ce"]  # intermediate decoder layers (loss_ce_0) left out
+    assert cv2.imread(str(tmp_path / "curve.png")).shape == (450, 800, 3)
+    (tmp_path / "empty.json").write_text(json.dumps({"iteration": 0, "x/cIoU": 1.0}))
+    assert plot_loss_curve(str(tmp_path / "empty.json"), str(tmp_path / "none.png")) == []
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_training_writes_loss_curve_and_plain_log(d2_root: str, tmp_path) -> None:  # noqa: F811
+    out = str(tmp_path / "train")
+    opts = [
+        "DATASETS.TRAIN", "('test_tn_train',)", "DATASETS.TEST", "()", "OUTPUT_DIR", out,
+        "SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 2, "SEED", 0,
+    ]  # fmt: skip
+    train_net.main(_args(opts))
+    assert os.path.getsize(os.path.join(out, "loss_curve.png")) > 10_000
+    log = open(os.path.join(out, "log.txt")).read()
+    assert "Running with full config" in log and "\x1b[" not in log

@@ -15,6 +15,9 @@ by ``CommonMetricPrinter``, is Detectron2's):
   ``OUTPUT_DIR/metrics_<dataset>.json`` and ``OUTPUT_DIR/metrics_all.json``, each naming the
   weights (path, sha256), iteration and config hash (:mod:`flowseg.engine.provenance`)
   (``metrics.json`` is Detectron2's training log);
+* ``OUTPUT_DIR/loss_curve.png`` is redrawn from ``metrics.json`` at every checkpoint and at the end
+  (:mod:`flowseg.engine.loss_curve`); TensorBoard event files are written when ``tensorboard`` is
+  installed (optional);
 * a non-finite loss raises :class:`NonFiniteLossError` on every rank before the optimizer step
   and the last checkpoint is kept (:mod:`flowseg.engine.hooks`).
 """
@@ -44,6 +47,7 @@ from .ddp import ddp_kwargs
 from .evaluation import build_evaluator, check_num_classes, write_metrics_json
 from .freezing import apply_stage_freezing
 from .hooks import CheckedAMPTrainer, CheckedSimpleTrainer, NonFiniteLossError, SafePeriodicCheckpointer
+from .loss_curve import LossCurveHook
 from .optimizer import build_optimizer
 from .provenance import evaluation_record
 from .resume import ExactResumeHook
@@ -118,6 +122,8 @@ class FlowSegTrainer(DefaultTrainer):
         for i, h in enumerate(ret):
             if type(h) is hooks.PeriodicCheckpointer:
                 ret[i] = SafePeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD)
+        # last: after the writers have written the step's losses to metrics.json
+        ret.append(LossCurveHook(self.cfg.OUTPUT_DIR, self.cfg.SOLVER.CHECKPOINT_PERIOD))
         return ret
 
     def build_writers(self) -> List[EventWriter]:
