@@ -99,10 +99,10 @@ def draw_referring_overlay(
     if iou is not None:
         stats.append(f"IoU {100 * iou:.1f}")
     panels = [_panel(image_rgb, pred_mask, PRED_COLOR, scale)]
-    key = "prediction: blue stripes"
+    key = "prediction (blue)"
     if gt_mask is not None:
         panels.append(_panel(image_rgb, gt_mask, GT_COLOR, scale))
-        key = "left: prediction (blue stripes), right: ground truth (green stripes)"
+        key = "left: prediction (blue) | right: ground truth (green)"
     body = np.concatenate(panels, axis=1)
     font = caption_font_size(*image_rgb.shape[:2]) * scale
     # the panel names go below the picture, where they cannot cover the target
