@@ -149,6 +149,7 @@ def test_plot_loss_curve_reads_training_lines_only(tmp_path) -> None:
     assert not (tmp_path / "none.png").exists()
 
 
+@pytest.mark.slow
 def test_training_writes_loss_curve_and_plain_log(d2_root: str, tmp_path) -> None:  # noqa: F811
     out = str(tmp_path / "train")
     opts = [
@@ -159,3 +160,8 @@ def test_training_writes_loss_curve_and_plain_log(d2_root: str, tmp_path) -> Non
     assert os.path.getsize(os.path.join(out, "loss_curve.png")) > 10_000
     log = open(os.path.join(out, "log.txt")).read()
     assert "Running with full config" in log and "\x1b[" not in log
+    # --eval-only --resume evaluates OUTPUT_DIR's last checkpoint: that file is named
+    train_net.main(_args(opts + ["DATASETS.TEST", "('test_tn_train',)"], eval_only=True, resume=True))
+    run = json.load(open(os.path.join(out, "metrics_all.json")))["run"]
+    final = os.path.join(out, "model_final.pth")
+    assert run["weights"] == final and run["weights_sha256"] == _sha(final)

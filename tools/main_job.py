@@ -16,7 +16,11 @@ Steps (each skipped when its output is already there, so a rerun resumes):
      panoptic batches, each stage starting from the previous one's weights;
   5. evaluate the held-out referring set and the reasoning set through the project's evaluators
      -> ``OUTPUT_DIR/metrics_all.json``;
-  6. save overlay pictures (image, expression, predicted and true mask) to ``OUTPUT_DIR/vis``.
+  6. save overlay pictures (image, expression, predicted and true mask; one expression of each
+     of several images) to ``OUTPUT_DIR/vis``.
+
+The job's own progress lines, with the overall training ETA, are also saved in
+``OUTPUT_DIR/main_job.log``; each stage's folder gets Detectron2's ``log.txt`` and ``loss_curve.png``.
 
 Other data: name registered sets (``--refer-train refcoco_unc_train --refer-test refcoco_unc_val
 --panoptic-train coco_2017_train_panoptic_with_sem_seg``) under ``--data-root`` (the

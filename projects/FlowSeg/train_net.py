@@ -61,9 +61,14 @@ def main(args: Any) -> Any:
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        FlowSegCheckpointer(model, save_dir=cfg.OUTPUT_DIR, cfg=cfg).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        checkpointer = FlowSegCheckpointer(model, save_dir=cfg.OUTPUT_DIR, cfg=cfg)
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        if args.resume and checkpointer.has_checkpoint():
+            # the metrics files name the weights evaluated: OUTPUT_DIR's last checkpoint here
+            cfg = cfg.clone()
+            cfg.defrost()
+            cfg.MODEL.WEIGHTS = checkpointer.get_checkpoint_file()
+            cfg.freeze()
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
