@@ -37,7 +37,7 @@ def _writes_to_file(handler: logging.Handler) -> bool:
     return isinstance(handler, logging.StreamHandler) and stream not in (sys.stdout, sys.stderr, None)
 
 
-def plain_log_files(names: Iterable[str] = ("detectron2", "fvcore", "flowseg", "d2")) -> int:
+def plain_log_files(names: Iterable[str] = ("detectron2", "fvcore", "flowseg")) -> int:
     """Give every file handler of the loggers ``names`` a :class:`PlainFileFormatter`; return how
     many handlers were changed. Call after Detectron2's ``setup_logger`` / ``default_setup``."""
     changed = 0
