@@ -198,17 +198,19 @@ def test_safe_checkpointer_refuses_non_finite_weights(tmp_path) -> None:
 
 def test_write_metrics_json(tmp_path) -> None:
     res = {"panoptic_seg": {"PQ": np.float64(12.5), "PQ_st": float("nan")}, "segm": {"AP": np.float32(3.0)}}
-    paths = write_metrics_json(str(tmp_path), {"ds/a": res}, iteration=9)
+    run = {"weights": "w.pth", "weights_sha256": "ab" * 32, "config_sha256": "cd" * 32, "iteration": 9}
+    paths = write_metrics_json(str(tmp_path), {"ds/a": res}, iteration=9, run=run)
     one = json.loads(open(paths["ds/a"]).read())
     assert os.path.basename(paths["ds/a"]) == "metrics_ds_a.json"
     assert one == {
         "dataset": "ds/a",
         "iteration": 9,
+        "run": run,
         "metrics": {"panoptic_seg": {"PQ": 12.5, "PQ_st": None}, "segm": {"AP": 3.0}},
     }
-    write_metrics_json(str(tmp_path), {"b": {"sem_seg": {"mIoU": 1.0}}})
+    write_metrics_json(str(tmp_path), {"b": {"sem_seg": {"mIoU": 1.0}}}, iteration=9, run=run)
     merged = json.loads((tmp_path / "metrics_all.json").read_text())
-    assert set(merged["metrics"]) == {"ds/a", "b"}  # evaluating one by one keeps both
+    assert set(merged["metrics"]) == {"ds/a", "b"}  # the same run evaluated one by one keeps both
 
 
 def test_build_evaluator_by_evaluator_type(d2_root: str, tmp_path) -> None:

@@ -7,6 +7,7 @@ import numpy as np
 from flowseg.utils.fonts import uncovered_characters
 from flowseg.utils.visualize import (
     OUTLINE_COLOR,
+    PRED_COLOR,
     ExpressionResult,
     auto_scale,
     caption_font_size,
@@ -15,6 +16,7 @@ from flowseg.utils.visualize import (
     draw_outline,
     draw_referring_overlay,
     expression_color,
+    hatch_fill,
     legend_text,
     outline_width,
     wrap_caption,
@@ -68,15 +70,17 @@ def test_caption_wraps_long_expressions():
     assert all(len(line) <= int((200 - 8) / 7.5) for line in lines)
 
 
-def test_panel_label_keeps_its_size_relative_to_the_picture_when_scaled():
+def test_panel_names_are_below_the_picture_never_on_it():
     white = np.full((128, 128, 3), 255, np.uint8)
-    heights = []
     for scale in (1.0, 3.0):
-        out = draw_referring_overlay(white, "x", np.zeros((128, 128), np.uint8), scale=scale)
-        panel = out[: int(128 * scale)]
-        dark_rows = np.nonzero((panel.max(axis=-1) < 100).any(axis=1))[0]  # the label's dark box
-        heights.append((dark_rows.max() + 1) / panel.shape[0])
-    assert heights[0] < 0.2 and abs(heights[1] - heights[0]) < 0.05
+        out = draw_referring_overlay(
+            white, "x", np.zeros((128, 128), np.uint8), white[..., 0] * 0, scale=scale
+        )
+        size = int(128 * scale)
+        assert (out[:size] == 255).all()  # no label over either panel
+        caption = out[size:]
+        dark_rows = (caption.max(axis=-1) < 100).any(axis=1)
+        assert dark_rows.sum() > 3 * caption_font_size(128, 128) * scale  # expression + panel key
 
 
 def _two_objects():
@@ -153,3 +157,14 @@ def test_without_the_font_packages_a_warning_names_them(monkeypatch, caplog):
     finally:
         fonts._package_fonts.cache_clear()
         fonts._charmaps.cache_clear()
+
+
+def test_striped_fill_shows_on_an_object_of_its_own_colour():
+    for color in (PRED_COLOR, (1.0, 1.0, 1.0)):
+        obj = np.zeros((96, 96, 3), np.uint8)
+        obj[:] = np.round(np.asarray(color) * 255).astype(np.uint8)
+        mask = _square(96, 16, 80).astype(bool)
+        out = hatch_fill(obj, mask, PRED_COLOR)
+        changed = (np.abs(out.astype(int) - obj).max(axis=-1) > 40) & mask
+        assert 0.3 < changed.sum() / mask.sum() < 0.7  # one stripe colour differs from the object
+        assert (out[~mask] == obj[~mask]).all()

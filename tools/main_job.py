@@ -16,7 +16,11 @@ Steps (each skipped when its output is already there, so a rerun resumes):
      panoptic batches, each stage starting from the previous one's weights;
   5. evaluate the held-out referring set and the reasoning set through the project's evaluators
      -> ``OUTPUT_DIR/metrics_all.json``;
-  6. save overlay pictures (image, expression, predicted and true mask) to ``OUTPUT_DIR/vis``.
+  6. save overlay pictures (image, expression, predicted and true mask; one expression of each
+     of several images) to ``OUTPUT_DIR/vis``.
+
+The job's own progress lines, with the overall training ETA, are also saved in
+``OUTPUT_DIR/main_job.log``; each stage's folder gets Detectron2's ``log.txt`` and ``loss_curve.png``.
 
 Other data: name registered sets (``--refer-train refcoco_unc_train --refer-test refcoco_unc_val
 --panoptic-train coco_2017_train_panoptic_with_sem_seg``) under ``--data-root`` (the
@@ -42,10 +46,44 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "projects", "FlowSeg"))
 TRAIN_NET = os.path.join(ROOT, "projects", "FlowSeg", "train_net.py")
 T0 = time.time()
+from flowseg.utils.progress import JobProgress  # noqa: E402  (after the path above)
+
+PROGRESS = JobProgress({}, t0=T0)
 
 
 def log(msg: str) -> None:
-    print(f"[main {time.time() - T0:6.0f}s] {msg}", flush=True)
+    """A progress line on the console and, once the job has started, in ``main_job.log``."""
+    PROGRESS.log(msg)
+
+
+def stage_plan(args: argparse.Namespace) -> dict:
+    """Training iterations of each stage that will run, for the overall ETA."""
+    from detectron2.config import get_cfg
+    from flowseg import add_flowseg_config
+
+    def iters(config_file: str, override: Optional[int]) -> int:
+        if override:
+            return override
+        cfg = add_flowseg_config(get_cfg())
+        cfg.merge_from_file(config_file)
+        return cfg.SOLVER.MAX_ITER
+
+    plan = {}
+    if not args.pretrained_run:
+        plan["stage1"] = iters(args.stage1_config, args.stage1_iters)
+        if args.stage2_iters != 0:
+            plan["stage2"] = iters(args.stage2_config, args.stage2_iters)
+    opts = dict(zip(args.opts[::2], args.opts[1::2]))
+    plan["stage3"] = iters(args.config_file, args.iters or int(opts.get("SOLVER.MAX_ITER", 0)))
+    return plan
+
+
+def start_progress(args: argparse.Namespace) -> None:
+    """Save the job's progress lines in ``OUTPUT_DIR/main_job.log`` and plan the overall ETA."""
+    PROGRESS.log_file = os.path.join(args.output_dir, "main_job.log")
+    PROGRESS.plan = {k: v for k, v in stage_plan(args).items() if v > 0}
+    log(f"start: {' '.join(sys.argv)}")
+    log(f"training iterations per stage: {PROGRESS.plan} (progress log: {PROGRESS.log_file})")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -118,15 +156,18 @@ def corpus(args: argparse.Namespace, conversations_json: str) -> list:
     return lines
 
 
-def train(cmd: list, output_dir: str, what: str) -> str:
-    """Run one training stage (resumes if interrupted); return its final checkpoint."""
+def train(cmd: list, output_dir: str, what: str, stage: str = "stage3") -> str:
+    """Run one training stage (resumes if interrupted), logging its progress and the overall ETA;
+    return its final checkpoint."""
     final = os.path.join(output_dir, "model_final.pth")
     if os.path.isfile(final):
         log(f"{what}: done already ({final})")
+        PROGRESS.finish(stage)
     else:
-        log(f"{what} (resumes if interrupted)")
+        log(f"{what} (resumes if interrupted); {PROGRESS.eta_text()}")
         # train_net's flags go before the KEY VALUE options (argparse REMAINDER)
-        subprocess.run(cmd[:2] + ["--resume"] + cmd[2:] + ["OUTPUT_DIR", output_dir], check=True, cwd=ROOT)
+        full = cmd[:2] + ["--resume"] + cmd[2:] + ["OUTPUT_DIR", output_dir]
+        PROGRESS.run_stage(full, stage, output_dir, cwd=ROOT)
     return final
 
 
@@ -196,13 +237,15 @@ def pretrain(args: argparse.Namespace, train_net: list, common: list) -> tuple:
     ]
     s1 += ["MODEL.SEM_SEG_HEAD.NUM_CLASSES", str(num_classes)] + common
     s1 += ["SOLVER.MAX_ITER", str(args.stage1_iters)] if args.stage1_iters else []
-    weights = train(s1, os.path.join(args.output_dir, "stage1"), "4a/6 stage 1: segmentor on panoptic data")
+    weights = train(
+        s1, os.path.join(args.output_dir, "stage1"), "4a/6 stage 1: segmentor on panoptic data", "stage1"
+    )
     if conv_json:
         s2 = train_net + [args.stage2_config, "MODEL.WEIGHTS", weights] + lang + common
         s2 += ["DATASETS.TRAIN", f"('{args.refer_train}_conversations',)"]
         s2 += ["SOLVER.MAX_ITER", str(args.stage2_iters)] if args.stage2_iters else []
         weights = train(
-            s2, os.path.join(args.output_dir, "stage2"), "4b/6 stage 2: language on conversations"
+            s2, os.path.join(args.output_dir, "stage2"), "4b/6 stage 2: language on conversations", "stage2"
         )
     return weights, lang
 
@@ -228,6 +271,7 @@ def main() -> None:
     os.environ["DETECTRON2_DATASETS"] = args.data_root or os.environ.get(
         "DETECTRON2_DATASETS", os.path.join(ROOT, "datasets")
     )
+    start_progress(args)
     train_net, common = launcher(args)
     gres_opts = prepare_data(args)
     weights, lang = pretrain(args, train_net, common)
@@ -315,6 +359,17 @@ def gres_test(base: list, opts: list, weights: str, output_dir: str, metrics: di
     }
 
 
+def overlay_samples(dicts: list, n: int) -> list:
+    """``n`` samples from as many images as possible: one expression of each image in data-set
+    order, then a second of each, ... (consecutive samples often share an image)."""
+    by_image: dict = {}
+    for d in dicts:
+        by_image.setdefault(d["file_name"], []).append(d)
+    rounds = max((len(v) for v in by_image.values()), default=0)
+    picked = [v[r] for r in range(rounds) for v in by_image.values() if r < len(v)]
+    return picked[:n]
+
+
 def save_overlays(config_file: str, opts: list, weights: str, dataset: str, out_dir: str, n: int) -> None:
     import cv2
     import torch
@@ -335,7 +390,7 @@ def save_overlays(config_file: str, opts: list, weights: str, dataset: str, out_
     FlowSegCheckpointer(model, cfg=cfg).load(weights)  # trainable-only checkpoints too
     mapper = build_test_mapper(cfg, dataset)
     os.makedirs(out_dir, exist_ok=True)
-    for i, d in enumerate(DatasetCatalog.get(dataset)[:n]):
+    for i, d in enumerate(overlay_samples(DatasetCatalog.get(dataset), n)):
         x = mapper(dict(d))
         with torch.no_grad():
             ref = model([x])[0]["ref_seg"]

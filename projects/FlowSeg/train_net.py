@@ -32,6 +32,7 @@ from flowseg import add_flowseg_config
 from flowseg.checkpoint import FlowSegCheckpointer, check_evaluation_weights
 from flowseg.engine import FlowSegTrainer, resolve_amp
 from flowseg.utils.inference import check_device
+from flowseg.utils.log_files import plain_log_files, setup_plain_log_files
 
 
 class Trainer(FlowSegTrainer):
@@ -49,8 +50,10 @@ def setup(args: Any) -> CfgNode:
     check_device(cfg)  # MODEL.DEVICE cuda without a GPU: say which key to change
     resolve_amp(cfg)  # AMP needs CUDA: a CPU run of a GPU config trains in float32
     cfg.freeze()
+    setup_plain_log_files(cfg.OUTPUT_DIR, comm.get_rank())  # log.txt without colour codes
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="flowseg")
+    plain_log_files()
     return cfg
 
 
@@ -63,6 +66,12 @@ def main(args: Any) -> Any:
         # parts left at their initialisation (a checkpoint of another stage or task) are an error
         # unless TEST.ALLOW_UNTRAINED_PARTS
         check_evaluation_weights(model, cfg, checkpointer.last_report)
+        if args.resume and checkpointer.has_checkpoint():
+            # the metrics files name the weights evaluated: OUTPUT_DIR's last checkpoint here
+            cfg = cfg.clone()
+            cfg.defrost()
+            cfg.MODEL.WEIGHTS = checkpointer.get_checkpoint_file()
+            cfg.freeze()
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

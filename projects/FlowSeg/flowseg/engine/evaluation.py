@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence
@@ -27,6 +28,7 @@ from detectron2.evaluation import (
 )
 
 from ..utils.jsonable import to_jsonable
+from .provenance import same_run
 
 __all__ = [
     "ALL_METRICS_FILE",
@@ -35,6 +37,8 @@ __all__ = [
     "metrics_json_path",
     "write_metrics_json",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 def check_num_classes(cfg: CfgNode, dataset_names: Sequence[str]) -> None:
@@ -114,31 +118,68 @@ def metrics_json_path(output_dir: str, dataset_name: Optional[str] = None) -> st
     return os.path.join(output_dir, f"metrics_{re.sub(r'[^A-Za-z0-9_.+-]', '_', dataset_name)}.json")
 
 
+def _run_tag(run: Optional[Mapping[str, Any]]) -> str:
+    """A file-name tag for an evaluation: weights checksum prefix (or "unsaved") and iteration."""
+    if not run:
+        return "unknown-weights"
+    sha = run.get("weights_sha256")
+    it = run.get("iteration")
+    return f"{sha[:12] if sha else 'unsaved-weights'}_{'eval' if it is None else f'iter{it}'}"
+
+
+def _keep_other_run(path: str, run: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The content of ``path`` when it holds an evaluation of the same run (to merge into);
+    otherwise move it aside as ``<name>.<its weights and iteration>.json`` and return None."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        old = None
+    if isinstance(old, dict) and same_run(old.get("run"), run):
+        return old
+    stem = path[: -len(".json")]
+    tag = _run_tag(old.get("run") if isinstance(old, dict) else None)
+    dest, k = f"{stem}.{tag}.json", 1
+    while os.path.exists(dest):
+        k += 1
+        dest = f"{stem}.{tag}-{k}.json"
+    os.replace(path, dest)
+    logger.warning("%s held another model's evaluation: kept as %s (not merged)", path, dest)
+    return None
+
+
 def write_metrics_json(
-    output_dir: str, results: Mapping[str, Mapping[str, Any]], iteration: Optional[int] = None
+    output_dir: str,
+    results: Mapping[str, Mapping[str, Any]],
+    iteration: Optional[int] = None,
+    run: Optional[Mapping[str, Any]] = None,
 ) -> Dict[str, str]:
     """Write ``metrics_<dataset>.json`` per data set and ``metrics_all.json`` with all; return paths.
 
-    ``results`` maps data set -> the evaluator's result dict (e.g. ``{"panoptic_seg": {"PQ": ..}}``).
-    ``metrics_all.json`` is merged with an existing one: evaluating data sets one by one keeps all.
+    ``results`` maps data set -> the evaluator's result dict (e.g. ``{"panoptic_seg": {"PQ": ..}}``);
+    ``run`` is :func:`flowseg.engine.provenance.evaluation_record` (weights, checksum, iteration,
+    config hash), written into every file. ``metrics_all.json`` is merged with an existing one of
+    the same run (evaluating data sets one by one keeps all); a file of another run (other weights,
+    iteration or config) is moved aside under a name with its weights' checksum, never merged.
     """
     os.makedirs(output_dir, exist_ok=True)
+    run = to_jsonable(dict(run)) if run else None
     paths = {}
     for name, res in results.items():
-        payload = {"dataset": name, "iteration": iteration, "metrics": to_jsonable(res)}
+        payload = {"dataset": name, "iteration": iteration, "run": run, "metrics": to_jsonable(res)}
         paths[name] = metrics_json_path(output_dir, name)
+        _keep_other_run(paths[name], run)
         with open(paths[name], "w") as f:
             json.dump(payload, f, indent=2)
     all_path = metrics_json_path(output_dir)
-    merged: Dict[str, Any] = {}
-    if os.path.isfile(all_path):
-        try:
-            with open(all_path) as f:
-                merged = json.load(f).get("metrics", {})
-        except (json.JSONDecodeError, AttributeError):
-            merged = {}  # a broken earlier file is replaced, not fatal
+    old = _keep_other_run(all_path, run)
+    merged: Dict[str, Any] = dict(old.get("metrics", {})) if old else {}
     merged.update({name: to_jsonable(res) for name, res in results.items()})
+    if old and run:  # the same model evaluated data set by data set: keep every set's seconds
+        run = {**run, "seconds": {**old["run"].get("seconds", {}), **run.get("seconds", {})}}
     with open(all_path, "w") as f:
-        json.dump({"iteration": iteration, "metrics": merged}, f, indent=2)
+        json.dump({"iteration": iteration, "run": run, "metrics": merged}, f, indent=2)
     paths["all"] = all_path
     return paths

@@ -12,8 +12,12 @@ by ``CommonMetricPrinter``, is Detectron2's):
   (:mod:`flowseg.engine.resume`): kill + resume gives the weights of an uninterrupted run;
 * :func:`flowseg.engine.build_optimizer` and :func:`flowseg.engine.build_evaluator`;
 * ``test`` evaluates under ``DATALOADER.ON_BAD_SAMPLE`` (:mod:`flowseg.engine.skipping`) and writes
-  ``OUTPUT_DIR/metrics_<dataset>.json`` and ``OUTPUT_DIR/metrics_all.json``
+  ``OUTPUT_DIR/metrics_<dataset>.json`` and ``OUTPUT_DIR/metrics_all.json``, each naming the
+  weights (path, sha256), iteration and config hash (:mod:`flowseg.engine.provenance`)
   (``metrics.json`` is Detectron2's training log);
+* ``OUTPUT_DIR/loss_curve.png`` is redrawn from ``metrics.json`` at every checkpoint and at the end
+  (:mod:`flowseg.engine.loss_curve`); TensorBoard event files are written when ``tensorboard`` is
+  installed (optional);
 * a non-finite loss raises :class:`NonFiniteLossError` on every rank before the optimizer step
   and the last checkpoint is kept (:mod:`flowseg.engine.hooks`).
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import time
 import weakref
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional
@@ -42,7 +47,9 @@ from .ddp import ddp_kwargs
 from .evaluation import build_evaluator, check_num_classes, write_metrics_json
 from .freezing import apply_stage_freezing
 from .hooks import CheckedAMPTrainer, CheckedSimpleTrainer, NonFiniteLossError, SafePeriodicCheckpointer
+from .loss_curve import LossCurveHook
 from .optimizer import build_optimizer
+from .provenance import evaluation_record
 from .resume import ExactResumeHook
 from .shared_features import SharedImageFeatureInference, build_grouped_test_loader
 from .skipping import BadSampleGuard, write_skipped
@@ -115,6 +122,8 @@ class FlowSegTrainer(DefaultTrainer):
         for i, h in enumerate(ret):
             if type(h) is hooks.PeriodicCheckpointer:
                 ret[i] = SafePeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD)
+        # last: after the writers have written the step's losses to metrics.json
+        ret.append(LossCurveHook(self.cfg.OUTPUT_DIR, self.cfg.SOLVER.CHECKPOINT_PERIOD))
         return ret
 
     def build_writers(self) -> List[EventWriter]:
@@ -186,12 +195,15 @@ class FlowSegTrainer(DefaultTrainer):
         if evaluators is not None and len(evaluators) != len(names):
             raise ValueError(f"{len(evaluators)} evaluators for {len(names)} data sets of DATASETS.TEST")
         per_name: Dict[str, Any] = OrderedDict()
+        seconds: Dict[str, float] = {}
         for i, name in enumerate(names):  # one at a time: skipped samples are counted per data set
             guard = BadSampleGuard(model, cfg.DATALOADER.ON_BAD_SAMPLE, _no_skip_reason(name))
             one = cfg.clone()
             one.defrost()
             one.DATASETS.TEST = (name,)
+            t0 = time.perf_counter()
             res = super().test(one, guard, None if evaluators is None else [evaluators[i]])
+            seconds[name] = round(time.perf_counter() - t0, 2)
             skipped = guard.pop_skipped()
             if skipped:
                 res = {**res, "bad_samples": {"skipped": len(skipped)}}
@@ -204,6 +216,7 @@ class FlowSegTrainer(DefaultTrainer):
             per_dataset = {names[0]: results} if len(names) == 1 else dict(results)
             # inside training (EvalHook) the storage knows the iteration; --eval-only has none
             iteration = get_event_storage().iter if has_event_storage() else None
-            paths = write_metrics_json(cfg.OUTPUT_DIR, per_dataset, iteration)
+            run = evaluation_record(cfg, iteration, seconds)
+            paths = write_metrics_json(cfg.OUTPUT_DIR, per_dataset, iteration, run)
             logger.info(f"Metrics written to {paths['all']}")
         return results

@@ -1,8 +1,9 @@
 """Overlay pictures for referring / reasoning results (Detectron2's ``Visualizer``).
 
 A translucent fill alone disappears on objects of its own colour or on busy texture, so each
-mask is also outlined: a dark band under a bright line is visible on light, dark and coloured
-pixels alike.
+mask is filled with stripes of its colour and of white, and outlined: a dark band under a bright
+line is visible on light, dark and coloured pixels alike. Panel names are written in the caption
+below the picture, never over it.
 
 :func:`draw_expressions_overlay` draws several expressions of one image, each in its own colour,
 with a legend (colour, expression, score or "no target") below the picture, so that nothing is
@@ -16,7 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
-from detectron2.utils.visualizer import ColorMode, VisImage, Visualizer
+from detectron2.utils.visualizer import VisImage, Visualizer
 from matplotlib.patches import Rectangle
 
 from .fonts import unicode_font_families
@@ -47,23 +48,30 @@ def draw_outline(image_rgb: np.ndarray, mask: np.ndarray, thickness: int) -> np.
     return out
 
 
-def _panel(
-    image_rgb: np.ndarray, mask: Optional[np.ndarray], color: Tuple, label: str, scale: float
-) -> np.ndarray:
+def hatch_fill(image_rgb: np.ndarray, mask: np.ndarray, color: Tuple, alpha: float = 0.55) -> np.ndarray:
+    """Return a copy of ``image_rgb`` with the mask filled by diagonal stripes alternating between
+    ``color`` (RGB in [0, 1]) and white: on an object of the fill's own colour the white stripes
+    still show the mask, on a white one the coloured stripes do."""
     h, w = image_rgb.shape[:2]
-    vis = Visualizer(image_rgb, scale=scale, instance_mode=ColorMode.IMAGE)
-    has_mask = mask is not None and np.asarray(mask).any()
-    if has_mask:
-        vis.draw_binary_mask(np.asarray(mask).astype(np.uint8), color=color, edge_color=color, alpha=0.45)
-    font = caption_font_size(h, w) * 0.8  # Visualizer scales text by its own output scale
-    vis.draw_text(label, (4, 2), horizontal_alignment="left", color="white", font_size=font)
-    panel = vis.get_output().get_image()
-    if has_mask:
-        big = cv2.resize(
-            np.asarray(mask, np.uint8), (panel.shape[1], panel.shape[0]), interpolation=cv2.INTER_NEAREST
-        )
-        panel = draw_outline(panel, big, outline_width(*panel.shape[:2]))
-    return panel
+    period = max(4, min(h, w) // 24)
+    yy, xx = np.mgrid[:h, :w]
+    on_color = ((xx + yy) // period) % 2 == 0
+    m = np.asarray(mask, bool)
+    out = image_rgb.astype(np.float32)
+    rgb = np.asarray(color, np.float32) * 255
+    out[m & on_color] = (1 - alpha) * out[m & on_color] + alpha * rgb
+    out[m & ~on_color] = (1 - alpha) * out[m & ~on_color] + alpha * 255
+    return out.round().astype(np.uint8)
+
+
+def _panel(image_rgb: np.ndarray, mask: Optional[np.ndarray], color: Tuple, scale: float) -> np.ndarray:
+    h, w = image_rgb.shape[:2]
+    size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
+    panel = np.ascontiguousarray(cv2.resize(image_rgb, size, interpolation=cv2.INTER_LINEAR))
+    if mask is None or not np.asarray(mask).any():
+        return panel
+    big = cv2.resize(np.asarray(mask, np.uint8), size, interpolation=cv2.INTER_NEAREST)
+    return draw_outline(hatch_fill(panel, big, color), big, outline_width(*panel.shape[:2]))
 
 
 def wrap_caption(lines: Sequence[str], width: int, font: float) -> List[str]:
@@ -92,18 +100,22 @@ def draw_referring_overlay(
     iou: Optional[float] = None,
     scale: float = 1.0,
 ) -> np.ndarray:
-    """Image with the predicted mask (blue fill, outlined) and, when given, the ground-truth mask
-    beside it (green fill, outlined), over a caption with the expression and score / IoU. The
-    caption's font grows with the picture. Returns an RGB uint8 array."""
+    """Image with the predicted mask (blue and white stripes, outlined) and, when given, the
+    ground-truth mask beside it (green and white stripes, outlined), over a caption with the
+    expression, score / IoU and which panel is which. The caption's font grows with the picture.
+    Returns an RGB uint8 array."""
     stats = [] if score is None else [f"score {score:.2f}"]
     if iou is not None:
         stats.append(f"IoU {100 * iou:.1f}")
-    panels = [_panel(image_rgb, pred_mask, PRED_COLOR, "prediction", scale)]
+    panels = [_panel(image_rgb, pred_mask, PRED_COLOR, scale)]
+    key = "prediction (blue)"
     if gt_mask is not None:
-        panels.append(_panel(image_rgb, gt_mask, GT_COLOR, "ground truth", scale))
+        panels.append(_panel(image_rgb, gt_mask, GT_COLOR, scale))
+        key = "left: prediction (blue) | right: ground truth (green)"
     body = np.concatenate(panels, axis=1)
     font = caption_font_size(*image_rgb.shape[:2]) * scale
-    lines = [expression] + (["  ".join(stats)] if stats else [])
+    # the panel names go below the picture, where they cannot cover the target
+    lines = [expression] + (["  ".join(stats)] if stats else []) + [key]
     return np.concatenate([body, _caption(lines, body.shape[1], font)], axis=0)
 
 
