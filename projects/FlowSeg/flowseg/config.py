@@ -128,6 +128,9 @@ def add_solver_config(cfg: CN) -> CN:
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
     cfg.SOLVER.LLM_MULTIPLIER = 1.0
+    # autocast dtype of SOLVER.AMP (Detectron2 has only ENABLED): X-SAM and the paper train in
+    # bfloat16, which needs no loss scaling; float16 keeps Detectron2's GradScaler
+    cfg.SOLVER.AMP.PRECISION = "bfloat16"
     # Periodic / final checkpoints hold what training changes plus the names and fingerprints of the
     # frozen weights and the files they come from (MODEL.LLM.PATH, the MODEL.WEIGHTS the run started
     # from, ...); loading one rebuilds the full model. False: full state dicts (~10 GB at paper size).
