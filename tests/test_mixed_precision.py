@@ -41,7 +41,11 @@ def test_bf16_autocast_trains_the_tiny_paper_scaffold_on_cpu(llm, lora):
     pred.register_forward_hook(lambda m, a, o: dtypes.add(o["pred_masks"].dtype))
     batch = referring_batch()
     loop = CheckedAMPTrainer(
-        model, itertools.repeat(batch), build_optimizer(cfg, model), precision=torch.bfloat16, device_type="cpu"
+        model,
+        itertools.repeat(batch),
+        build_optimizer(cfg, model),
+        precision=torch.bfloat16,
+        device_type="cpu",
     )
     assert not loop.grad_scaler.is_enabled() and loop.state_dict()["grad_scaler"] == {}
     with EventStorage(0) as storage:
