@@ -78,6 +78,12 @@ def resolve_amp(cfg: CfgNode) -> CfgNode:
         logger.warning("SOLVER.AMP.PRECISION=bfloat16 but this GPU lacks bfloat16: float16 with loss scaling")
         cfg.SOLVER.AMP.PRECISION = "float16"
     logger.info("AMP: autocast on %s in %s", device, cfg.SOLVER.AMP.PRECISION)
+    if device == "cpu":
+        logger.warning(
+            "SOLVER.AMP on the CPU: %s matrix products are slow on CPUs without native support "
+            "(AVX512-BF16 / AMX); SOLVER.AMP.ENABLED False trains in float32",
+            cfg.SOLVER.AMP.PRECISION,
+        )
     return cfg
 
 
