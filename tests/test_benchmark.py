@@ -95,3 +95,43 @@ def test_tiny_benchmark_runs_and_reports_exact_deltas(bench, tmp_path, capsys):
         == 0
         < result["flowseg"]["flops"]["by_component"]["BAR"]
     )
+
+
+def test_meta_flop_count_equals_the_count_of_a_real_run(bench, tmp_path):
+    """Table 9's GFLOPs at paper size are counted on the meta device (``--flops-on-meta``); on the tiny
+    model that count equals FlopCounterMode's over a real CPU forward, per component."""
+    import argparse
+
+    import torch
+    from bench.flops import OUTSIDE, meta_flop_count
+    from bench.measure import eval_inputs
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    args = argparse.Namespace(tiny=True, dtype="float32", device="cpu", sam_act_checkpoint=False)
+    files = bench.write_model_files(str(tmp_path), True, "patch14-384")
+    x = eval_inputs(1, (96, 128), (60, 80))
+    outside = {}
+    for variant in ("baseline", "flowseg"):
+        cfg = bench.build_config(variant, args, files)
+        real = bench.build(cfg, "cpu").eval()
+        counter = FlopCounterMode(display=False)
+        # the math backend: FlopCounterMode has no rule for the CPU's fused SDPA kernel (it would
+        # count attention as 0); on meta, SDPA decomposes into the same matrix products
+        with torch.no_grad(), counter, sdpa_kernel(SDPBackend.MATH):
+            real(x)
+        cfg.MODEL.DEVICE = "meta"
+        got = meta_flop_count(bench.build(cfg, "meta"), x)
+        assert got["gflops"] == pytest.approx(counter.get_total_flops() / 1e9, rel=1e-9), variant
+        counts = counter.get_flop_counts()
+        for name, gflops in got["by_component"].items():
+            if name != OUTSIDE and name != "LLM":  # the LLM is recorded through its layers
+                module = {"transformer decoder (BSF)": "sem_seg_head.predictor"}.get(name)
+                if module is not None:
+                    assert gflops * 1e9 == sum(counts[f"FlowSeg.{module}"].values())
+        assert got["by_component"]["LLM"] > 0 and got["llm_sequence_length"] > 16
+        outside[variant] = got["by_component"][OUTSIDE]
+        layers = got["decoder_layers_gflops"]
+        assert len(layers) == cfg.MODEL.MASK_FORMER.DEC_LAYERS
+        assert all((layer["bsf"] > 0) == (variant == "flowseg") for layer in layers)
+    assert outside["flowseg"] > outside["baseline"]  # BAR's functional convolutions

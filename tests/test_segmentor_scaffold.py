@@ -21,6 +21,7 @@ from flowseg.modeling.refiner import BoundaryAwareRefiner, build_refiner
 from flowseg.modeling.transformer_decoder import PADDED_CONDITION_LOGIT
 from flowseg.utils.tiny_models import make_tiny_llm_dir, tiny_llm_cfg_overrides
 from hf_tiny import bsf_decoder, decoder_inputs
+from paper_scaffold import XSAM_TINY
 from test_sam_vit import _hf_to_official, _random_hf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -189,20 +190,6 @@ def test_bar_stride_from_config():
 
 
 # ----------------------------------------------------------------------------- tiny model
-#: configs/tiny/flowseg_refer_tiny.yaml switched to the paper configs' segmentor scaffold
-XSAM_TINY = [
-    "MODEL.SAM_VIT.FEATURE_PATH", "connector",
-    "MODEL.SAM_VIT.CONNECTOR.LAYERS", [2, 3, 4],
-    "MODEL.SAM_VIT.CONNECTOR.HIDDEN_DIM", 32,
-    "MODEL.SAM_VIT.SQUARE_PAD", 128,
-    "MODEL.SAM_VIT.RETURN_SAM_TOKENS", True,
-    "MODEL.SEM_SEG_HEAD.IN_FEATURES", ["p3", "p4", "p5"],
-    "MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES", ["p3", "p4", "p5"],
-    "MODEL.SEM_SEG_HEAD.NUM_FPN_LEVELS", 1,
-    "MODEL.SEM_SEG_HEAD.COMMON_STRIDE", 8,
-    "MODEL.FLOWSEG.CONDITION_LOGITS", "background",
-    "MODEL.FLOWSEG.BAR.STRIDE", 4,
-]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -42,6 +42,13 @@ Reported for both (median of ``--reps`` after ``--warmup``, ``cuda.synchronize``
     python tools/benchmark.py --device cuda --dtype bfloat16 --reps 10 --output bench.json
     python tools/benchmark.py --tiny --device cpu --reps 2          # seconds, no GPU
     python tools/benchmark.py --count-only                          # paper-size parameter counts (meta device)
+    python tools/benchmark.py --flops-on-meta                       # paper-size GFLOPs on a CPU (~1 min)
+
+``--flops-on-meta``: Table 9's GFLOPs row counted with ``FlopCounterMode`` (2 flops per
+multiply-add, the convention the paper's ~18.5 TFLOPs implies) on models built on the ``meta``
+device, the segmentation head run on the CPU (:func:`bench.flops.meta_flop_count`); input: one
+1024x768 image (SAM: padded to 1024², 1,024 SAM tokens; SigLIP2: 729 tokens) and one RefCOCO-like
+expression in X-SAM's prompt, batch 1, inference.
 
 ``bfloat16``: the LLM and vision tower hold bf16 weights (``MODEL.LLM.TORCH_DTYPE``) and every
 forward runs under ``torch.autocast(bfloat16)`` (the segmentor keeps fp32 weights, as AMP
@@ -64,7 +71,7 @@ for _path in (os.path.join(ROOT, "projects", "FlowSeg"), os.path.join(ROOT, "too
         sys.path.insert(0, _path)
 
 import torch  # noqa: E402
-from bench.flops import flop_count  # noqa: E402
+from bench.flops import decoder_flops_by_conditions, flop_count, meta_flop_count  # noqa: E402
 from bench.measure import (  # noqa: E402
     _free,
     autocast,
@@ -85,22 +92,30 @@ from bench.models import (  # noqa: E402
     write_model_files,
 )
 from bench.params import param_counts  # noqa: E402
-from bench.report import count_table, markdown  # noqa: E402
+from bench.report import count_table, flops_table, markdown  # noqa: E402
 
 
 def bench_variant(variant: str, args, files, device: torch.device) -> Dict[str, Any]:
     cfg = build_config(variant, args, files)
-    if args.count_only:
+    on_meta = args.count_only or args.flops_on_meta
+    if on_meta:
         cfg.MODEL.DEVICE = "meta"  # build_model moves the model there
     t0 = time.perf_counter()
-    model = build(cfg, "meta" if args.count_only else args.device)
+    model = build(cfg, "meta" if on_meta else args.device)
     res: Dict[str, Any] = {"build_s": time.perf_counter() - t0, "params": param_counts(model)}
-    if args.count_only:
-        return res
-    model.eval()
     image_hw = (args.image_height, args.image_width)
     orig_hw = (args.orig_height, args.orig_width)
     x = eval_inputs(1, image_hw, orig_hw)
+    if args.flops_on_meta:
+        res["flops"] = meta_flop_count(model, x)
+        if variant == "flowseg" and args.bsf_conditions:
+            sizes = sorted(set(args.bsf_conditions + [res["flops"]["llm_sequence_length"]]))
+            res["flops"]["bsf_gflops_by_conditions"] = decoder_flops_by_conditions(
+                model, sizes, cfg.INPUT.IMAGE_SIZE
+            )
+    if on_meta:
+        return res
+    model.eval()
 
     def infer() -> None:
         with torch.no_grad(), autocast(device, args.dtype):
@@ -132,6 +147,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="test-size models (CPU, seconds)")
     p.add_argument("--count-only", action="store_true", help="parameter counts only (models built on 'meta')")
+    p.add_argument(
+        "--flops-on-meta", action="store_true", help="GFLOPs only, models on 'meta' (paper size on a CPU)"
+    )
+    p.add_argument(
+        "--bsf-conditions",
+        type=int,
+        nargs="*",
+        default=[1, 8, 100],
+        help="with --flops-on-meta: BSF's GFLOPs for these condition counts K (and K = the LLM's sequence)",
+    )
     p.add_argument("--vision", default="patch14-384", choices=["patch14-384", "patch16-naflex"])
     p.add_argument(
         "--k", type=int, default=10, help="expressions per image for the shared-feature eval (0: skip)"
@@ -179,7 +204,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "segmentor_params": pf["segmentor"] - pb["segmentor"],
         "total_params": pf["total"] - pb["total"],
     }
-    if args.count_only:
+    if args.flops_on_meta:
+        result["deltas"]["gflops"] = (
+            result["flowseg"]["flops"]["gflops"] - result["baseline"]["flops"]["gflops"]
+        )
+        print(flops_table(result))
+        print("\nJSON:")
+        print(json.dumps({k: result[k] for k in ("baseline", "flowseg", "deltas")}, indent=2))
+    elif args.count_only:
         print(count_table(result))
         print("\nJSON:")
         print(json.dumps({k: result[k] for k in ("baseline", "flowseg", "deltas")}, indent=2))

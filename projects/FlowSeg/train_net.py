@@ -48,7 +48,7 @@ def setup(args: Any) -> CfgNode:
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     check_device(cfg)  # MODEL.DEVICE cuda without a GPU: say which key to change
-    resolve_amp(cfg)  # AMP needs CUDA: a CPU run of a GPU config trains in float32
+    resolve_amp(cfg)  # SOLVER.AMP.PRECISION against the device (bf16 autocast on CPU too)
     cfg.freeze()
     setup_plain_log_files(cfg.OUTPUT_DIR, comm.get_rank())  # log.txt without colour codes
     default_setup(cfg, args)

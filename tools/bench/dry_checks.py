@@ -92,8 +92,9 @@ def _pick(tokens: Dict[str, int], tasks: Sequence[str]) -> str:
 
 def run_on_cpu(cfg: Any, samples: Dict[str, Dict[str, Any]], tokens: Dict[str, int]) -> Dict[str, Any]:
     """One training step and one inference on the CPU: time (s) and peak RSS (bytes) of each.
-    As ``train_net.py`` on a CPU: AMP off (the segmentor in fp32), the LLM / tower in
-    ``MODEL.LLM.TORCH_DTYPE``."""
+    Without autocast (the segmentor in fp32; ``train_net.py`` would autocast to
+    ``SOLVER.AMP.PRECISION`` on the CPU too, ~1 hour a step on CPUs without native bf16), the LLM /
+    tower in ``MODEL.LLM.TORCH_DTYPE``."""
     from detectron2.modeling import build_model
     from flowseg.engine import build_optimizer
     from flowseg.engine.freezing import apply_stage_freezing

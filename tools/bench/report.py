@@ -37,6 +37,30 @@ def count_table(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def flops_table(result: Dict[str, Any]) -> str:
+    """Markdown table of :func:`bench.flops.meta_flop_count` for both variants (Table 9's GFLOPs row
+    and its components), and the decoder's GFLOPs per layer."""
+    b, f = result["baseline"]["flops"], result["flowseg"]["flops"]
+    lines = ["| GFLOPs (2 per multiply-add) | Baseline | FlowSeg | Δ |", "|---|---:|---:|---:|"]
+    for name in b["by_component"]:
+        x, y = b["by_component"][name], f["by_component"][name]
+        lines.append(f"| {name} | {x:,.2f} | {y:,.2f} | {y - x:+,.2f} |")
+    x, y = b["gflops"], f["gflops"]
+    lines.append(
+        f"| **total (Table 9; paper: 18,525.48 → 18,543.00)** | {x:,.2f} | {y:,.2f} | {y - x:+,.2f} |"
+    )
+    lines.append(f"\nLLM sequence length: {b['llm_sequence_length']} tokens (image + SAM + text)")
+    by_k = f.get("bsf_gflops_by_conditions", {})
+    if by_k:
+        lines += ["\n| conditions K | BSF GFLOPs (9 layers) |", "|---:|---:|"]
+        lines += [f"| {k} | {v:.2f} |" for k, v in by_k.items()]
+    lines += ["\n| decoder layer | Mask2Former blocks | + BSF | BSF / layer |", "|---|---:|---:|---:|"]
+    for i, layer in enumerate(f["decoder_layers_gflops"]):
+        m, s = layer["mask2former"], layer["bsf"]
+        lines.append(f"| {i} | {m:.3f} | {s:.3f} | {100 * s / m:.2f}% |")
+    return "\n".join(lines)
+
+
 def _m(n: Optional[float]) -> str:
     return "-" if n is None else f"{n / 1e6:.2f}M"
 

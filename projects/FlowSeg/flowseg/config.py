@@ -128,6 +128,10 @@ def add_solver_config(cfg: CN) -> CN:
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
     cfg.SOLVER.LLM_MULTIPLIER = 1.0
+    cfg.SOLVER.VANILLA_ENCODER_MULTIPLIER = 1.0  # condition_head.vision_encoder.* (X-SAM stage 3: 0.1)
+    # autocast dtype of SOLVER.AMP (Detectron2 has only ENABLED): X-SAM and the paper train in
+    # bfloat16, which needs no loss scaling; float16 keeps Detectron2's GradScaler
+    cfg.SOLVER.AMP.PRECISION = "bfloat16"
     # Periodic / final checkpoints hold what training changes plus the names and fingerprints of the
     # frozen weights and the files they come from (MODEL.LLM.PATH, the MODEL.WEIGHTS the run started
     # from, ...); loading one rebuilds the full model. False: full state dicts (~10 GB at paper size).
@@ -332,4 +336,6 @@ def add_vanilla_encoder_config(cfg: CN) -> CN:
     cfg.MODEL.VANILLA_ENCODER.PIXEL_MEAN = [127.5, 127.5, 127.5]
     cfg.MODEL.VANILLA_ENCODER.PIXEL_STD = [127.5, 127.5, 127.5]
     cfg.MODEL.VANILLA_ENCODER.FREEZE = True
+    # activation checkpointing in the tower (X-SAM's stage 3 fine-tunes SigLIP2 with it)
+    cfg.MODEL.VANILLA_ENCODER.GRADIENT_CHECKPOINTING = False
     return cfg

@@ -17,4 +17,4 @@ from .hooks import (  # noqa: F401
 from .optimizer import build_optimizer, get_flowseg_param_groups  # noqa: F401
 from .resume import ExactResumeHook  # noqa: F401
 from .skipping import BadSampleGuard, write_skipped  # noqa: F401
-from .trainer import FlowSegTrainer, resolve_amp  # noqa: F401
+from .trainer import FlowSegTrainer, amp_precision, resolve_amp  # noqa: F401

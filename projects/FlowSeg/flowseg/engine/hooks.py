@@ -11,6 +11,7 @@ are already non-finite (e.g. after an infinite gradient), so the last good check
 from __future__ import annotations
 
 import math
+import time
 from typing import Dict, Mapping, Optional
 
 import torch
@@ -68,7 +69,51 @@ class CheckedSimpleTrainer(_LossCheckMixin, SimpleTrainer):
 
 
 class CheckedAMPTrainer(_LossCheckMixin, AMPTrainer):
-    """``AMPTrainer`` whose every rank fails clearly on a non-finite loss."""
+    """``AMPTrainer`` that autocasts on the model's device type and fails clearly on a non-finite loss.
+
+    Detectron2's ``AMPTrainer`` autocasts with ``torch.cuda.amp`` only and always scales the loss.
+    Here the autocast follows ``device_type`` (CPU autocast runs the same mixed-precision path in
+    the tests) and ``precision``; bfloat16 has float32's exponent range, so it gets a disabled
+    ``GradScaler`` (no loss scaling, as X-SAM's DeepSpeed bf16) and float16 a real one.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        data_loader,
+        optimizer: torch.optim.Optimizer,
+        *,
+        precision: torch.dtype = torch.bfloat16,
+        device_type: str = "cuda",
+    ) -> None:
+        if precision not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"autocast precision must be torch.bfloat16 or torch.float16, got {precision}")
+        scaler = torch.amp.GradScaler(device_type, enabled=precision == torch.float16)
+        super().__init__(model, data_loader, optimizer, grad_scaler=scaler, precision=precision)
+        self.device_type = device_type
+
+    def run_step(self) -> None:
+        assert self.model.training, "[CheckedAMPTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        if self.zero_grad_before_forward:
+            self.optimizer.zero_grad()
+        with torch.autocast(self.device_type, dtype=self.precision):
+            loss_dict = self.model(data)
+            if isinstance(loss_dict, torch.Tensor):
+                loss_dict = {"total_loss": loss_dict}
+            losses = sum(loss_dict.values())
+        if not self.zero_grad_before_forward:
+            self.optimizer.zero_grad()
+        self.grad_scaler.scale(losses).backward()  # a disabled scaler returns the loss unchanged
+        self.after_backward()
+        if self.async_write_metrics:
+            self.concurrent_executor.submit(self._write_metrics, loss_dict, data_time, iter=self.iter)
+        else:
+            self._write_metrics(loss_dict, data_time)
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
 
 
 class SafePeriodicCheckpointer(hooks.PeriodicCheckpointer):

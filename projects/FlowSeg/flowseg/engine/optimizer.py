@@ -6,6 +6,8 @@ Parameter groups (paper §4.1 / A.3, Mask2Former's ``build_optimizer``):
   ``backbone.connector.*``, a new module outside X-SAM's encoder, which trains at the base rate
   as in X-SAM (its ``lr_mult`` 0.1 covers ``segmentor.encoder`` only);
 * ``condition_head.llm.*``: ``lr * SOLVER.LLM_MULTIPLIER`` (LoRA and new token rows of the LLM);
+* ``condition_head.vision_encoder.*``: ``lr * SOLVER.VANILLA_ENCODER_MULTIPLIER`` (SigLIP2, when
+  fine-tuned: X-SAM's ``vision_encoder`` ``lr_mult`` 0.1);
 * normalisation layers (any module whose class name contains "Norm", incl. RMSNorm):
   ``SOLVER.WEIGHT_DECAY_NORM``;
 * embeddings (``nn.Embedding``, ``query_embed``, ``query_feat``, ``level_embed``, ``pos_embed``,
@@ -65,6 +67,8 @@ def get_flowseg_param_groups(cfg: CfgNode, model: torch.nn.Module) -> List[Dict[
                 lr *= cfg.SOLVER.BACKBONE_MULTIPLIER
             if full.startswith("condition_head.llm.") or ".condition_head.llm." in full:
                 lr *= cfg.SOLVER.LLM_MULTIPLIER
+            if full.startswith("condition_head.vision_encoder.") or ".condition_head.vision_encoder." in full:
+                lr *= cfg.SOLVER.VANILLA_ENCODER_MULTIPLIER
             if _is_norm(module):
                 wd = cfg.SOLVER.WEIGHT_DECAY_NORM
             elif isinstance(module, torch.nn.Embedding) or any(k in full for k in _EMBED_NAMES):

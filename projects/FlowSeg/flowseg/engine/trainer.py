@@ -54,22 +54,43 @@ from .resume import ExactResumeHook
 from .shared_features import SharedImageFeatureInference, build_grouped_test_loader
 from .skipping import BadSampleGuard, write_skipped
 
-__all__ = ["FlowSegTrainer", "resolve_amp"]
+__all__ = ["AMP_PRECISIONS", "FlowSegTrainer", "amp_precision", "resolve_amp"]
 
 logger = logging.getLogger(__name__)
 
 
-def resolve_amp(cfg: CfgNode) -> CfgNode:
-    """Switch ``SOLVER.AMP`` off when training on CPU (Detectron2's AMPTrainer needs CUDA).
+AMP_PRECISIONS = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
-    The configs enable AMP for GPU runs; a CPU run of the same config would otherwise stop with an
-    assertion. Modifies ``cfg`` (must be unfrozen) and returns it.
+
+def amp_precision(cfg: CfgNode) -> torch.dtype:
+    """``SOLVER.AMP.PRECISION`` as a ``torch.dtype`` (ValueError naming the key if unknown)."""
+    name = str(cfg.SOLVER.AMP.PRECISION).lower()
+    if name not in AMP_PRECISIONS:
+        raise ValueError(f"SOLVER.AMP.PRECISION must be one of {sorted(AMP_PRECISIONS)}, got {name!r}")
+    return AMP_PRECISIONS[name]
+
+
+def resolve_amp(cfg: CfgNode) -> CfgNode:
+    """Check ``SOLVER.AMP`` against the device; say what a run will autocast to.
+
+    The loop autocasts on the model's device type, so a CPU run of a paper config trains under CPU
+    autocast in ``SOLVER.AMP.PRECISION``. A GPU without bfloat16 (before Ampere) gets float16 with
+    loss scaling instead, as X-SAM's launcher does. Modifies ``cfg`` (must be unfrozen), returns it.
     """
-    if cfg.SOLVER.AMP.ENABLED and (cfg.MODEL.DEVICE == "cpu" or not torch.cuda.is_available()):
+    if not cfg.SOLVER.AMP.ENABLED:
+        return cfg
+    precision = amp_precision(cfg)
+    device = torch.device(cfg.MODEL.DEVICE).type
+    if device == "cuda" and precision == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        logger.warning("SOLVER.AMP.PRECISION=bfloat16 but this GPU lacks bfloat16: float16 with loss scaling")
+        cfg.SOLVER.AMP.PRECISION = "float16"
+    logger.info("AMP: autocast on %s in %s", device, cfg.SOLVER.AMP.PRECISION)
+    if device == "cpu":
         logger.warning(
-            "SOLVER.AMP.ENABLED is ignored on CPU (MODEL.DEVICE=%s): training in float32.", cfg.MODEL.DEVICE
+            "SOLVER.AMP on the CPU: %s matrix products are slow on CPUs without native support "
+            "(AVX512-BF16 / AMX); SOLVER.AMP.ENABLED False trains in float32",
+            cfg.SOLVER.AMP.PRECISION,
         )
-        cfg.SOLVER.AMP.ENABLED = False
     return cfg
 
 
@@ -99,8 +120,13 @@ class FlowSegTrainer(DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model(model, **ddp_kwargs(cfg, model))
-        loop = CheckedAMPTrainer if cfg.SOLVER.AMP.ENABLED else CheckedSimpleTrainer
-        self._trainer = loop(model, data_loader, optimizer)
+        if cfg.SOLVER.AMP.ENABLED:
+            device_type = next(model.parameters()).device.type
+            self._trainer = CheckedAMPTrainer(
+                model, data_loader, optimizer, precision=amp_precision(cfg), device_type=device_type
+            )
+        else:
+            self._trainer = CheckedSimpleTrainer(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         # FlowSeg's checkpointer: converts SAM / Mask2Former / earlier-stage checkpoints and
         # reports missing keys by component

@@ -157,6 +157,7 @@ class LLMConditionHead(nn.Module):
                 freeze=enc_cfg.FREEZE,
                 input_format=cfg.INPUT.FORMAT,
                 feature_layer=enc_cfg.FEATURE_LAYER,
+                gradient_checkpointing=enc_cfg.GRADIENT_CHECKPOINTING,
             )
         lora = LoraSettings(
             enabled=llm_cfg.LORA.ENABLED,

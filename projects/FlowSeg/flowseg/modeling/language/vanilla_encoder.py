@@ -18,11 +18,14 @@ Two input conventions are handled:
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 
 def build_vision_tower(path: str = "", config: str = "", dtype: torch.dtype | None = None) -> nn.Module:
@@ -59,6 +62,7 @@ class VanillaEncoder(nn.Module):
         freeze: bool = True,
         input_format: str = "RGB",
         feature_layer: int = 0,
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
         if feature_layer > 0:
@@ -86,6 +90,10 @@ class VanillaEncoder(nn.Module):
             self.tower.use_head = False
         if isinstance(getattr(self.tower, "head", None), nn.Module):
             self.tower.head.requires_grad_(False)
+        self._freeze_layers_after(self.feature_layer)
+        if gradient_checkpointing:
+            # recompute each layer's activations in backward (non-reentrant: works with frozen inputs)
+            self.tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         params = inspect.signature(self.tower.forward).parameters
         self.naflex = "spatial_shapes" in params
         self._interpolate_kw = "interpolate_pos_encoding" in params
@@ -96,6 +104,26 @@ class VanillaEncoder(nn.Module):
         # remainder (so400m-patch14-384: 384 px -> 27 x 27 patches).
         if self.naflex and self.image_size % self.patch_size:
             raise ValueError(f"IMAGE_SIZE {self.image_size} is not a multiple of patch {self.patch_size}")
+
+    def _freeze_layers_after(self, feature_layer: int) -> None:
+        # hidden_states[k] (k < 0) is the output of layers[L + k]: the layers after it and the final
+        # LayerNorm never reach the output. Trainable, they would get no gradient (a DDP error, and
+        # optimizer state for nothing); frozen, they keep their weights as untouched ones would.
+        if feature_layer == 0:
+            return
+        vision_model = getattr(self.tower, "vision_model", self.tower)
+        layers = getattr(getattr(vision_model, "encoder", None), "layers", None)
+        if layers is None:
+            logger.warning(
+                "vision tower %s: no encoder.layers found, its unused layers stay trainable",
+                type(self.tower).__name__,
+            )
+            return
+        unused = list(layers[len(layers) + feature_layer + 1 :])
+        unused.append(getattr(vision_model, "post_layernorm", None))
+        for module in unused:
+            if isinstance(module, nn.Module):
+                module.requires_grad_(False)
 
     @property
     def grid_size(self) -> int:

@@ -215,6 +215,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
             ``(mask_features, transformer_encoder_output, multi_scale_features)``, see the class doc.
         """
         device_type = next(iter(features.values())).device.type
+        if device_type == "meta":  # shapes only (FLOP counting): there is no autocast to leave
+            return self._forward_features(features)
         # Deformable attention is run in float32 (as in Mask2Former): grid_sample's
         # bilinear weights and the offset normalisation are sensitive to half precision.
         with torch.autocast(device_type=device_type, enabled=False):
