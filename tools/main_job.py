@@ -19,8 +19,10 @@ Steps (each skipped when its output is already there, so a rerun resumes):
   6. save overlay pictures (image, expression, predicted and true mask) to ``OUTPUT_DIR/vis``.
 
 Other data: name registered sets (``--refer-train refcoco_unc_train --refer-test refcoco_unc_val
---panoptic-train coco_2017_train_panoptic_with_sem_seg``) under ``--data-root`` (the
-``$DETECTRON2_DATASETS`` layout of ``datasets/README.md``); nothing is generated then.
+refcoco_unc_testA refcoco_unc_testB --panoptic-train coco_2017_train_panoptic_with_sem_seg``) under
+``--data-root`` (the ``$DETECTRON2_DATASETS`` layout of ``datasets/README.md``; the panoptic
+json's own categories); nothing is generated then. Every ``--refer-test`` set is a row of the
+summary table (``OUTPUT_DIR/summary.md``).
 
 With ``--gres`` the synthetic expressions with several targets or none (``synthgref_*``, gRefCOCO
 layout) are generated too, mixed into stage 3 (``--gres-ratio``) and evaluated: the GRES

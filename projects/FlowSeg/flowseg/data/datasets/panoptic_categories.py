@@ -85,12 +85,14 @@ def json_categories(path: str) -> Optional[List[Dict[str, Any]]]:
     from .coco_panoptic import read_annotation_json
 
     cats = _tail_categories(path) if os.path.getsize(path) > _FULL_PARSE_BYTES else None
-    if cats is None:
-        info = read_annotation_json(path)
-        cats = info.get("categories") if isinstance(info, dict) else None
-        if cats is None:
-            return None
-    return check_categories(cats, path)
+    if cats is not None:
+        try:
+            return check_categories(cats, path)
+        except ValueError:
+            pass  # another list that happens to follow a "categories" string: read the whole file
+    info = read_annotation_json(path)
+    cats = info.get("categories") if isinstance(info, dict) else None
+    return None if cats is None else check_categories(cats, path)
 
 
 def _same_as_coco(cats: List[Dict[str, Any]]) -> bool:
