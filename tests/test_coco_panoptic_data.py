@@ -283,7 +283,8 @@ def test_missing_semantic_pngs_are_made_and_logged(written: Dict[str, Any], tmp_
                     ],
                 }
             ),
-            r"image_id=3.*category_id 42",
+            r"image_id=3.*category_id 42 is not one of the dataset's categories \[1, 3, 7\] "
+            r"\(from the categories given to register_coco_panoptic_folder\('test_cpd_bad'\)\)",
         ),
     ],
     ids=["not-json", "no-annotations", "no-segments_info", "no-file_name", "unknown-category"],

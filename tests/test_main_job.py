@@ -35,6 +35,11 @@ def test_several_refer_test_sets_are_summarised_in_one_table(tool):
     args = tool.parse_args(["--refer-test", "refcoco_unc_val", "refcoco_unc_testA", "refcoco_unc_testB"])
     assert args.refer_test == ["refcoco_unc_val", "refcoco_unc_testA", "refcoco_unc_testB"]
     assert tool.parse_args([]).refer_test == ["synthref_test"]
+    # stage-3 KEY VALUE options may follow the names, as they followed the one name before
+    tail = tool.parse_args(["--refer-test", "a_val", "a_testA", "SEED", "3", "SOLVER.BASE_LR", "0.1"])
+    assert tail.refer_test == ["a_val", "a_testA"] and tail.opts == ["SEED", "3", "SOLVER.BASE_LR", "0.1"]
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--refer-test", "SOLVER.BASE_LR", "0.1"])
     metrics = {
         "refcoco_unc_val": {"referring": {"cIoU": 30.14, "gIoU": 28.0, "oracle_cIoU": 72.66}},
         "refcoco_unc_testA": {"referring": {"cIoU": 33.0, "gIoU": 31.25, "oracle_cIoU": None}},
@@ -54,3 +59,11 @@ def test_several_refer_test_sets_are_summarised_in_one_table(tool):
             "| reasonseg_val (reasoning) | 12.0 | 10.0 | - |",
         ]
     )
+
+
+def test_unregistered_set_names_stop_before_training(tool, monkeypatch, tmp_path):
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    args = tool.parse_args(["--refer-test", "refcoco_unc_val", "refcoco_unc_tesA", "--reason-test", ""])
+    args.refer_train, args.panoptic_train = "refcoco_unc_train", "coco_2017_train_panoptic_with_sem_seg"
+    with pytest.raises(SystemExit, match=r"\['refcoco_unc_tesA'\] are not registered"):
+        tool.check_registered(args)

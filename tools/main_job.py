@@ -35,6 +35,7 @@ evaluated with them; the summary gets their cIoU / gIoU / N-acc / T-acc.
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -74,7 +75,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         "--refer-test",
         nargs="+",
         default=["synthref_test"],
-        help="referring held-out set(s), e.g. refcoco_unc_val refcoco_unc_testA refcoco_unc_testB",
+        help="referring held-out set(s), e.g. refcoco_unc_val refcoco_unc_testA refcoco_unc_testB; "
+        "each is a row of the summary table",
     )
     data.add_argument(
         "--reason-test",
@@ -104,7 +106,25 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help="a config option for every stage (e.g. MODEL.SAM_VIT.CONV_STEM False); repeatable",
     )
     p.add_argument("opts", nargs=argparse.REMAINDER, help="extra KEY VALUE config options of stage 3")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    split_refer_test(args, p)
+    return args
+
+
+# A config key (``SOLVER.BASE_LR``, ``SEED``): data set names have lower-case letters.
+_CONFIG_KEY = re.compile(r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)*")
+
+
+def split_refer_test(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """``--refer-test`` takes names up to the first config KEY: ``--refer-test a b SOLVER.X 1``
+    gives the sets ``a b`` and stage 3 the option ``SOLVER.X 1`` (as it did with one name)."""
+    for i, name in enumerate(args.refer_test):
+        if _CONFIG_KEY.fullmatch(name):
+            args.opts = args.refer_test[i:] + args.opts
+            args.refer_test = args.refer_test[:i]
+            break
+    if not args.refer_test:
+        parser.error("--refer-test needs at least one registered data set name before any KEY VALUE option")
 
 
 def corpus(args: argparse.Namespace, conversations_json: str) -> list:
@@ -148,6 +168,22 @@ def prepare_data(args: argparse.Namespace) -> list:
         generate_synthetic_datasets(default_root(), sizes, seed=args.seed)
         register_synthetic_datasets()
     return gres_options(args, sizes) if args.gres else []
+
+
+def check_registered(args: argparse.Namespace) -> None:
+    """Stop before any training when a data set name is not registered (e.g. a typo in a split)."""
+    import flowseg  # noqa: F401  (registers the builtin names under $DETECTRON2_DATASETS)
+    from detectron2.data import DatasetCatalog
+
+    names = [args.refer_train, *args.refer_test, args.panoptic_train] + [args.reason_test] * bool(
+        args.reason_test
+    )
+    missing = [n for n in names if n not in DatasetCatalog.list()]
+    if missing:
+        raise SystemExit(
+            f"error: {missing} are not registered data sets (under --data-root "
+            f"{os.environ['DETECTRON2_DATASETS']}: the names of datasets/README.md)"
+        )
 
 
 def language_options(llm_dir: str, corpus_fn) -> list:
@@ -249,6 +285,7 @@ def main() -> None:
     )
     train_net, common = launcher(args)
     gres_opts = prepare_data(args)
+    check_registered(args)
     weights, lang = pretrain(args, train_net, common)
 
     tests = list(args.refer_test) + ([args.reason_test] if args.reason_test else [])

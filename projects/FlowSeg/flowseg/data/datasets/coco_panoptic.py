@@ -220,7 +220,8 @@ def _contiguous_segments(segments_info: Any, meta: Dict[str, Any], where: str) -
         else:
             raise ValueError(
                 f"{where}, segment id {seg['id']}: category_id {cat!r} is not one of the "
-                f"dataset's categories {sorted(stuff_map)}"
+                f"dataset's categories {sorted(stuff_map)} (from "
+                f"{meta.get('categories_source') or 'its metadata'})"
             )
         seg.setdefault("iscrowd", 0)
         segments.append(seg)
@@ -287,8 +288,8 @@ def load_coco_panoptic_json(
 def _id_maps(name: str) -> Dict[str, Any]:
     # read at load time: the builtin names' categories are only known once their json is read
     meta = MetadataCatalog.get(name)
-    keys = ("thing_dataset_id_to_contiguous_id", "stuff_dataset_id_to_contiguous_id")
-    return {k: getattr(meta, k) for k in keys}
+    keys = ("thing_dataset_id_to_contiguous_id", "stuff_dataset_id_to_contiguous_id", "categories_source")
+    return {k: meta.get(k, None) for k in keys}
 
 
 def register_coco_panoptic_dataset(
