@@ -175,9 +175,8 @@ def check_registered(args: argparse.Namespace) -> None:
     import flowseg  # noqa: F401  (registers the builtin names under $DETECTRON2_DATASETS)
     from detectron2.data import DatasetCatalog
 
-    names = [args.refer_train, *args.refer_test, args.panoptic_train] + [args.reason_test] * bool(
-        args.reason_test
-    )
+    names = [args.refer_train, *args.refer_test, args.panoptic_train]
+    names += [args.reason_test] if args.reason_test else []
     missing = [n for n in names if n not in DatasetCatalog.list()]
     if missing:
         raise SystemExit(
