@@ -16,63 +16,16 @@ ids 0..132), 255 where the panoptic PNG is void. Crowd segments keep their class
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib.util
 import os
 import sys
 import time
-from multiprocessing import Pool
-from typing import Any, Dict, List, Sequence
-
-import numpy as np
-from PIL import Image
+from typing import Sequence
 
 if importlib.util.find_spec("flowseg") is None:  # a checkout without `pip install -e .`
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "projects", "FlowSeg"))
 
-from flowseg.data.datasets.coco_panoptic import (  # noqa: E402
-    contiguous_id_map,
-    panoptic_to_semantic,
-    read_annotation_json,
-)
-from panopticapi.utils import rgb2id  # noqa: E402
-
-
-def _convert_one(item: Dict[str, Any], panoptic_root: str, output_dir: str, id_map: Dict[int, int]) -> None:
-    src = os.path.join(panoptic_root, item["file_name"])
-    if not os.path.isfile(src):
-        raise FileNotFoundError(f"{src} not found (listed for image_id={item.get('image_id')!r})")
-    pan = rgb2id(np.asarray(Image.open(src).convert("RGB"), dtype=np.uint32))
-    sem = panoptic_to_semantic(pan, item["segments_info"], id_map)
-    Image.fromarray(sem).save(os.path.join(output_dir, item["file_name"]))
-
-
-def convert(panoptic_json: str, panoptic_root: str, output_dir: str, workers: int = 4) -> int:
-    """Write one semantic PNG per annotation of ``panoptic_json``; returns how many."""
-    info = read_annotation_json(panoptic_json)
-    if not isinstance(info, dict) or "annotations" not in info or "categories" not in info:
-        raise ValueError(f"{panoptic_json}: expected a COCO-panoptic json with 'annotations', 'categories'")
-    if not os.path.isdir(panoptic_root):
-        raise FileNotFoundError(f"Panoptic PNG folder not found: {panoptic_root}")
-    id_map = contiguous_id_map(info["categories"])
-    known = set(id_map)
-    for ann in info["annotations"]:
-        for seg in ann.get("segments_info", []):
-            if seg["category_id"] not in known:
-                raise ValueError(
-                    f"{panoptic_json}: image_id={ann.get('image_id')!r}, segment {seg.get('id')}: "
-                    f"category_id {seg['category_id']} is not in 'categories'"
-                )
-    os.makedirs(output_dir, exist_ok=True)
-    fn = functools.partial(_convert_one, panoptic_root=panoptic_root, output_dir=output_dir, id_map=id_map)
-    anns: List[Dict[str, Any]] = info["annotations"]
-    if workers <= 1 or len(anns) < 64:
-        for ann in anns:
-            fn(ann)
-    else:
-        with Pool(processes=workers) as pool:
-            pool.map(fn, anns, chunksize=100)
-    return len(anns)
+from flowseg.data.writers.coco_panoptic import write_semantic_pngs  # noqa: E402
 
 
 def main(argv: Sequence[str] = ()) -> None:
@@ -103,7 +56,7 @@ def main(argv: Sequence[str] = ()) -> None:
         ]
     for pan_json, pan_root, out in jobs:
         start = time.time()
-        n = convert(pan_json, pan_root, out, workers=args.workers)
+        n = write_semantic_pngs(pan_json, pan_root, out, workers=args.workers)
         print(f"{out}: {n} semantic PNGs in {time.time() - start:.1f}s")
 
 

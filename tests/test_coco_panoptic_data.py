@@ -8,6 +8,7 @@ check the contiguous-id mapping (things first).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from typing import Any, Dict, List, Tuple
@@ -22,6 +23,7 @@ from flowseg import add_flowseg_config
 from flowseg.data import MAPPER_REGISTRY, build_test_mapper, build_train_mapper
 from flowseg.data.build import mapper_name_for_dataset
 from flowseg.data.dataset_mappers import COCOPanopticLSJDatasetMapper
+from flowseg.data.datasets import coco_panoptic_metadata, register_coco_panoptic_dataset
 from flowseg.data.writers import register_coco_panoptic_folder, write_coco_panoptic_dataset
 from panopticapi.utils import rgb2id
 from PIL import Image
@@ -209,14 +211,46 @@ def test_missing_files_name_the_path(written: Dict[str, Any], tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="train2017/000000000001.jpg"):
         DatasetCatalog.get("test_cpd_missing")
     shutil.rmtree(os.path.join(root, "panoptic_semseg_train2017"))
-    with pytest.raises(FileNotFoundError, match="Semantic PNG folder not found: .*panoptic_semseg_train2017"):
-        DatasetCatalog.get("test_cpd_missing")
+    with pytest.raises(FileNotFoundError, match="panoptic_train2017/000000000002.png"):
+        DatasetCatalog.get("test_cpd_missing")  # making the semantic PNGs needs every panoptic PNG
+    assert not os.path.exists(os.path.join(root, "panoptic_semseg_train2017"))
+    assert not [n for n in os.listdir(root) if ".tmp" in n]  # nothing half-written is left
     os.remove(os.path.join(root, "annotations", "panoptic_train2017.json"))
     with pytest.raises(FileNotFoundError, match="annotations/panoptic_train2017.json"):
         DatasetCatalog.get("test_cpd_missing")
     # reading the categories at registration names the file as well
     with pytest.raises(FileNotFoundError, match="panoptic_train2017.json"):
         register_coco_panoptic_folder("test_cpd_missing2", root, overwrite=True)
+
+
+def test_missing_semantic_pngs_are_made_and_logged(written: Dict[str, Any], tmp_path, caplog) -> None:
+    root = str(tmp_path / "copy")
+    shutil.copytree(written["root"], root)
+    sem_dir = os.path.join(root, "panoptic_semseg_train2017")
+    shutil.rmtree(sem_dir)
+    register_coco_panoptic_dataset(
+        "test_cpd_nosem",
+        coco_panoptic_metadata(CATEGORIES),
+        os.path.join(root, "train2017"),
+        os.path.join(root, "panoptic_train2017"),
+        os.path.join(root, "annotations", "panoptic_train2017.json"),
+        sem_seg_root=sem_dir,
+        overwrite=True,
+    )
+    with caplog.at_level(logging.INFO, logger="flowseg"):
+        dicts = DatasetCatalog.get("test_cpd_nosem")
+    assert "Semantic PNG folder " + sem_dir + " not found: making it" in caplog.text
+    names = sorted(os.listdir(written["paths"]["sem_seg_root"]))
+    assert sorted(os.listdir(sem_dir)) == names and len(dicts) == len(names)
+    for n in names:
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(os.path.join(sem_dir, n))),
+            np.asarray(Image.open(os.path.join(written["paths"]["sem_seg_root"], n))),
+        )
+    # one PNG missing from an existing folder: the error names the command that makes them
+    os.remove(os.path.join(sem_dir, names[0]))
+    with pytest.raises(FileNotFoundError, match=r"make them with: python datasets/prepare_coco_semantic"):
+        DatasetCatalog.get("test_cpd_nosem")
 
 
 @pytest.mark.parametrize(
@@ -249,7 +283,8 @@ def test_missing_files_name_the_path(written: Dict[str, Any], tmp_path) -> None:
                     ],
                 }
             ),
-            r"image_id=3.*category_id 42",
+            r"image_id=3.*category_id 42 is not one of the dataset's categories \[1, 3, 7\] "
+            r"\(from the categories given to register_coco_panoptic_folder\('test_cpd_bad'\)\)",
         ),
     ],
     ids=["not-json", "no-annotations", "no-segments_info", "no-file_name", "unknown-category"],

@@ -41,16 +41,17 @@ def test_place_phrase_grid():
     assert place_phrase(1.0, 1.0) == "at the bottom right"  # the far edge stays in the grid
 
 
-def _write_folder(root) -> str:
+def _write_folder(root, fmt: str = "rle") -> str:
     """Two images in the refer layout: image 0 has a small box at the top left (2 expressions)
-    and a large one at the bottom right; image 1 one large box in the centre."""
+    and a large one at the bottom right; image 1 one large box in the centre. ``fmt``: how the
+    instances json stores the masks (``polygon`` as the real RefCOCO, or RLE)."""
     masks = [np.zeros((60, 60), bool) for _ in range(3)]
     masks[0][2:10, 3:11] = True  # 64 px of 3600: small; centre (7, 6)
     masks[1][30:58, 32:58] = True  # 728 px: large; centre (45, 44)
     masks[2][15:45, 15:45] = True
     images = [{"image": np.full((60, 60, 3), 90 + 40 * i, np.uint8)} for i in range(2)]
     anns = [
-        {"image_index": i, "mask": m, "category_id": c, "format": "rle"}
+        {"image_index": i, "mask": m, "category_id": c, "format": fmt}
         for i, m, c in ((0, masks[0], 1), (0, masks[1], 2), (1, masks[2], 1))
     ]
     refs = [
@@ -65,8 +66,11 @@ def _write_folder(root) -> str:
     return name
 
 
-def test_conversations_of_a_refer_folder_known_answers(tmp_path):
-    name = _write_folder(tmp_path)
+@pytest.mark.parametrize("fmt", ["polygon", "rle", "rle_uncompressed"])
+def test_conversations_of_a_refer_folder_known_answers(tmp_path, fmt):
+    name = _write_folder(tmp_path, fmt)
+    stored = json.load(open(tmp_path / "refer_seg" / "toyref" / "instances.json"))["annotations"]
+    assert isinstance(stored[0]["segmentation"], list if fmt == "polygon" else dict)
     json_file = write_scene_conversations(name, str(tmp_path))
     assert json_file == os.path.join(tmp_path, "scene_conversations", f"{name}.json")
     by_question = {}

@@ -122,7 +122,8 @@ def test_bad_vocabularies_are_refused_with_the_cause():
 
 
 def test_builtin_coco_categories_default_to_coco_and_read_the_file(tmp_path):
-    assert len(builtin_coco_categories(str(tmp_path))) == 133
+    cats, source = builtin_coco_categories(str(tmp_path), str(tmp_path / "none.json"))
+    assert len(cats) == 133 and "none.json not found" in source
     path = tmp_path / BUILTIN_CATEGORIES_FILE
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"categories": [{"id": 3, "name": "x"}]}))

@@ -23,8 +23,10 @@ The job's own progress lines, with the overall training ETA, are also saved in
 ``OUTPUT_DIR/main_job.log``; each stage's folder gets Detectron2's ``log.txt`` and ``loss_curve.png``.
 
 Other data: name registered sets (``--refer-train refcoco_unc_train --refer-test refcoco_unc_val
---panoptic-train coco_2017_train_panoptic_with_sem_seg``) under ``--data-root`` (the
-``$DETECTRON2_DATASETS`` layout of ``datasets/README.md``); nothing is generated then.
+refcoco_unc_testA refcoco_unc_testB --panoptic-train coco_2017_train_panoptic_with_sem_seg``) under
+``--data-root`` (the ``$DETECTRON2_DATASETS`` layout of ``datasets/README.md``; the panoptic
+json's own categories); nothing is generated then. Every ``--refer-test`` set is a row of the
+summary table (``OUTPUT_DIR/summary.md``).
 
 With ``--gres`` the synthetic expressions with several targets or none (``synthgref_*``, gRefCOCO
 layout) are generated too, mixed into stage 3 (``--gres-ratio``) and evaluated: the GRES
@@ -37,6 +39,7 @@ evaluated with them; the summary gets their cIoU / gIoU / N-acc / T-acc.
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -106,7 +109,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     data = p.add_argument_group("data (registered names; other than synth*: nothing is generated)")
     data.add_argument("--data-root", default=None, help="$DETECTRON2_DATASETS (default: it, else ./datasets)")
     data.add_argument("--refer-train", default="synthref_train", help="referring training set")
-    data.add_argument("--refer-test", default="synthref_test", help="referring held-out set")
+    data.add_argument(
+        "--refer-test",
+        nargs="+",
+        default=["synthref_test"],
+        help="referring held-out set(s), e.g. refcoco_unc_val refcoco_unc_testA refcoco_unc_testB; "
+        "each is a row of the summary table",
+    )
     data.add_argument(
         "--reason-test",
         default=None,
@@ -135,7 +144,25 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help="a config option for every stage (e.g. MODEL.SAM_VIT.CONV_STEM False); repeatable",
     )
     p.add_argument("opts", nargs=argparse.REMAINDER, help="extra KEY VALUE config options of stage 3")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    split_refer_test(args, p)
+    return args
+
+
+# A config key (``SOLVER.BASE_LR``, ``SEED``): data set names have lower-case letters.
+_CONFIG_KEY = re.compile(r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)*")
+
+
+def split_refer_test(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """``--refer-test`` takes names up to the first config KEY: ``--refer-test a b SOLVER.X 1``
+    gives the sets ``a b`` and stage 3 the option ``SOLVER.X 1`` (as it did with one name)."""
+    for i, name in enumerate(args.refer_test):
+        if _CONFIG_KEY.fullmatch(name):
+            args.opts = args.refer_test[i:] + args.opts
+            args.refer_test = args.refer_test[:i]
+            break
+    if not args.refer_test:
+        parser.error("--refer-test needs at least one registered data set name before any KEY VALUE option")
 
 
 def corpus(args: argparse.Namespace, conversations_json: str) -> list:
@@ -177,11 +204,26 @@ def prepare_data(args: argparse.Namespace) -> list:
     from flowseg.data.synthetic.generate import default_root
 
     sizes = {"train": args.num_train, "val": args.num_eval, "test": args.num_eval}
-    if any(n.startswith("synth") for n in (args.refer_train, args.refer_test, args.panoptic_train)):
+    if any(n.startswith("synth") for n in (args.refer_train, *args.refer_test, args.panoptic_train)):
         log(f"1/6 synthetic data under {default_root()}")
         generate_synthetic_datasets(default_root(), sizes, seed=args.seed)
         register_synthetic_datasets()
     return gres_options(args, sizes) if args.gres else []
+
+
+def check_registered(args: argparse.Namespace) -> None:
+    """Stop before any training when a data set name is not registered (e.g. a typo in a split)."""
+    import flowseg  # noqa: F401  (registers the builtin names under $DETECTRON2_DATASETS)
+    from detectron2.data import DatasetCatalog
+
+    names = [args.refer_train, *args.refer_test, args.panoptic_train]
+    names += [args.reason_test] if args.reason_test else []
+    missing = [n for n in names if n not in DatasetCatalog.list()]
+    if missing:
+        raise SystemExit(
+            f"error: {missing} are not registered data sets (under --data-root "
+            f"{os.environ['DETECTRON2_DATASETS']}: the names of datasets/README.md)"
+        )
 
 
 def language_options(llm_dir: str, corpus_fn) -> list:
@@ -215,7 +257,6 @@ def pretrained(run_dir: str) -> tuple:
 def pretrain(args: argparse.Namespace, train_net: list, common: list) -> tuple:
     """Stages 1 and 2 (each skipped when done), with ``common`` (options of every stage) added;
     returns (weights for stage 3, language options)."""
-    from detectron2.data import MetadataCatalog
     from flowseg.data.writers.scene_conversations import write_scene_conversations
 
     if args.pretrained_run:
@@ -227,7 +268,7 @@ def pretrain(args: argparse.Namespace, train_net: list, common: list) -> tuple:
         log(f"2/6 stage-2 conversations about the scenes of {args.refer_train}")
         conv_json = write_scene_conversations(args.refer_train, os.environ["DETECTRON2_DATASETS"])
     lang = language_options(os.path.join(args.output_dir, "tiny_llm"), lambda: corpus(args, conv_json))
-    num_classes = len(MetadataCatalog.get(args.panoptic_train).stuff_classes)
+    num_classes = stage1_classes(args.panoptic_train)
     s1 = train_net + [
         args.stage1_config,
         "DATASETS.TEST",
@@ -248,6 +289,19 @@ def pretrain(args: argparse.Namespace, train_net: list, common: list) -> tuple:
             s2, os.path.join(args.output_dir, "stage2"), "4b/6 stage 2: language on conversations", "stage2"
         )
     return weights, lang
+
+
+def stage1_classes(panoptic_train: str) -> int:
+    """Stage 1's class count: the panoptic set's categories, said with where they come from."""
+    from detectron2.data import MetadataCatalog
+
+    meta = MetadataCatalog.get(panoptic_train)
+    classes = meta.get("stuff_classes", None)
+    if not classes:
+        raise ValueError(f"--panoptic-train {panoptic_train}: not a registered COCO-panoptic data set")
+    source = meta.get("categories_source", None) or "its metadata"
+    log(f"stage 1 classes: {len(classes)} categories of {panoptic_train}, from {source}")
+    return len(classes)
 
 
 def launcher(args: argparse.Namespace) -> tuple:
@@ -274,9 +328,10 @@ def main() -> None:
     start_progress(args)
     train_net, common = launcher(args)
     gres_opts = prepare_data(args)
+    check_registered(args)
     weights, lang = pretrain(args, train_net, common)
 
-    tests = [args.refer_test] + ([args.reason_test] if args.reason_test else [])
+    tests = list(args.refer_test) + ([args.reason_test] if args.reason_test else [])
     opts = lang + ["DATASETS.TEST", str(tuple(tests))] + common
     opts += ["DATASETS.TRAIN", f"('{args.refer_train}', '{args.panoptic_train}')"]
     opts += gres_opts + (["SOLVER.MAX_ITER", str(args.iters)] if args.iters else []) + args.opts
@@ -291,29 +346,60 @@ def main() -> None:
 
 
 def report(args: argparse.Namespace, base: list, opts: list, final: str) -> None:
-    """Overlay pictures and ``summary.json`` (held-out, oracle, reasoning, GRES, minutes)."""
+    """Overlay pictures, ``summary.json`` (held-out, oracle, reasoning, GRES, minutes) and the
+    table of every held-out set (``summary.md``, printed too)."""
     with open(os.path.join(args.output_dir, "metrics_all.json")) as f:
         metrics = json.load(f)["metrics"]
     vis_dir = os.path.join(args.output_dir, "vis")
     if args.num_vis > 0:
         log("6/6 overlay pictures")
-        save_overlays(args.config_file, opts, final, args.refer_test, vis_dir, args.num_vis)
-    ref = metrics[args.refer_test]["referring"]
-    summary = {
-        "held_out_cIoU": ref["cIoU"],
-        "held_out_gIoU": ref["gIoU"],
-        "oracle_cIoU": ref.get("oracle_cIoU"),
-    }
-    if args.reason_test:
-        rea = metrics[args.reason_test]["reasoning"]
-        summary.update(reasoning_gIoU=rea["gIoU"], reasoning_cIoU=rea["cIoU"])
+        save_overlays(args.config_file, opts, final, args.refer_test[0], vis_dir, args.num_vis)
+    summary = held_out_summary(metrics, args.refer_test, args.reason_test)
     summary["minutes"] = round((time.time() - T0) / 60, 1)
     if args.gres:
         summary["gres"] = gres_test(base, opts, final, args.output_dir, metrics)
     with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    log(f"done: {json.dumps(summary)}")
+    table = summary_table(summary)
+    with open(os.path.join(args.output_dir, "summary.md"), "w") as f:
+        f.write(table + "\n")
+    log(f"done in {summary['minutes']} min:\n{table}")
     log(f"metrics: {args.output_dir}/metrics_all.json, pictures: {vis_dir}")
+
+
+def held_out_summary(metrics: dict, refer_tests: List[str], reason_test: str) -> dict:
+    """``summary.json``'s figures: ``held_out`` maps each referring set to its cIoU / gIoU /
+    oracle cIoU; the ``held_out_*`` keys repeat the first set's (older summaries have only them)."""
+    held_out = {}
+    for name in refer_tests:
+        ref = metrics[name]["referring"]
+        held_out[name] = {"cIoU": ref["cIoU"], "gIoU": ref["gIoU"], "oracle_cIoU": ref.get("oracle_cIoU")}
+    first = held_out[refer_tests[0]]
+    summary = {
+        "held_out_cIoU": first["cIoU"],
+        "held_out_gIoU": first["gIoU"],
+        "oracle_cIoU": first["oracle_cIoU"],
+        "held_out": held_out,
+    }
+    if reason_test:
+        rea = metrics[reason_test]["reasoning"]
+        summary.update(reasoning_gIoU=rea["gIoU"], reasoning_cIoU=rea["cIoU"], reasoning_test=reason_test)
+    return summary
+
+
+def summary_table(summary: dict) -> str:
+    """One markdown table: a row per held-out referring set (and the reasoning set)."""
+
+    def cell(v: Optional[float]) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
+    rows = ["| data set | cIoU | gIoU | oracle cIoU |", "|---|---:|---:|---:|"]
+    for name, m in summary["held_out"].items():
+        rows.append(f"| {name} | {cell(m['cIoU'])} | {cell(m['gIoU'])} | {cell(m['oracle_cIoU'])} |")
+    if "reasoning_test" in summary:
+        name = f"{summary['reasoning_test']} (reasoning)"
+        rows.append(f"| {name} | {cell(summary['reasoning_cIoU'])} | {cell(summary['reasoning_gIoU'])} | - |")
+    return "\n".join(rows)
 
 
 def gres_options(args: argparse.Namespace, sizes: dict) -> list:
@@ -330,7 +416,7 @@ def gres_options(args: argparse.Namespace, sizes: dict) -> list:
     cfg.merge_from_file(args.config_file)
     sets = (args.refer_train, args.panoptic_train, "synthgref_train")
     ratios = [*cfg.DATALOADER.TASK_RATIOS, args.gres_ratio]
-    tests = tuple(n for n in (args.refer_test, args.reason_test, "synthgref_val", "synthgref_test") if n)
+    tests = tuple(n for n in (*args.refer_test, args.reason_test, "synthgref_val", "synthgref_test") if n)
     opts = ["DATASETS.TRAIN", str(sets), "DATALOADER.TASK_RATIOS", str(ratios), "DATASETS.TEST", str(tests)]
     if "RETURN_CANDIDATES" in cfg.TEST:  # the threshold sweep needs every query's mask
         opts += ["TEST.RETURN_CANDIDATES", "True"]

@@ -33,6 +33,7 @@ from .provenance import same_run
 __all__ = [
     "ALL_METRICS_FILE",
     "build_evaluator",
+    "check_evaluation_categories",
     "check_num_classes",
     "metrics_json_path",
     "write_metrics_json",
@@ -59,8 +60,40 @@ def check_num_classes(cfg: CfgNode, dataset_names: Sequence[str]) -> None:
         if classes is not None and len(classes) != n:
             raise ValueError(
                 f"MODEL.SEM_SEG_HEAD.NUM_CLASSES is {n} but data set {name!r} has {len(classes)} "
-                f"categories ({list(classes)[:5]}...): set MODEL.SEM_SEG_HEAD.NUM_CLASSES {len(classes)}"
+                f"categories ({list(classes)[:5]}...) from {_source(meta)}: set "
+                f"MODEL.SEM_SEG_HEAD.NUM_CLASSES {len(classes)}, or give the data set its own "
+                "categories (datasets/README.md, 'Your own panoptic data')"
             )
+
+
+def _source(meta: Any) -> str:
+    return meta.get("categories_source", None) or f"the metadata of {meta.name!r}"
+
+
+def check_evaluation_categories(dataset_name: str, coco_evaluator: Optional[COCOEvaluator] = None) -> None:
+    """Raise ``ValueError`` when the categories that the panoptic json (PQ) or the instances json
+    (AP, read by ``coco_evaluator``) lists are not the data set's: Detectron2's evaluators would
+    otherwise end in a ``KeyError`` or a bare ``AssertionError`` after the whole inference."""
+    from ..data.datasets.panoptic_categories import json_categories
+
+    meta = MetadataCatalog.get(dataset_name)
+    mine = set(meta.stuff_dataset_id_to_contiguous_id)
+    pan_json = meta.get("panoptic_json", None)
+    listed = json_categories(pan_json) if pan_json and os.path.isfile(pan_json) else None
+    if listed is not None and {int(c["id"]) for c in listed} != mine:
+        raise ValueError(
+            f"{dataset_name}: {pan_json} lists category ids {sorted(int(c['id']) for c in listed)[:10]}... "
+            f"but the data set's categories (from {_source(meta)}) have ids {sorted(mine)[:10]}...; "
+            "PQ needs the same categories"
+        )
+    api = getattr(coco_evaluator, "_coco_api", None)
+    things = set(meta.thing_dataset_id_to_contiguous_id)
+    if api is not None and set(api.getCatIds()) != things:
+        raise ValueError(
+            f"{dataset_name}: {meta.json_file} lists thing category ids {sorted(api.getCatIds())[:10]}... "
+            f"but the data set's things (from {_source(meta)}) have ids {sorted(things)[:10]}...; "
+            "mask AP needs the same categories"
+        )
 
 
 def build_evaluator(cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None) -> DatasetEvaluator:
@@ -75,11 +108,12 @@ def build_evaluator(cfg: CfgNode, dataset_name: str, output_folder: Optional[str
         if test.PANOPTIC_ON:
             evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
         json_file = meta.get("json_file", None)
+        coco = None
         if test.INSTANCE_ON and json_file and os.path.isfile(json_file):
             # masks only: the paper reports mask AP; box AP of mask-derived boxes adds time, not insight
-            evaluators.append(
-                COCOEvaluator(dataset_name, tasks=("segm",), distributed=True, output_dir=output_folder)
-            )
+            coco = COCOEvaluator(dataset_name, tasks=("segm",), distributed=True, output_dir=output_folder)
+            evaluators.append(coco)
+        check_evaluation_categories(dataset_name, coco)
         sem_seg_root = meta.get("sem_seg_root", None)
         if test.SEMANTIC_ON and sem_seg_root and os.path.isdir(sem_seg_root):
             evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))

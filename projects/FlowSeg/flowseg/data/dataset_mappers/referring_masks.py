@@ -11,7 +11,13 @@ from typing import Any, Dict, List, Sequence, Tuple
 import numpy as np
 import pycocotools.mask as mask_util
 
-__all__ = ["IGNORE_LABEL", "rasterize_segmentation", "reasonseg_masks", "gt_masks_from_dict"]
+__all__ = [
+    "IGNORE_LABEL",
+    "rasterize_segmentation",
+    "segmentation_to_rle",
+    "reasonseg_masks",
+    "gt_masks_from_dict",
+]
 
 IGNORE_LABEL = 255
 
@@ -27,10 +33,11 @@ def _clean_polygons(polygons: Sequence[Any]) -> List[List[float]]:
     return out
 
 
-def rasterize_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
-    """COCO segmentation (polygon list, compressed or uncompressed RLE) -> HxW uint8 {0, 1} mask.
+def segmentation_to_rle(segm: Any, height: int, width: int) -> Dict[str, Any]:
+    """One compressed RLE (pycocotools) of a COCO segmentation of an image of ``height`` x ``width``:
+    polygons (``iscrowd`` 0), compressed or uncompressed RLE (``iscrowd`` 1), or a list of RLEs.
 
-    Several polygons (or a list of RLEs) are merged into one mask.
+    Several polygons (or RLEs) are merged into one mask; an RLE of another size is an error.
     """
     if isinstance(segm, dict):
         rles = [segm]
@@ -38,9 +45,9 @@ def rasterize_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
         rles = list(segm)
     elif isinstance(segm, (list, tuple)):
         polygons = _clean_polygons(segm)
-        if not polygons:
-            return np.zeros((height, width), dtype=np.uint8)
-        return mask_util.decode(mask_util.merge(mask_util.frPyObjects(polygons, height, width)))
+        if not polygons:  # an all-zero mask: pycocotools cannot merge an empty list
+            return mask_util.encode(np.zeros((height, width), dtype=np.uint8, order="F"))
+        return mask_util.merge(mask_util.frPyObjects(polygons, height, width))
     else:
         raise ValueError(f"unsupported segmentation of type {type(segm).__name__}")
 
@@ -59,7 +66,13 @@ def rasterize_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
                     "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
                 }
             )
-    return mask_util.decode(mask_util.merge(encoded) if len(encoded) > 1 else encoded[0])
+    return mask_util.merge(encoded) if len(encoded) > 1 else encoded[0]
+
+
+def rasterize_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
+    """COCO segmentation (polygon list, compressed or uncompressed RLE) -> HxW uint8 {0, 1} mask
+    (:func:`segmentation_to_rle`, decoded)."""
+    return mask_util.decode(segmentation_to_rle(segm, height, width))
 
 
 def reasonseg_masks(

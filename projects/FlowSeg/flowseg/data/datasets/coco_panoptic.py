@@ -7,11 +7,8 @@ plus semantic PNGs (``panoptic_semseg_{train,val}2017``, made by
 for AP. This module registers those two names under ``$DETECTRON2_DATASETS`` and offers
 :func:`register_coco_panoptic_dataset` for any folder in that layout.
 
-The two names carry COCO's 133 categories, unless the root holds
-``coco/annotations/panoptic_categories.json`` (:data:`BUILTIN_CATEGORIES_FILE`, ``{"categories":
-[{id, name, isthing, color}, ...]}``): then they carry those. That is how a data set with other
-classes written in COCO's layout (``tools/make_variant_data.py``) is read through the builtin
-names by every process, the training subprocesses included. Real COCO has no such file.
+The two names take their categories from the split's own panoptic json (or an override file),
+read on first use and logged when they are not COCO's: :mod:`.panoptic_categories`.
 
 Contiguous ids: things first (in category order), then stuff. For COCO this is exactly the
 order of ``COCO_CATEGORIES`` (Mask2Former's ids). Things must come first because Detectron2's
@@ -21,13 +18,19 @@ this package use the same ids (:func:`contiguous_id_map`).
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
+import shutil
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+
+from .panoptic_categories import BUILTIN_CATEGORIES_FILE, JsonCategoriesMetadata, builtin_coco_categories
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "BUILTIN_CATEGORIES_FILE",
@@ -42,8 +45,6 @@ __all__ = [
 ]
 
 IGNORE_LABEL = 255
-#: Under the data root: categories that replace COCO's for the builtin ``_with_sem_seg`` names.
-BUILTIN_CATEGORIES_FILE = os.path.join("coco", "annotations", "panoptic_categories.json")
 LABEL_DIVISOR = 1000
 
 # name -> (image dir, panoptic PNG dir, panoptic json, semantic PNG dir, instances json), under root
@@ -133,6 +134,44 @@ def _require_dir(path: str, what: str) -> None:
         raise FileNotFoundError(f"{what} folder not found: {path}")
 
 
+def semantic_pngs_command(json_file: str, gt_dir: str, semseg_dir: str) -> str:
+    """The command that makes the semantic PNGs of a panoptic json."""
+    return (
+        "python datasets/prepare_coco_semantic_annos_from_panoptic_annos.py "
+        f"--panoptic-json {json_file} --panoptic-root {gt_dir} --output-dir {semseg_dir}"
+    )
+
+
+def make_semantic_pngs(json_file: str, gt_dir: str, semseg_dir: str) -> None:
+    """Write the missing semantic PNG folder ``semseg_dir`` (as :func:`semantic_pngs_command` does).
+
+    They are written to a temporary folder renamed at the end, so that processes loading the data
+    set at once (one per GPU) never read a half-written folder: the first rename wins.
+    """
+    from ..writers.coco_panoptic import write_semantic_pngs  # local: the writers import this module
+
+    parent = os.path.dirname(os.path.abspath(semseg_dir))
+    if not os.access(parent, os.W_OK):
+        raise FileNotFoundError(
+            f"Semantic PNG folder not found: {semseg_dir}, and {parent} is not writable; make them "
+            f"with: {semantic_pngs_command(json_file, gt_dir, semseg_dir)}"
+        )
+    logger.info("Semantic PNG folder %s not found: making it from %s", semseg_dir, json_file)
+    tmp = f"{semseg_dir.rstrip(os.sep)}.tmp{os.getpid()}"
+    try:
+        n = write_semantic_pngs(json_file, gt_dir, tmp, workers=max(1, (os.cpu_count() or 2) // 2))
+    except BaseException:  # a missing panoptic PNG, a bad json: their own errors name them
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        os.rename(tmp, semseg_dir)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process made them first
+        if not os.path.isdir(semseg_dir):
+            raise
+    logger.info("Made %d semantic PNGs in %s", n, semseg_dir)
+
+
 def read_annotation_json(json_file: str) -> Any:
     """``json.load`` with errors that name the file (missing -> FileNotFoundError, bad -> ValueError)."""
     if not os.path.isfile(json_file):
@@ -181,7 +220,8 @@ def _contiguous_segments(segments_info: Any, meta: Dict[str, Any], where: str) -
         else:
             raise ValueError(
                 f"{where}, segment id {seg['id']}: category_id {cat!r} is not one of the "
-                f"dataset's categories {sorted(stuff_map)}"
+                f"dataset's categories {sorted(stuff_map)} (from "
+                f"{meta.get('categories_source') or 'its metadata'})"
             )
         seg.setdefault("iscrowd", 0)
         segments.append(seg)
@@ -208,8 +248,8 @@ def load_coco_panoptic_json(
     info = read_annotation_json(json_file)
     _require_dir(image_dir, "Image")
     _require_dir(gt_dir, "Panoptic PNG")
-    if semseg_dir:
-        _require_dir(semseg_dir, "Semantic PNG")
+    if semseg_dir and not os.path.isdir(semseg_dir):
+        make_semantic_pngs(json_file, gt_dir, semseg_dir)
 
     if not isinstance(info, dict) or not isinstance(info.get("annotations"), list):
         raise ValueError(f"{json_file}: expected a COCO-panoptic json object with an 'annotations' list")
@@ -233,7 +273,11 @@ def load_coco_panoptic_json(
         record = _record(ann, images.get(ann["image_id"]), image_dir, gt_dir, semseg_dir)
         for key in ("file_name", "pan_seg_file_name", "sem_seg_file_name"):
             if key in record and not files.exists(record[key]):
-                raise FileNotFoundError(f"{record[key]} not found (listed for {where} in {json_file})")
+                hint = f"; make them with: {semantic_pngs_command(json_file, gt_dir, semseg_dir)}"
+                raise FileNotFoundError(
+                    f"{record[key]} not found (listed for {where} in {json_file})"
+                    + (hint if key == "sem_seg_file_name" else "")
+                )
         record["segments_info"] = _contiguous_segments(ann["segments_info"], meta, f"{json_file}: {where}")
         ret.append(record)
     if not ret:
@@ -241,9 +285,16 @@ def load_coco_panoptic_json(
     return ret
 
 
+def _id_maps(name: str) -> Dict[str, Any]:
+    # read at load time: the builtin names' categories are only known once their json is read
+    meta = MetadataCatalog.get(name)
+    keys = ("thing_dataset_id_to_contiguous_id", "stuff_dataset_id_to_contiguous_id", "categories_source")
+    return {k: meta.get(k, None) for k in keys}
+
+
 def register_coco_panoptic_dataset(
     name: str,
-    metadata: Dict[str, Any],
+    metadata: Optional[Dict[str, Any]],
     image_root: str,
     panoptic_root: str,
     panoptic_json: str,
@@ -255,8 +306,11 @@ def register_coco_panoptic_dataset(
     """Register a COCO-panoptic-format folder as ``name`` (Mask2Former's ``_with_sem_seg`` form).
 
     Args:
-        metadata: from :func:`coco_panoptic_metadata` (class names, colours, id maps).
-        sem_seg_root: semantic PNGs (contiguous ids, 255 = void) for ``SemSegEvaluator``; optional.
+        metadata: from :func:`coco_panoptic_metadata` (class names, colours, id maps; a
+            ``categories_source`` for messages); None: the categories are already in
+            ``MetadataCatalog.get(name)`` (e.g. a :class:`JsonCategoriesMetadata`).
+        sem_seg_root: semantic PNGs (contiguous ids, 255 = void) for ``SemSegEvaluator``; optional,
+            made from the panoptic PNGs when the folder is missing.
         instances_json: COCO instances json of the things for ``COCOEvaluator`` (AP); optional.
         overwrite: replace an existing registration of ``name`` (tests re-register freely).
 
@@ -267,9 +321,15 @@ def register_coco_panoptic_dataset(
         MetadataCatalog.remove(name)
     DatasetCatalog.register(
         name,
-        lambda: load_coco_panoptic_json(panoptic_json, image_root, panoptic_root, sem_seg_root, metadata),
+        lambda: load_coco_panoptic_json(
+            panoptic_json, image_root, panoptic_root, sem_seg_root, _id_maps(name)
+        ),
     )
-    extra: Dict[str, Any] = {}
+    extra: Dict[str, Any] = dict(metadata or {})
+    if metadata is not None:
+        extra.setdefault(
+            "categories_source", f"the categories given to register_coco_panoptic_dataset({name!r})"
+        )
     if sem_seg_root:
         extra["sem_seg_root"] = sem_seg_root
     if instances_json:
@@ -282,30 +342,12 @@ def register_coco_panoptic_dataset(
         ignore_label=IGNORE_LABEL,
         label_divisor=LABEL_DIVISOR,
         **extra,
-        **metadata,
     )
-
-
-def builtin_coco_categories(root: str) -> List[Dict[str, Any]]:
-    """The categories of the builtin names under ``root``: those of :data:`BUILTIN_CATEGORIES_FILE`
-    when it exists (a file without a valid list is an error naming it), else COCO's 133."""
-    path = os.path.join(root, BUILTIN_CATEGORIES_FILE)
-    if not os.path.isfile(path):
-        return list(COCO_CATEGORIES)
-    info = read_annotation_json(path)
-    cats = info.get("categories") if isinstance(info, dict) else None
-    if not isinstance(cats, list) or not cats:
-        raise ValueError(f"{path}: expected {{'categories': [{{id, name, isthing}}, ...]}}")
-    for k, c in enumerate(cats):
-        if not isinstance(c, dict) or not {"id", "name", "isthing"} <= set(c):
-            raise ValueError(f"{path}: category #{k} needs 'id', 'name' and 'isthing': {c!r}")
-    return cats
 
 
 def register_all_coco_panoptic_with_sem_seg(root: str) -> None:
     """Register ``coco_2017_{train,val}_panoptic_with_sem_seg`` under ``root`` (idempotent), with
-    :func:`builtin_coco_categories`."""
-    metadata = coco_panoptic_metadata(builtin_coco_categories(root))
+    :func:`builtin_coco_categories` read on first use."""
     for name, (
         image_root,
         pan_root,
@@ -315,12 +357,15 @@ def register_all_coco_panoptic_with_sem_seg(root: str) -> None:
     ) in _PREDEFINED_SPLITS_COCO_PANOPTIC_WITH_SEM_SEG.items():
         if name in DatasetCatalog.list():
             continue
+        pan_json = os.path.join(root, pan_json)
+        categories_fn = functools.partial(builtin_coco_categories, root, pan_json)
+        MetadataCatalog[name] = JsonCategoriesMetadata(name=name, categories_fn=categories_fn)
         register_coco_panoptic_dataset(
             name,
-            metadata,
+            None,
             os.path.join(root, image_root),
             os.path.join(root, pan_root),
-            os.path.join(root, pan_json),
+            pan_json,
             os.path.join(root, sem_root),
             os.path.join(root, inst_json),
         )

@@ -13,12 +13,14 @@ evaluators. Layout under ``root`` (``root = $DETECTRON2_DATASETS/coco`` gives th
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from multiprocessing import Pool
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from panopticapi.utils import id2rgb
+from panopticapi.utils import id2rgb, rgb2id
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -30,7 +32,12 @@ from ..datasets.coco_panoptic import (
     register_coco_panoptic_dataset,
 )
 
-__all__ = ["coco_panoptic_paths", "write_coco_panoptic_dataset", "register_coco_panoptic_folder"]
+__all__ = [
+    "coco_panoptic_paths",
+    "register_coco_panoptic_folder",
+    "write_coco_panoptic_dataset",
+    "write_semantic_pngs",
+]
 
 
 def coco_panoptic_paths(root: str, split: str = "train") -> Dict[str, str]:
@@ -197,14 +204,16 @@ def register_coco_panoptic_folder(
     used when present. Returns the paths.
     """
     paths = coco_panoptic_paths(root, split)
+    source = f"the categories given to register_coco_panoptic_folder({name!r})"
     if categories is None:
         info = read_annotation_json(paths["panoptic_json"])
         categories = info.get("categories") if isinstance(info, dict) else None
         if not categories:
             raise ValueError(f"{paths['panoptic_json']}: no 'categories' list")
+        source = f"the 'categories' of {paths['panoptic_json']}"
     register_coco_panoptic_dataset(
         name,
-        coco_panoptic_metadata(categories),
+        {**coco_panoptic_metadata(categories), "categories_source": source},
         paths["image_root"],
         paths["panoptic_root"],
         paths["panoptic_json"],
@@ -213,3 +222,41 @@ def register_coco_panoptic_folder(
         overwrite=overwrite,
     )
     return paths
+
+
+def _semantic_png(item: Dict[str, Any], panoptic_root: str, output_dir: str, id_map: Dict[int, int]) -> None:
+    src = os.path.join(panoptic_root, item["file_name"])
+    if not os.path.isfile(src):
+        raise FileNotFoundError(f"{src} not found (listed for image_id={item.get('image_id')!r})")
+    pan = rgb2id(np.asarray(Image.open(src).convert("RGB"), dtype=np.uint32))
+    sem = panoptic_to_semantic(pan, item["segments_info"], id_map)
+    Image.fromarray(sem).save(os.path.join(output_dir, item["file_name"]))
+
+
+def write_semantic_pngs(panoptic_json: str, panoptic_root: str, output_dir: str, workers: int = 1) -> int:
+    """Write Mask2Former's semantic PNG of every annotation of ``panoptic_json`` to ``output_dir``
+    (contiguous ids of the json's categories, things first; 255 = void; crowd segments keep their
+    class); returns how many."""
+    info = read_annotation_json(panoptic_json)
+    if not isinstance(info, dict) or "annotations" not in info or "categories" not in info:
+        raise ValueError(f"{panoptic_json}: expected a COCO-panoptic json with 'annotations', 'categories'")
+    if not os.path.isdir(panoptic_root):
+        raise FileNotFoundError(f"Panoptic PNG folder not found: {panoptic_root}")
+    id_map = contiguous_id_map(info["categories"])
+    for ann in info["annotations"]:
+        for seg in ann.get("segments_info", []):
+            if seg["category_id"] not in id_map:
+                raise ValueError(
+                    f"{panoptic_json}: image_id={ann.get('image_id')!r}, segment {seg.get('id')}: "
+                    f"category_id {seg['category_id']} is not in 'categories'"
+                )
+    os.makedirs(output_dir, exist_ok=True)
+    fn = functools.partial(_semantic_png, panoptic_root=panoptic_root, output_dir=output_dir, id_map=id_map)
+    anns: List[Dict[str, Any]] = info["annotations"]
+    if workers <= 1 or len(anns) < 64:
+        for ann in anns:
+            fn(ann)
+    else:
+        with Pool(processes=workers) as pool:
+            pool.map(fn, anns, chunksize=100)
+    return len(anns)

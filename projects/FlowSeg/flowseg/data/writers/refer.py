@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 
-from ..dataset_mappers.referring_masks import rasterize_segmentation
+from ..dataset_mappers.referring_masks import segmentation_to_rle
 
 __all__ = ["mask_to_polygons", "mask_to_rle", "write_image", "write_refer_dataset"]
 
@@ -121,7 +121,7 @@ def coco_annotations(
         h, w = img["height"], img["width"]
         segm = _segmentation(ann, h, w, j)
         # area / bbox from the stored segmentation, so they agree with what readers rasterise
-        rle = mask_util.encode(np.asfortranarray(rasterize_segmentation(segm, h, w)))
+        rle = segmentation_to_rle(segm, h, w)
         coco_anns.append(
             {
                 "id": int(ann.get("id", j + 1)),

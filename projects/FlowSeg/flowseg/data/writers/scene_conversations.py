@@ -21,9 +21,11 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 from pycocotools import mask as mask_utils
+
+from ..dataset_mappers.referring_masks import segmentation_to_rle
 
 __all__ = [
     "SMALL_AREA_FRACTION",
@@ -47,9 +49,10 @@ def place_phrase(cx: float, cy: float) -> str:
     return f"at the {row}" if col == "centre" else f"at the {row} {col}"
 
 
-def describe_object(category: str, rle: Dict) -> Tuple[float, str]:
-    """(x of the box centre in [0, 1], ``"a small red circle at the top left"``) of a mask RLE."""
-    height, width = rle["size"]
+def describe_object(category: str, segm: Any, height: int, width: int) -> Tuple[float, str]:
+    """(x of the box centre in [0, 1], ``"a small red circle at the top left"``) of an object's
+    COCO segmentation (polygons, compressed or uncompressed RLE) in a ``height`` x ``width`` image."""
+    rle = segmentation_to_rle(segm, height, width)
     area = float(mask_utils.area(rle))
     if area <= 0:
         raise ValueError(f"cannot describe an object of category {category!r} with an empty mask")
@@ -65,8 +68,8 @@ def scene_conversations(
     """LLaVA samples (``id``, ``image`` relative to ``image_root``, ``conversations``).
 
     ``dataset_dicts`` are a referring data set's records (one per expression, with
-    ``file_name``, ``ann_id``, ``category_id``, ``segmentation`` RLE, ``expression``), as the
-    refer loader returns them; ``category_names`` maps category ids to names.
+    ``file_name``, ``height``, ``width``, ``ann_id``, ``category_id``, ``segmentation`` (polygons
+    or RLE), ``expression``), as the refer loader returns them; ``category_names`` maps category ids to names.
     """
     by_image: Dict[str, Dict[int, Dict]] = defaultdict(dict)
     for d in dataset_dicts:
@@ -83,7 +86,8 @@ def scene_conversations(
                     f"{file_name}: ann_id {rec['ann_id']} has category {rec['category_id']}, "
                     "which the data set's instances.json does not list"
                 )
-            cx, text = describe_object(category_names[rec["category_id"]], rec["segmentation"])
+            name = category_names[rec["category_id"]]
+            cx, text = describe_object(name, rec["segmentation"], rec["height"], rec["width"])
             described.append((cx, text, obj["expressions"]))
         described.sort(key=lambda t: t[0])
         caption = ", ".join(text for _, text, _ in described)
