@@ -13,8 +13,8 @@ pads); the mask comes back at the original resolution.
 Errors (exit status 1, message on stderr naming the problem): a missing / unreadable image or an
 empty folder, a missing checkpoint file, a file that is not a checkpoint, a checkpoint of another
 config, ``MODEL.DEVICE cuda`` without a GPU, an empty expression or one with unbalanced ``<p>``
-markers or longer than ``MODEL.LLM.MAX_LENGTH``, a config not in referring mode. A 16-bit image is
-scaled to 8 bits with a warning.
+markers, with the model's own ``<SEG>`` / ``<image>`` tokens or longer than ``MODEL.LLM.MAX_LENGTH``,
+a config not in referring mode. A 16-bit image is scaled to 8 bits with a warning.
 When the selected mask is empty the demo warns "no target found for <expression>" and still
 writes the picture.
 """
@@ -40,6 +40,7 @@ from flowseg.checkpoint.checkpointer import CheckpointShapeError, NotACheckpoint
 from flowseg.data.dataset_mappers.referring import resize_long_side  # noqa: E402
 from flowseg.data.image_io import read_image as read_image_file  # noqa: E402
 from flowseg.modeling.language.prompts import count_phrase_spans  # noqa: E402
+from flowseg.modeling.language.tokens import check_user_text  # noqa: E402
 from flowseg.utils.bad_samples import BadSampleError  # noqa: E402
 from flowseg.utils.inference import (  # noqa: E402
     add_opts_argument,
@@ -154,7 +155,7 @@ def run(args: argparse.Namespace) -> List[str]:
     if not expression:
         raise DemoError('the expression is empty: pass --expression "the object to segment"')
     try:
-        count_phrase_spans(expression)
+        count_phrase_spans(check_user_text(expression, "expression"))
     except ValueError as e:
         raise DemoError(f"--expression: {e}") from e
     images = list_images(args.input)  # before the (slow) model build: fail fast on a bad path

@@ -26,6 +26,7 @@ from flowseg.data.dataset_mappers.coco_panoptic_lsj import (
     build_coco_panoptic_test_mapper,
 )
 from flowseg.data.dataset_mappers.referring import ReferringDatasetMapper
+from flowseg.data.datasets.conversation import load_llava_conversations
 from flowseg.data.datasets.reasonseg import load_reasonseg_dataset
 from flowseg.data.datasets.refcoco import load_refer_dataset
 from flowseg.data.image_io import ImageReadError, read_image
@@ -87,6 +88,33 @@ def test_unbalanced_phrase_markers_checked_at_load_time(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"query 1 in .*</p> without <p>") as e:
         load_reasonseg_dataset(str(tmp_path / "reason"))
     assert json_path in str(e.value)
+
+
+def test_model_tokens_in_expressions_checked_at_load_time(tmp_path) -> None:
+    paths = _write(tmp_path)
+    _edit_refer(paths, fn_refs=lambda r: r[1]["sentences"][1].update(sent="the <SEG> box with a hole"))
+    with pytest.raises(
+        ValueError, match=r"sent_id=3 of ref_id=1 .*refs\(unc\)\.p.*special token\(s\) <SEG> "
+    ):
+        load_refer_dataset(str(tmp_path), "refcoco", "unc", "train")
+
+    _, json_path = _write_one(tmp_path / "reason")
+    _patch_json(json_path, lambda a: a.update(text=["fine", "where is the <image> box"]))
+    with pytest.raises(ValueError, match=r"query 1 in .*special token\(s\) <image> ") as e:
+        load_reasonseg_dataset(str(tmp_path / "reason"))
+    assert json_path in str(e.value)
+
+    llava = tmp_path / "llava.json"
+    turns = [
+        ("<image>\nwhat is this?", "a box"),
+        ("and <SEG> here?", "a disc"),
+    ]  # LLaVA's own <image> is fine
+    conv = [{"from": f, "value": v} for q, a in turns for f, v in (("human", q), ("gpt", a))]
+    llava.write_text(json.dumps([{"id": "s7", "conversations": conv}]))
+    with pytest.raises(
+        ValueError, match=r"llava\.json: sample id='s7' .*turn 2 \(human\) .*special token\(s\) <SEG> "
+    ):
+        load_llava_conversations(str(llava), str(tmp_path))
 
 
 # ------------------------------------------------------------------ 4. encodings

@@ -68,11 +68,14 @@ def segmentation_problem(segm: Any) -> Optional[str]:
 
 
 def check_phrase_markers(text: str, where: str) -> None:
-    """Raise ``ValueError`` naming ``where`` (file / ids) when ``text``'s ``<p>…</p>`` are unbalanced."""
-    from ...modeling.language.prompts import count_phrase_spans  # local: data must not load modeling
+    """Raise ``ValueError`` naming ``where`` (file / ids) when ``text``'s ``<p>…</p>`` are unbalanced
+    or it holds a special token the prompt builder places itself (``<SEG>``, ``<image>``)."""
+    # local: data must not load modeling
+    from ...modeling.language.prompts import count_phrase_spans
+    from ...modeling.language.tokens import check_user_text
 
     try:
-        count_phrase_spans(text)
+        count_phrase_spans(check_user_text(text, "text"))
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
 
