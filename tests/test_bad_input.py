@@ -148,6 +148,38 @@ def test_reasonseg_encodings_utf8_bom_cp1252_warned_shift_jis_refused(tmp_path, 
     assert len(warned) == 1 and json_path in warned[0] and "cp1252" in warned[0] and "é" in warned[0]
 
 
+@pytest.mark.parametrize(
+    "text, encoding, error",
+    [
+        ("Größe: 5µm", "latin-1", None),
+        ("crème brûlée, 5°C ±2µm ½ – “quoted”", "cp1252", None),
+        ("红色的盒子在哪里", "gbk", r"\(16 non-ASCII characters in a row \('ºìÉ«µÄºÐ×ÓÔÚ'\).*as .*GBK"),
+        ("アイス", "shift_jis", r"\('ƒ' at character \d+\).*as SHIFT-JIS"),
+        ("the red box", "utf-16", r"is not text: control byte 0x00 at offset 3 \(binary data, or UTF-16"),
+    ],
+    ids=["latin1", "cp1252", "gbk", "shift_jis", "utf16"],
+)
+def test_reasonseg_western_8bit_text_loads_other_bytes_name_the_cause(
+    tmp_path, caplog, text, encoding, error
+):
+    _, json_path = _write_one(tmp_path)
+    with open(json_path, encoding="utf-8") as f:
+        anno = json.load(f)
+    anno["text"] = [text]
+    with open(json_path, "w", encoding=encoding) as f:
+        json.dump(anno, f, ensure_ascii=False)
+    if error:
+        with pytest.raises(ValueError, match=error) as e:
+            load_reasonseg_dataset(str(tmp_path))
+        assert json_path in str(e.value) and "convert it to UTF-8" in str(e.value)
+        return
+    with caplog.at_level(logging.WARNING):
+        (d,) = load_reasonseg_dataset(str(tmp_path))
+    assert d["expression"] == text
+    warned = [r.getMessage() for r in caplog.records if "not UTF-8" in r.getMessage()]
+    assert len(warned) == 1 and json_path in warned[0] and "read it as cp1252" in warned[0]
+
+
 # ------------------------------------------------------------------ 3. panoptic segments vs PNG
 @pytest.fixture()
 def panoptic(tmp_path):
