@@ -152,7 +152,7 @@ def test_reasonseg_encodings_utf8_bom_cp1252_warned_shift_jis_refused(tmp_path, 
     "text, encoding, error",
     [
         ("Größe: 5µm", "latin-1", None),
-        ("crème brûlée, 5°C ±2µm ½ – “quoted”", "cp1252", None),
+        ("crème brûlée, 5°C ±2µm ½ – “quoted” «\xa0prix\xa0»\xa0: 5\xa0€", "cp1252", None),
         ("红色的盒子在哪里", "gbk", r"\(16 non-ASCII characters in a row \('ºìÉ«µÄºÐ×ÓÔÚ'\).*as .*GBK"),
         ("アイス", "shift_jis", r"\('ƒ' at character \d+\).*as SHIFT-JIS"),
         ("the red box", "utf-16", r"is not text: control byte 0x00 at offset 3 \(binary data, or UTF-16"),

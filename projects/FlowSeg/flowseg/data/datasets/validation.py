@@ -163,7 +163,7 @@ def _western_problem(text: str) -> Optional[str]:
     """Why ``text`` (a non-UTF-8 file read as cp1252) is not Western text, or None: a character
     outside :data:`_WESTERN`, or a run of non-ASCII characters with a sign in it or longer than
     :data:`_MAX_WESTERN_RUN`."""
-    for m in re.finditer(r"[^\x00-\x7f]+", text):
+    for m in re.finditer(r"[^\x00-\x7f\xa0]+", text):  # a no-break space (French « x », 5 €) separates
         run = m.group()
         odd = [c for c in run if c not in _WESTERN]
         if odd:
