@@ -26,6 +26,7 @@ from flowseg.data.dataset_mappers.coco_panoptic_lsj import (
     build_coco_panoptic_test_mapper,
 )
 from flowseg.data.dataset_mappers.referring import ReferringDatasetMapper
+from flowseg.data.datasets.conversation import load_llava_conversations
 from flowseg.data.datasets.reasonseg import load_reasonseg_dataset
 from flowseg.data.datasets.refcoco import load_refer_dataset
 from flowseg.data.image_io import ImageReadError, read_image
@@ -89,6 +90,33 @@ def test_unbalanced_phrase_markers_checked_at_load_time(tmp_path) -> None:
     assert json_path in str(e.value)
 
 
+def test_model_tokens_in_expressions_checked_at_load_time(tmp_path) -> None:
+    paths = _write(tmp_path)
+    _edit_refer(paths, fn_refs=lambda r: r[1]["sentences"][1].update(sent="the <SEG> box with a hole"))
+    with pytest.raises(
+        ValueError, match=r"sent_id=3 of ref_id=1 .*refs\(unc\)\.p.*special token\(s\) <SEG> "
+    ):
+        load_refer_dataset(str(tmp_path), "refcoco", "unc", "train")
+
+    _, json_path = _write_one(tmp_path / "reason")
+    _patch_json(json_path, lambda a: a.update(text=["fine", "where is the <image> box"]))
+    with pytest.raises(ValueError, match=r"query 1 in .*special token\(s\) <image> ") as e:
+        load_reasonseg_dataset(str(tmp_path / "reason"))
+    assert json_path in str(e.value)
+
+    llava = tmp_path / "llava.json"
+    turns = [
+        ("<image>\nwhat is this?", "a box"),
+        ("and <SEG> here?", "a disc"),
+    ]  # LLaVA's own <image> is fine
+    conv = [{"from": f, "value": v} for q, a in turns for f, v in (("human", q), ("gpt", a))]
+    llava.write_text(json.dumps([{"id": "s7", "conversations": conv}]))
+    with pytest.raises(
+        ValueError, match=r"llava\.json: sample id='s7' .*turn 2 \(human\) .*special token\(s\) <SEG> "
+    ):
+        load_llava_conversations(str(llava), str(tmp_path))
+
+
 # ------------------------------------------------------------------ 4. encodings
 def test_reasonseg_encodings_utf8_bom_cp1252_warned_shift_jis_refused(tmp_path, caplog) -> None:
     _, json_path = _write_one(tmp_path)
@@ -118,6 +146,38 @@ def test_reasonseg_encodings_utf8_bom_cp1252_warned_shift_jis_refused(tmp_path, 
     assert d["expression"] == "the café box"
     warned = [r.getMessage() for r in caplog.records if "not UTF-8" in r.getMessage()]
     assert len(warned) == 1 and json_path in warned[0] and "cp1252" in warned[0] and "é" in warned[0]
+
+
+@pytest.mark.parametrize(
+    "text, encoding, error",
+    [
+        ("Größe: 5µm", "latin-1", None),
+        ("crème brûlée, 5°C ±2µm ½ – “quoted” «\xa0prix\xa0»\xa0: 5\xa0€", "cp1252", None),
+        ("红色的盒子在哪里", "gbk", r"\(16 non-ASCII characters in a row \('ºìÉ«µÄºÐ×ÓÔÚ'\).*as .*GBK"),
+        ("アイス", "shift_jis", r"\('ƒ' at character \d+\).*as SHIFT-JIS"),
+        ("the red box", "utf-16", r"is not text: control byte 0x00 at offset 3 \(binary data, or UTF-16"),
+    ],
+    ids=["latin1", "cp1252", "gbk", "shift_jis", "utf16"],
+)
+def test_reasonseg_western_8bit_text_loads_other_bytes_name_the_cause(
+    tmp_path, caplog, text, encoding, error
+):
+    _, json_path = _write_one(tmp_path)
+    with open(json_path, encoding="utf-8") as f:
+        anno = json.load(f)
+    anno["text"] = [text]
+    with open(json_path, "w", encoding=encoding) as f:
+        json.dump(anno, f, ensure_ascii=False)
+    if error:
+        with pytest.raises(ValueError, match=error) as e:
+            load_reasonseg_dataset(str(tmp_path))
+        assert json_path in str(e.value) and "convert it to UTF-8" in str(e.value)
+        return
+    with caplog.at_level(logging.WARNING):
+        (d,) = load_reasonseg_dataset(str(tmp_path))
+    assert d["expression"] == text
+    warned = [r.getMessage() for r in caplog.records if "not UTF-8" in r.getMessage()]
+    assert len(warned) == 1 and json_path in warned[0] and "read it as cp1252" in warned[0]
 
 
 # ------------------------------------------------------------------ 3. panoptic segments vs PNG

@@ -15,6 +15,7 @@ from flowseg.modeling.language import (
     VanillaEncoder,
     build_condition_head,
     build_instruction,
+    build_turns,
     build_vision_tower,
     encode_sample,
     find_spans,
@@ -22,6 +23,7 @@ from flowseg.modeling.language import (
     pool_spans,
     shift_position,
 )
+from flowseg.modeling.language.prompts import dialogue_pieces
 from tiny_llm import TINY_IMAGE_SIZE, make_tiny_llm_dir, tiny_llm_cfg_overrides, tiny_qwen3_config
 from transformers import AutoModelForCausalLM, SiglipVisionModel
 
@@ -152,6 +154,44 @@ def test_unbalanced_markers_raise(sample):
     with pytest.raises(ValueError, match="unbalanced") as err:
         build_instruction(sample)
     assert repr(text) in str(err.value)
+
+
+_Q = "<image>\nwhat is <SEG> here?"
+
+
+@pytest.mark.parametrize(
+    "sample, what, tokens",
+    [
+        ({"task": "referring", "expression": "the <SEG> red circle"}, "expression", "<SEG>"),
+        ({"task": "referring", "expression": "<SEG>"}, "expression", "<SEG>"),
+        ({"task": "referring", "expression": "the <image> red circle"}, "expression", "<image>"),
+        ({"task": "reasoning", "expression": "<p>what holds water</p> <SEG>"}, "expression", "<SEG>"),
+        ({"task": "referring", "prompt": "Segment <p>the box</p> <image>"}, "prompt", "<image>"),
+        ({"task": "referring", "expressions": ["a box", "the <image> disc"]}, "packed expression", "<image>"),
+        ({"task": "referring", "expressions": ["a box", "the <p>disc</p>"]}, "packed expression", "<p> </p>"),
+        ({"task": "generic", "class_names": ["cat", "<SEG>"]}, "class name", "<SEG>"),
+        (
+            {
+                "task": "conversation",
+                "conversations": [{"from": "human", "value": _Q}, {"from": "gpt", "value": "a"}],
+            },
+            "question 0",
+            "<SEG>",
+        ),
+    ],
+)
+@pytest.mark.parametrize("style", ["flowseg", "xsam"])
+def test_special_tokens_typed_in_user_text_are_refused(sample, what, tokens, style):
+    with pytest.raises(ValueError, match=f"^{what} .* contains the special token\\(s\\) {tokens} ") as err:
+        dialogue_pieces(None, sample, True, style)  # refused before any rendering
+    assert "remove them" in str(err.value)
+
+
+def test_marked_instructions_and_llava_placeholders_still_accepted():
+    marked = "find the <p>red</p> circle"
+    assert build_turns({"task": "referring", "expression": marked})[0][0] == marked
+    conv = [{"from": "human", "value": "<image>\nwhat is this?"}, {"from": "gpt", "value": "a dog"}]
+    assert build_turns({"task": "conversation", "conversations": conv}) == [("what is this?", "a dog")]
 
 
 def test_bad_samples_raise():

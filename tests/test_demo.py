@@ -184,6 +184,8 @@ def test_demo_warns_when_no_target_but_writes_the_picture(env, capsys):
         ("empty_folder", "no image files"),
         ("missing_checkpoint", "checkpoint file not found"),
         ("empty_expression", "the expression is empty"),
+        ("seg_expression", "expression '<SEG>' contains the special token(s) <SEG> "),
+        ("image_expression", "expression 'the <image> red circle' contains the special token(s) <image> "),
         ("generic_config", "not in referring mode"),
         ("config_without_llm", "needs a language model: set MODEL.LLM.PATH"),
         ("unbalanced_span", "unbalanced phrase markers"),
@@ -206,6 +208,10 @@ def test_demo_errors_name_the_problem(env, tmp_path, capsys, case, message):
         kwargs["weights"] = str(tmp_path / "missing.pth")
     elif case == "empty_expression":
         kwargs["expression"] = "   "
+    elif case == "seg_expression":
+        kwargs["expression"] = "<SEG>"
+    elif case == "image_expression":
+        kwargs["expression"] = "the <image> red circle"
     elif case == "generic_config":
         kwargs["config"] = GENERIC_CONFIG
     elif case == "config_without_llm":  # a config whose LLM files are not given: no traceback

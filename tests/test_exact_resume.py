@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import pytest
@@ -99,7 +99,9 @@ def _run(cmd: List[str], env: Dict[str, str], *, kill_at: str = "") -> subproces
     return subprocess.CompletedProcess(cmd, p.returncode, "", err)
 
 
-def _kill_resume_vs_uninterrupted(base: List[str], tmp, env: Dict[str, str], kill_at: str) -> int:
+def _kill_resume_vs_uninterrupted(
+    base: List[str], tmp, env: Dict[str, str], kill_at: str, atol: float = 0.0
+) -> int:
     ref, cut = str(tmp / "uninterrupted"), str(tmp / "killed")
     _run(base + ["OUTPUT_DIR", ref], env)
     _run(base + ["OUTPUT_DIR", cut], env, kill_at=kill_at)
@@ -108,17 +110,22 @@ def _kill_resume_vs_uninterrupted(base: List[str], tmp, env: Dict[str, str], kil
     a = torch.load(os.path.join(ref, "model_final.pth"), map_location="cpu", weights_only=False)
     b = torch.load(os.path.join(cut, "model_final.pth"), map_location="cpu", weights_only=False)
     assert a["iteration"] == b["iteration"]
-    differ = [k for k, v in a["model"].items() if not torch.equal(v, b["model"][k])]
-    assert a["model"].keys() == b["model"].keys() and not differ, (
-        f"{len(differ)} tensors differ: {differ[:5]}"
-    )
+    assert a["model"].keys() == b["model"].keys()
+    gaps = {k: (v.double() - b["model"][k].double()).abs().max().item() for k, v in a["model"].items()}
+    differ = {k: g for k, g in gaps.items() if g > atol or g != g}  # g != g: NaN
+    assert not differ, f"{len(differ)} tensors differ by more than {atol}: {list(differ.items())[:5]}"
     # and training did move the weights (a resume that loaded the final weights would also match)
     first = torch.load(os.path.join(cut, kill_at), map_location="cpu", weights_only=False)["model"]
     return sum(not torch.equal(v, first[k]) for k, v in a["model"].items())
 
 
-def _env(d2_root: str) -> Dict[str, str]:
-    return dict(os.environ, DETECTRON2_DATASETS=d2_root, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+def _env(d2_root: str, threads: Optional[str] = "1") -> Dict[str, str]:
+    """``threads``: ``OMP_NUM_THREADS``; ``None`` leaves torch's default (one per core)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env.update(DETECTRON2_DATASETS=d2_root, PYTHONHASHSEED="0")
+    if threads:
+        env["OMP_NUM_THREADS"] = threads
+    return env
 
 
 @pytest.mark.slow
@@ -134,7 +141,11 @@ def test_kill_and_resume_panoptic_is_bit_identical(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_kill_and_resume_mixed_task_loader_is_bit_identical(tmp_path) -> None:
+@pytest.mark.parametrize("threads", ["1", None], ids=["one_thread", "default_threads"])
+def test_kill_and_resume_mixed_task_loader_is_bit_identical(tmp_path, threads) -> None:
+    """Bit for bit with one thread. With torch's default thread count an uninterrupted run itself
+    ends in one of two results, up to 9.7e-7 apart after 8 steps (docs/getting_started.md), while
+    3 steps move the weights by ~5e-5: the resumed run is held to 1e-5 there."""
     d2 = tmp_path / "d2"
     generate_synthetic_datasets(str(d2 / "synthetic"), {"train": 4, "val": 2, "test": 2}, seed=0)
     llm = make_tiny_llm_dir(tmp_path / "llm")
@@ -144,5 +155,6 @@ def test_kill_and_resume_mixed_task_loader_is_bit_identical(tmp_path) -> None:
     base += ["DATALOADER.TASK_RATIOS", "[1.0,0.5,0.5]", "DATALOADER.NUM_WORKERS", "2"]
     base += ["DATASETS.TEST", "()", "SEED", "3", "SOLVER.WARMUP_ITERS", "0"]
     base += ["SOLVER.MAX_ITER", "8", "SOLVER.CHECKPOINT_PERIOD", "3", "SOLVER.IMS_PER_BATCH", "2"]
-    moved = _kill_resume_vs_uninterrupted(base, tmp_path, _env(str(d2)), "model_0000002.pth")
+    atol = 0.0 if threads else 1e-5
+    moved = _kill_resume_vs_uninterrupted(base, tmp_path, _env(str(d2), threads), "model_0000002.pth", atol)
     assert moved > 100

@@ -35,6 +35,7 @@ from ..data.dataset_mappers.referring import resize_long_side
 from ..data.image_io import read_image as read_image_file
 from ..engine.shared_features import SharedImageFeatureInference
 from ..modeling.language.prompts import P_END, P_START, count_phrase_spans
+from ..modeling.language.tokens import check_user_text
 from .bad_samples import BadSampleError
 from .fonts import warn_uncovered
 from .inference import build_cfg, check_cfg_args, check_device, load_model
@@ -96,7 +97,7 @@ def parse_expressions(expressions: Sequence[str]) -> List[str]:
         raise DemoError('the expression is empty: give what to segment, e.g. "the red cup"')
     for e in out:
         try:
-            count_phrase_spans(e)
+            count_phrase_spans(check_user_text(e, "expression"))
         except ValueError as err:
             raise DemoError(f"expression {e!r}: {err}") from err
         if any(not s.strip() for s in _SPAN_RE.findall(e)):

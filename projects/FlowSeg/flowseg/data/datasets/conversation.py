@@ -57,8 +57,8 @@ def validate_conversation(conversations: Any, where: str) -> List[Dict[str, str]
     """Check a LLaVA ``conversations`` list and return it with normalised roles.
 
     ``where`` names the file and the sample in error messages. Raises ``ValueError`` unless the
-    list is non-empty, alternates human/gpt starting with human and ending with gpt, and every
-    ``value`` is a non-empty string.
+    list is non-empty, alternates human/gpt starting with human and ending with gpt, every
+    ``value`` is a non-empty string and no question holds ``<SEG>``.
     """
     if not isinstance(conversations, list) or not conversations:
         raise ValueError(
@@ -81,6 +81,8 @@ def validate_conversation(conversations: Any, where: str) -> List[Dict[str, str]
         value = turn.get("value")
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"{where}: turn {i} ({role}) has an empty or missing 'value'")
+        if role == "human":
+            _check_question(value, i, where)
         turns.append({"from": role, "value": value})
     if len(turns) % 2:
         raise ValueError(
@@ -88,6 +90,15 @@ def validate_conversation(conversations: Any, where: str) -> List[Dict[str, str]
             "(turns must alternate human/gpt and end with gpt)"
         )
     return turns
+
+
+def _check_question(value: str, index: int, where: str) -> None:
+    from ...modeling.language.tokens import check_user_text  # local: data must not load modeling
+
+    try:  # LLaVA's <image> placeholders are the data format's (the mapper removes them)
+        check_user_text(value.replace(IMAGE_PLACEHOLDER, ""), f"turn {index} (human)")
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def _read_json_list(json_file: str) -> List[Any]:

@@ -5,6 +5,7 @@ data set is loaded, by file and id."""
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Optional, Sequence, Tuple
 
 logger = logging.getLogger(__name__)
@@ -104,11 +105,14 @@ def segmentation_problem(
 
 
 def check_phrase_markers(text: str, where: str) -> None:
-    """Raise ``ValueError`` naming ``where`` (file / ids) when ``text``'s ``<p>…</p>`` are unbalanced."""
-    from ...modeling.language.prompts import count_phrase_spans  # local: data must not load modeling
+    """Raise ``ValueError`` naming ``where`` (file / ids) when ``text``'s ``<p>…</p>`` are unbalanced
+    or it holds a special token the prompt builder places itself (``<SEG>``, ``<image>``)."""
+    # local: data must not load modeling
+    from ...modeling.language.prompts import count_phrase_spans
+    from ...modeling.language.tokens import check_user_text
 
     try:
-        count_phrase_spans(text)
+        count_phrase_spans(check_user_text(text, "text"))
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
 
@@ -146,14 +150,23 @@ def check_panoptic_size(pan_shape: Sequence[int], image_shape: Sequence[int], wh
 
 # UTF-8 (a BOM is skipped) first; then the encoding the published ReasonSeg files use.
 _ENCODINGS: Tuple[str, ...] = ("utf-8-sig", "cp1252")
+#: Multi-byte encodings tried (strictly) to name the likely one in the error message.
+_MULTIBYTE: Tuple[str, ...] = ("shift_jis", "euc_jp", "gbk", "big5", "euc_kr")
+#: Characters of a Western text read as cp1252: Latin-1's printable range and the typographic signs
+#: and letters cp1252 adds. Left out: ‚ƒ„†‡ˆ‰‹›˜, which Shift-JIS lead bytes turn into.
+_WESTERN = set(map(chr, range(0xA0, 0x100))) | set("‘’“”–—…€•™ŠšŽžŒœŸ")
+#: Western words hold at most a few non-ASCII letters in a row (Größe, créée); multi-byte
+#: encodings read as cp1252 give long runs of letters and signs (GBK 红色的盒子 -> ºìÉ«µÄºÐ×Ó).
+_MAX_WESTERN_RUN = 3
 
 
 def read_text_file(path: str, what: str) -> str:
-    """Text of ``path`` as UTF-8, else cp1252 with a warning naming the file and the encoding.
+    """Text of ``path`` as UTF-8, else cp1252 (Latin-1) with a warning naming the file.
 
-    Shift-JIS and other CJK encodings are mostly *valid* cp1252 byte sequences, so a file that is
-    not UTF-8 is decoded as cp1252 only when every byte >= 0x80 is a letter or sign of a Western
-    language; otherwise ``ValueError`` asks for the file to be converted to UTF-8.
+    Shift-JIS, GBK and the other CJK encodings are mostly *valid* cp1252 byte sequences, so a file
+    that is not UTF-8 is read as cp1252 only when it looks Western (:func:`_western_problem`);
+    otherwise ``ValueError`` names the cause (control bytes: not text; else a multi-byte encoding,
+    with those that decode it) and asks for the file to be converted to UTF-8.
     """
     with open(path, "rb") as f:
         raw = f.read()
@@ -161,14 +174,25 @@ def read_text_file(path: str, what: str) -> str:
         return raw.decode(_ENCODINGS[0])
     except UnicodeDecodeError as e:
         utf8_error = e
+    control = next((i for i, b in enumerate(raw) if b < 0x20 and b not in b"\t\n\r\f"), None)
+    if control is not None:
+        raise ValueError(
+            f"{what}: {path} is not text: control byte 0x{raw[control]:02x} at offset {control} "
+            "(binary data, or UTF-16/UTF-32 text: convert it to UTF-8)"
+        )
     try:
         text = raw.decode(_ENCODINGS[1])
-    except UnicodeDecodeError:
-        text = None
-    if text is None or not _plausible_western(text):
+        problem = _western_problem(text)
+    except UnicodeDecodeError as e:
+        text, problem = "", f"byte 0x{raw[e.start]:02x} at offset {e.start} is no cp1252 character"
+    if problem:
+        fits = [c.upper().replace("_", "-") for c in _MULTIBYTE if _decodes(raw, c)]
+        # several multi-byte encodings accept most byte strings: list them, don't pick one
+        hint = f"it decodes without error as {', '.join(fits)}; " if fits else ""
+        hint += "`iconv -f ITS-ENCODING -t UTF-8`"
         raise ValueError(
-            f"{what}: {path} is not UTF-8 ({utf8_error}) and does not read as cp1252 text either; "
-            "convert it to UTF-8 (e.g. `iconv -f SHIFT-JIS -t UTF-8`)"
+            f"{what}: {path} is not UTF-8 ({utf8_error}) nor Western cp1252/Latin-1 text ({problem}); "
+            f"convert it to UTF-8 ({hint})"
         )
     odd = sorted({c for c in text if ord(c) > 127})
     logger.warning(
@@ -177,9 +201,23 @@ def read_text_file(path: str, what: str) -> str:
     return text
 
 
-def _plausible_western(text: str) -> bool:
-    # Latin-1 letters and the typographic signs cp1252 adds; mojibake of multi-byte encodings
-    # brings in box/currency/fraction signs and control-range characters next to each other.
-    allowed = set("ÀÁÂÃÄÅÆÇÈÉÊËÌÍÎÏÑÒÓÔÕÖØÙÚÛÜÝßàáâãäåæçèéêëìíîïñòóôõöøùúûüýÿ‘’“”–—…€°±·«»¡¿©®™•")
-    non_ascii = [c for c in text if ord(c) > 127]
-    return all(c in allowed for c in non_ascii)
+def _decodes(raw: bytes, codec: str) -> bool:
+    try:
+        raw.decode(codec)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _western_problem(text: str) -> Optional[str]:
+    """Why ``text`` (a non-UTF-8 file read as cp1252) is not Western text, or None: a character
+    outside :data:`_WESTERN`, or a run of non-ASCII characters with a sign in it or longer than
+    :data:`_MAX_WESTERN_RUN`."""
+    for m in re.finditer(r"[^\x00-\x7f\xa0]+", text):  # a no-break space (French « x », 5 €) separates
+        run = m.group()
+        odd = [c for c in run if c not in _WESTERN]
+        if odd:
+            return f"{odd[0]!r} at character {m.start() + run.index(odd[0])}"
+        if len(run) > 1 and (len(run) > _MAX_WESTERN_RUN or not run.isalpha()):
+            return f"{len(run)} non-ASCII characters in a row ({run[:12]!r}) at character {m.start()}"
+    return None

@@ -19,7 +19,16 @@ from .prompts import (
     render_segments,
     shift_position,
 )
-from .tokens import IMAGE, P_END, P_START, SEG, SPECIAL_TOKENS, SpecialTokenIds, add_special_tokens
+from .tokens import (
+    IMAGE,
+    P_END,
+    P_START,
+    SEG,
+    SPECIAL_TOKENS,
+    SpecialTokenIds,
+    add_special_tokens,
+    check_user_text,
+)
 from .tokens import resize_token_embeddings as resize_token_embeddings
 from .vanilla_encoder import VanillaEncoder, build_vision_tower
 
@@ -49,6 +58,7 @@ __all__ = [
     "build_instruction",
     "build_turns",
     "build_vision_tower",
+    "check_user_text",
     "count_phrase_spans",
     "encode_sample",
     "ensure_phrase_markers",

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from .templates import chatml_pieces, xsam_turns
-from .tokens import IMAGE, P_END, P_START, SEG, SpecialTokenIds
+from .tokens import IMAGE, P_END, P_START, SEG, SpecialTokenIds, check_user_text
 
 logger = logging.getLogger(__name__)
 
@@ -104,12 +104,16 @@ def ensure_phrase_markers(text: str) -> str:
 
 # ----------------------------------------------------------------------------- instructions
 def _strip_image_placeholder(text: str) -> str:
-    # Dataset texts (LLaVA) may carry their own "<image>\n"; the head places the placeholder itself.
+    # LLaVA data marks the image with "<image>" in a question (LLaVA's own preprocessing removes
+    # it wherever it is); the head places the placeholder itself.
     return text.replace(IMAGE, "").strip()
 
 
 def build_instruction(sample: dict[str, Any]) -> str:
     """The user instruction of ``sample`` (without the ``<image>`` placeholder).
+
+    User text (prompt, expression(s), class names) holding ``<SEG>`` or ``<image>``, or ``<p>`` /
+    ``</p>`` where no own phrase marks are allowed, raises ``ValueError`` (:func:`.tokens.check_user_text`).
 
     * ``sample["prompt"]`` (optional) is a complete instruction used verbatim; for the
       segmentation tasks it must mark its phrase(s) with ``<p>…</p>``; without markers the whole
@@ -128,7 +132,7 @@ def build_instruction(sample: dict[str, Any]) -> str:
     if task not in PROMPT_TEMPLATES:
         raise ValueError(f"unknown task {task!r}; known tasks: {sorted(PROMPT_TEMPLATES)}")
     if sample.get("prompt"):
-        prompt = _strip_image_placeholder(str(sample["prompt"]))
+        prompt = check_user_text(str(sample["prompt"]).strip(), "prompt")
         if task in SEGMENTATION_TASKS:
             return ensure_phrase_markers(prompt)
         count_phrase_spans(prompt)
@@ -139,8 +143,7 @@ def build_instruction(sample: dict[str, Any]) -> str:
         if not names:
             raise ValueError("a 'generic' sample needs a non-empty 'class_names' list")
         for name in names:
-            if _MARKER_RE.search(name) or SEG in name or IMAGE in name:
-                raise ValueError(f"class name {name!r} contains a special token")
+            check_user_text(str(name), "class name", markers=False)
         class_list = ", ".join(f"{P_START}{name}{P_END}" for name in names)
         return template.replace("{class_list}", class_list)
     if task in ("referring", "reasoning") and sample.get("expressions"):
@@ -148,17 +151,16 @@ def build_instruction(sample: dict[str, Any]) -> str:
         # in order, in the place of the template's single phrase
         phrases = []
         for e in sample["expressions"]:
-            e = _strip_image_placeholder(str(e))
-            if not e.strip():
+            e = str(e).strip()
+            if not e:
                 raise ValueError(f"a packed expression of a {task!r} sample is empty")
-            if _MARKER_RE.search(e) or SEG in e:
-                raise ValueError(f"packed expression {e!r} contains a special token")
+            check_user_text(e, "packed expression", markers=False)
             phrases.append(f"{P_START}{e}{P_END}")
         return template.replace(f"{P_START}{{expression}}{P_END}", ", ".join(phrases))
     expression = sample.get("expression")
     if expression is None:
         raise ValueError(f"a {task!r} sample needs an 'expression'")
-    expression = _strip_image_placeholder(str(expression))
+    expression = check_user_text(str(expression).strip(), "expression")
     if task in SEGMENTATION_TASKS and not _EMPTY_SPAN_RE.sub("", expression).strip():
         raise ValueError(f"the expression of a {task!r} sample is empty ({expression!r}): nothing to segment")
     if count_phrase_spans(expression) and task in SEGMENTATION_TASKS:
@@ -183,7 +185,8 @@ def build_turns(sample: dict[str, Any]) -> list[tuple[str, str]]:
             user, gpt = conv[i], conv[i + 1]
             if user.get("from") != "human" or gpt.get("from") != "gpt":
                 raise ValueError(f"conversation turns must alternate human/gpt, got {conv[i : i + 2]!r}")
-            turns.append((_strip_image_placeholder(user["value"]), str(gpt["value"])))
+            question = check_user_text(_strip_image_placeholder(str(user["value"])), f"question {i // 2}")
+            turns.append((question, str(gpt["value"])))
         if not turns:
             raise ValueError(f"empty conversation {conv!r}")
         return turns

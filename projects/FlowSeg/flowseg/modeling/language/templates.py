@@ -28,7 +28,7 @@ from __future__ import annotations
 import zlib
 from typing import Any, Sequence
 
-from .tokens import IMAGE, P_END, P_START, SEG
+from .tokens import IMAGE, P_END, P_START, SEG, check_user_text
 
 __all__ = [
     "REASONING_LONG_QUESTIONS",
@@ -105,13 +105,6 @@ def _key(sample: dict[str, Any], text: str, turn: int) -> str:
     return text if seed is None else f"{int(seed)}|{turn}|{text}"
 
 
-def _check(text: str) -> str:
-    text = text.replace(IMAGE, "").strip()
-    if P_START in text or P_END in text or SEG in text:
-        raise ValueError(f"expression {text!r} contains a special token")
-    return text
-
-
 def xsam_turns(sample: dict[str, Any]) -> list[tuple[str, str]]:
     """(question, answer) per expression of a referring / reasoning ``sample`` (X-SAM's wording).
 
@@ -129,9 +122,10 @@ def xsam_turns(sample: dict[str, Any]) -> list[tuple[str, str]]:
         questions = REFERRING_QUESTIONS
     else:
         questions = REASONING_LONG_QUESTIONS if sample.get("is_sentence") else REASONING_SHORT_QUESTIONS
+    what = "packed expression" if sample.get("expressions") else "expression"
     turns = []
     for j, raw in enumerate(texts):
-        text = _check(str(raw))
+        text = check_user_text(str(raw).strip(), what, markers=False)
         if task == "referring":
             text = text.lower()
         key = _key(sample, text, j)

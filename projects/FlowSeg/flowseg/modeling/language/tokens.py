@@ -25,6 +25,28 @@ XSAM_SPECIAL_TOKENS: tuple[str, ...] = (SEG, P_START, P_END)
 IMAGE_TOKEN_INDEX = -200
 
 
+def check_user_text(text: str, what: str, *, markers: bool = True) -> str:
+    """Return ``text`` (an expression, query, class name or instruction a user or data set gave)
+    if it holds no special token the prompt builder places itself; else raise ``ValueError``
+    naming ``what``, the text and the tokens.
+
+    ``<SEG>`` belongs to the answer and ``<image>`` is where the image tokens go: typed into user
+    text, one would become a second ``<SEG>`` id inside the phrase, the other a second image slot.
+    ``markers``: whether the text may mark its own phrases with ``<p>…</p>`` (a complete
+    instruction may, a class name or one of several packed expressions may not).
+    """
+    placed = (SEG, IMAGE) if markers else (P_START, P_END, SEG, IMAGE)
+    found = [t for t in placed if t in text]
+    if found:
+        why = f"the model places {SEG} in its answer and the image tokens at {IMAGE} itself"
+        if not markers:
+            why += f", and {P_START}…{P_END} mark the phrases of a complete instruction only"
+        raise ValueError(
+            f"{what} {text!r} contains the special token(s) {' '.join(found)} ({why}): remove them"
+        )
+    return text
+
+
 @dataclass(frozen=True)
 class SpecialTokenIds:
     """Token ids of the four special tokens in one tokenizer."""
