@@ -80,7 +80,7 @@ def test_demo_bad_markers_checkpoints_device(env, tmp_path, capsys) -> None:  # 
     img = env["folder"] / "a.jpg"
     assert _main(env, inp=img, out=tmp_path / "o", expression="the <p>red box") == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: --expression: unbalanced phrase markers") and "Traceback" not in err
+    assert err.startswith("error: unbalanced phrase markers") and "Traceback" not in err
 
     other = tmp_path / "other.pth"
     other.write_text("MODEL:\n  WEIGHTS: ''\n")

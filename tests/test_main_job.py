@@ -42,7 +42,7 @@ def test_stage_plan_and_progress_log_in_the_output_folder(tool, tmp_path, monkey
     assert tool.stage_plan(args) == {"stage1": 300, "stage2": 600, "stage3": 50}  # stage 2: its config
     args = tool.parse_args(["--output-dir", str(tmp_path), "--stage2-iters", "0", "SOLVER.MAX_ITER", "70"])
     assert tool.stage_plan(args) == {"stage1": 2400, "stage3": 70}
-    monkeypatch.setattr(tool, "PROGRESS", tool.JobProgress({}))
+    monkeypatch.setattr(tool, "PROGRESS", None)
     tool.start_progress(args)
     tool.log("4a/6 stage 1")
     lines = (tmp_path / "main_job.log").read_text().splitlines()

@@ -152,6 +152,8 @@ def script_flags(script: str) -> Set[str]:
     flags = {
         f for t in texts for call in re.findall(r"add_argument\(([^)]*)", t) for f in _FLAG.findall(call)
     }
+    if "add_opts_argument(" in src:  # flowseg.utils.inference's shared --opts
+        flags.add("--opts")
     if "default_argument_parser" in src:
         from detectron2.engine import default_argument_parser
 

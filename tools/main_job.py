@@ -49,14 +49,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "projects", "FlowSeg"))
 TRAIN_NET = os.path.join(ROOT, "projects", "FlowSeg", "train_net.py")
 T0 = time.time()
-from flowseg.utils.progress import JobProgress  # noqa: E402  (after the path above)
+PROGRESS = None  # the job's JobProgress, made on first use
 
-PROGRESS = JobProgress({}, t0=T0)
+
+def progress():
+    """The job's :class:`flowseg.utils.progress.JobProgress`. Imported on first use, not at the
+    top: importing flowseg registers the builtin data sets under ``$DETECTRON2_DATASETS``, which
+    ``main`` sets from ``--data-root`` first."""
+    global PROGRESS
+    if PROGRESS is None:
+        from flowseg.utils.progress import JobProgress
+
+        PROGRESS = JobProgress({}, t0=T0)
+    return PROGRESS
 
 
 def log(msg: str) -> None:
     """A progress line on the console and, once the job has started, in ``main_job.log``."""
-    PROGRESS.log(msg)
+    progress().log(msg)
 
 
 def stage_plan(args: argparse.Namespace) -> dict:
@@ -83,10 +93,11 @@ def stage_plan(args: argparse.Namespace) -> dict:
 
 def start_progress(args: argparse.Namespace) -> None:
     """Save the job's progress lines in ``OUTPUT_DIR/main_job.log`` and plan the overall ETA."""
-    PROGRESS.log_file = os.path.join(args.output_dir, "main_job.log")
-    PROGRESS.plan = {k: v for k, v in stage_plan(args).items() if v > 0}
+    job = progress()
+    job.log_file = os.path.join(args.output_dir, "main_job.log")
+    job.plan = {k: v for k, v in stage_plan(args).items() if v > 0}
     log(f"start: {' '.join(sys.argv)}")
-    log(f"training iterations per stage: {PROGRESS.plan} (progress log: {PROGRESS.log_file})")
+    log(f"training iterations per stage: {job.plan} (progress log: {job.log_file})")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -189,12 +200,12 @@ def train(cmd: list, output_dir: str, what: str, stage: str = "stage3") -> str:
     final = os.path.join(output_dir, "model_final.pth")
     if os.path.isfile(final):
         log(f"{what}: done already ({final})")
-        PROGRESS.finish(stage)
+        progress().finish(stage)
     else:
-        log(f"{what} (resumes if interrupted); {PROGRESS.eta_text()}")
+        log(f"{what} (resumes if interrupted); {progress().eta_text()}")
         # train_net's flags go before the KEY VALUE options (argparse REMAINDER)
         full = cmd[:2] + ["--resume"] + cmd[2:] + ["OUTPUT_DIR", output_dir]
-        PROGRESS.run_stage(full, stage, output_dir, cwd=ROOT)
+        progress().run_stage(full, stage, output_dir, cwd=ROOT)
     return final
 
 

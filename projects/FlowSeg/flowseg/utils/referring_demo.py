@@ -99,7 +99,7 @@ def parse_expressions(expressions: Sequence[str]) -> List[str]:
         try:
             count_phrase_spans(check_user_text(e, "expression"))
         except ValueError as err:
-            raise DemoError(f"expression {e!r}: {err}") from err
+            raise DemoError(str(err)) from err  # the message names the expression
         if any(not s.strip() for s in _SPAN_RE.findall(e)):
             raise DemoError(f"expression {e!r} has an empty {P_START}{P_END} span")
     return out
