@@ -8,7 +8,8 @@ In one launch each process runs, one after the other:
 * ``fsdp``: the same 4 steps sharded;
 * ``fsdp_cut`` then ``fsdp_resumed``: 2 sharded steps, the trainer dropped, a new one resumed with
   ``--resume`` semantics (``resume_or_load(resume=True)``) for the 2 last steps;
-* ``from_ddp``: DDP's checkpoint of step 2 resumed under sharding for the 2 last steps.
+* ``fsdp_to_ddp``: the sharded checkpoint of step 2 resumed under DDP for the 2 last steps;
+* ``ddp_into_fsdp``: DDP's final checkpoint loaded by a sharded trainer and gathered back.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def _cfg(llm: Dict[str, str], out: str, engine: str, max_iter: int):
         "SOLVER.IMS_PER_BATCH", 2,  # 1 per process
         "SOLVER.OPTIMIZER", "SGD",
         "SOLVER.BASE_LR", 0.01,
+        "SOLVER.LR_SCHEDULER_NAME", "WarmupMultiStepLR",  # constant: a cut run is the same run
         "SOLVER.WARMUP_ITERS", 0,
         "SOLVER.STEPS", "()",
         "SOLVER.MAX_ITER", max_iter,
@@ -49,16 +51,54 @@ def _cfg(llm: Dict[str, str], out: str, engine: str, max_iter: int):
     return cfg
 
 
-def _run(llm, root: str, name: str, engine: str, max_iter: int, resume: bool = False) -> None:
+def _trainer(llm, root: str, name: str, engine: str, max_iter: int):
     from detectron2.utils import comm
     from flowseg.engine import FlowSegTrainer
 
     cfg = _cfg(llm, os.path.join(root, name), engine, max_iter)
     torch.manual_seed(cfg.SEED + comm.get_rank())  # as train_net's default_setup seeds each rank
-    trainer = FlowSegTrainer(cfg)
+    return FlowSegTrainer(cfg)
+
+
+def _run(llm, root: str, name: str, engine: str, max_iter: int, resume: bool = False) -> None:
+    from detectron2.utils import comm
+
+    trainer = _trainer(llm, root, name, engine, max_iter)
     trainer.resume_or_load(resume=resume)
     trainer.train()
     comm.synchronize()
+
+
+def _copy_checkpoint(root: str, src: str, name: str, dst: str) -> None:
+    from detectron2.utils import comm
+
+    if comm.is_main_process():
+        os.makedirs(os.path.join(root, dst))
+        shutil.copy(os.path.join(root, src, name), os.path.join(root, dst))
+        with open(os.path.join(root, dst, "last_checkpoint"), "w") as f:
+            f.write(name)
+    comm.synchronize()
+
+
+def _load_ddp_checkpoint_sharded(llm, root: str) -> Dict[str, float]:
+    """DDP's final checkpoint loaded by a sharded trainer (``--resume``), gathered back."""
+    from flowseg.checkpoint.full_state import full_optimizer_state_dict
+
+    _copy_checkpoint(root, "ddp", "model_final.pth", "ddp_into_fsdp")
+    trainer = _trainer(llm, root, "ddp_into_fsdp", "fsdp", STEPS)
+    trainer.resume_or_load(resume=True)
+    weights = trainer.checkpointer.model.state_dict()  # gathered on every rank
+    optimizer = full_optimizer_state_dict(trainer.model, trainer.optimizer)  # on rank 0
+    saved = torch.load(os.path.join(root, "ddp", "model_final.pth"), weights_only=False)
+    diff = {"weights": _max_diff(saved["model"], {k: weights[k] for k in saved["model"]})}
+    if optimizer:
+        state = saved["trainer"]["_trainer"]["optimizer"]["state"]
+        diff["momentum"] = max(
+            float((s["momentum_buffer"] - optimizer["state"][i]["momentum_buffer"]).abs().max())
+            for i, s in state.items()
+        )
+    diff["start_iter"] = trainer.start_iter
+    return diff
 
 
 def _worker(llm, data_root: str, root: str) -> None:
@@ -68,18 +108,14 @@ def _worker(llm, data_root: str, root: str) -> None:
     register_synthetic_datasets(data_root)
     _run(llm, root, "ddp", "ddp", STEPS)
     _run(llm, root, "fsdp", "fsdp", STEPS)
-    _run(llm, root, "fsdp_resumed", "fsdp", 2)
+    _run(llm, root, "fsdp_resumed", "fsdp", 2)  # its process state is dropped: only files remain
     _run(llm, root, "fsdp_resumed", "fsdp", STEPS, resume=True)
-    if comm.is_main_process():
-        os.makedirs(os.path.join(root, "from_ddp"))
-        shutil.copy(os.path.join(root, "ddp", "model_0000001.pth"), os.path.join(root, "from_ddp"))
-        with open(os.path.join(root, "from_ddp", "last_checkpoint"), "w") as f:
-            f.write("model_0000001.pth")
-    comm.synchronize()
-    _run(llm, root, "from_ddp", "fsdp", STEPS, resume=True)
+    _copy_checkpoint(root, "fsdp", "model_0000001.pth", "fsdp_to_ddp")
+    _run(llm, root, "fsdp_to_ddp", "ddp", STEPS, resume=True)
+    loaded = _load_ddp_checkpoint_sharded(llm, root)
     if comm.is_main_process():
         with open(os.path.join(root, "done.json"), "w") as f:
-            json.dump({"world": comm.get_world_size()}, f)
+            json.dump({"world": comm.get_world_size(), "ddp_into_fsdp": loaded}, f)
 
 
 def _free_port() -> int:
@@ -115,8 +151,9 @@ def runs(tmp_path_factory):
         else:
             os.environ["CUDA_VISIBLE_DEVICES"] = old
     register_synthetic_datasets()  # back to the default root for the tests that follow
-    assert json.loads((root / "done.json").read_text()) == {"world": 2}
-    return {"root": root, "llm": llm}
+    done = json.loads((root / "done.json").read_text())
+    assert done["world"] == 2
+    return {"root": root, "llm": llm, "done": done}
 
 
 @pytest.mark.slow
@@ -132,8 +169,11 @@ def test_sharded_training_equals_ddp_and_resumes_exactly(runs) -> None:
     # kill + resume under sharding: the weights of the uninterrupted sharded run
     resumed = _weights(root / "fsdp_resumed" / "model_final.pth")
     assert _max_diff(resumed, fsdp) == 0.0
-    # DDP's step-2 checkpoint (weights + momentum) resumed sharded: DDP's step 4
-    assert _max_diff(_weights(root / "from_ddp" / "model_final.pth"), ddp) < TOL
+    # the sharded step-2 checkpoint (weights, momentum, every rank's RNG) resumed under DDP
+    assert _max_diff(_weights(root / "fsdp_to_ddp" / "model_final.pth"), fsdp) < TOL
+    # and DDP's checkpoint loaded sharded: gathered back, the file's weights and momentum exactly
+    loaded = runs["done"]["ddp_into_fsdp"]
+    assert loaded == {"weights": 0.0, "momentum": 0.0, "start_iter": STEPS}
 
 
 @pytest.mark.slow
