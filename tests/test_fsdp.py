@@ -9,7 +9,8 @@ In one launch each process runs, one after the other:
 * ``fsdp_cut`` then ``fsdp_resumed``: 2 sharded steps, the trainer dropped, a new one resumed with
   ``--resume`` semantics (``resume_or_load(resume=True)``) for the 2 last steps;
 * ``fsdp_to_ddp``: the sharded checkpoint of step 2 resumed under DDP for the 2 last steps;
-* ``ddp_into_fsdp``: DDP's final checkpoint loaded by a sharded trainer and gathered back.
+* ``ddp_into_fsdp``: DDP's final checkpoint loaded by a sharded trainer and gathered back;
+* ``ddp_lora`` / ``fsdp_lora``: 2 steps of LoRA on the frozen LLM (loaded from its folder).
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import json
 import os
 import shutil
 import socket
-from typing import Dict
+from typing import Any, Dict, List
 
 import pytest
 import torch
 from flowseg.data.synthetic import generate_synthetic_datasets, register_synthetic_datasets
 from flowseg.utils.tiny_models import make_tiny_llm_dir
 from paper_scaffold import paper_scaffold_cfg
+from repo_scripts import load_script
 
 STEPS = 4
 #: sharded vs DDP after 4 SGD steps: the same sums in another order (reduce-scatter of gradient
@@ -32,9 +34,15 @@ STEPS = 4
 TOL = 1e-5
 
 
-def _cfg(llm: Dict[str, str], out: str, engine: str, max_iter: int):
+def _lora_opts(llm: Dict[str, str]) -> List[Any]:
+    """LoRA on the tiny LLM loaded from its folder (a frozen part with a source file)."""
+    return ["MODEL.LLM.PATH", llm["llm"], "MODEL.LLM.CONFIG", ""]
+
+
+def _cfg(llm: Dict[str, str], out: str, engine: str, max_iter: int, lora: bool = False):
     cfg = paper_scaffold_cfg(
         llm,
+        *(_lora_opts(llm) if lora else []),
         "MODEL.DISTRIBUTED.ENGINE", engine,
         "DATASETS.TEST", "()",
         "SOLVER.IMS_PER_BATCH", 2,  # 1 per process
@@ -47,23 +55,26 @@ def _cfg(llm: Dict[str, str], out: str, engine: str, max_iter: int):
         "SOLVER.CHECKPOINT_PERIOD", 2,
         "SEED", 7,
         "OUTPUT_DIR", out,
+        lora=lora,
     )  # fmt: skip
     return cfg
 
 
-def _trainer(llm, root: str, name: str, engine: str, max_iter: int):
+def _trainer(llm, root: str, name: str, engine: str, max_iter: int, lora: bool = False):
     from detectron2.utils import comm
     from flowseg.engine import FlowSegTrainer
 
-    cfg = _cfg(llm, os.path.join(root, name), engine, max_iter)
+    cfg = _cfg(llm, os.path.join(root, name), engine, max_iter, lora)
     torch.manual_seed(cfg.SEED + comm.get_rank())  # as train_net's default_setup seeds each rank
     return FlowSegTrainer(cfg)
 
 
-def _run(llm, root: str, name: str, engine: str, max_iter: int, resume: bool = False) -> None:
+def _run(
+    llm, root: str, name: str, engine: str, max_iter: int, resume: bool = False, lora: bool = False
+) -> None:
     from detectron2.utils import comm
 
-    trainer = _trainer(llm, root, name, engine, max_iter)
+    trainer = _trainer(llm, root, name, engine, max_iter, lora)
     trainer.resume_or_load(resume=resume)
     trainer.train()
     comm.synchronize()
@@ -113,6 +124,8 @@ def _worker(llm, data_root: str, root: str) -> None:
     _copy_checkpoint(root, "fsdp", "model_0000001.pth", "fsdp_to_ddp")
     _run(llm, root, "fsdp_to_ddp", "ddp", STEPS, resume=True)
     loaded = _load_ddp_checkpoint_sharded(llm, root)
+    _run(llm, root, "ddp_lora", "ddp", 2, lora=True)
+    _run(llm, root, "fsdp_lora", "fsdp", 2, lora=True)
     if comm.is_main_process():
         with open(os.path.join(root, "done.json"), "w") as f:
             json.dump({"world": comm.get_world_size(), "ddp_into_fsdp": loaded}, f)
@@ -174,6 +187,10 @@ def test_sharded_training_equals_ddp_and_resumes_exactly(runs) -> None:
     # and DDP's checkpoint loaded sharded: gathered back, the file's weights and momentum exactly
     loaded = runs["done"]["ddp_into_fsdp"]
     assert loaded == {"weights": 0.0, "momentum": 0.0, "start_iter": STEPS}
+    # LoRA on a frozen LLM: the same trainable-only checkpoints (LoRA and the rest, no LLM base)
+    lora_ddp, lora_fsdp = (_weights(root / d / "model_final.pth") for d in ("ddp_lora", "fsdp_lora"))
+    assert any(".lora_A." in k for k in lora_fsdp) and not any(".base_layer." in k for k in lora_fsdp)
+    assert _max_diff(lora_ddp, lora_fsdp) < TOL
 
 
 @pytest.mark.slow
@@ -200,3 +217,18 @@ def test_sharded_checkpoint_has_ddp_format_and_loads_unsharded(runs) -> None:
     FlowSegCheckpointer(model, cfg=cfg).load(str(root / "fsdp" / "model_final.pth"))
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in fsdp["model"].items())
+
+    # tools/export_full_checkpoint.py on a sharded LoRA run's checkpoint: the frozen LLM restored
+    # from its folder, the trained tensors from the file
+    sharded = root / "fsdp_lora" / "model_final.pth"
+    lora_cfg = _cfg(runs["llm"], str(root / "eval"), "fsdp", STEPS, lora=True)
+    (root / "lora.yaml").write_text(lora_cfg.dump())
+    load_script("tools/export_full_checkpoint.py").export_full_checkpoint(
+        str(root / "lora.yaml"), str(sharded), str(root / "full.pth")
+    )
+    full = torch.load(root / "full.pth", weights_only=False)["model"]
+    trained = _weights(sharded)
+    assert len(full) > len(trained) and all(torch.equal(full[k], v) for k, v in trained.items())
+    base = build_model(lora_cfg).state_dict()  # the LLM's frozen weights, read from its folder
+    frozen = [k for k in full if ".base_layer." in k]
+    assert frozen and all(torch.equal(full[k], base[k]) for k in frozen)

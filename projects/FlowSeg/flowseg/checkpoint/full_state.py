@@ -61,14 +61,18 @@ class FullStateView:
             for k, v in self.module.state_dict().items()
         }
 
-    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> _IncompatibleKeys:
+    def load_state_dict(
+        self, state_dict: Mapping[str, torch.Tensor], strict: bool = True
+    ) -> _IncompatibleKeys:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
         own = set(self.state_dict_keys())
         unexpected = [k for k in state_dict if k not in own]
         missing = [k for k in own if k not in state_dict]
         if strict and (missing or unexpected):
-            raise RuntimeError(f"Error loading a full state dict: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise RuntimeError(
+                f"Error loading a full state dict: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         known = {k: v for k, v in state_dict.items() if k in own}
         set_model_state_dict(self.module, known, options=_options(strict=False))
         return _IncompatibleKeys(missing, unexpected)

@@ -24,7 +24,14 @@ import torch.distributed as dist
 from detectron2.config import CfgNode
 from torch import nn
 
-__all__ = ["ENGINES", "distributed_engine", "replicated_params", "shard_model", "shard_units", "sync_replicated_grads"]
+__all__ = [
+    "ENGINES",
+    "distributed_engine",
+    "replicated_params",
+    "shard_model",
+    "shard_units",
+    "sync_replicated_grads",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +68,9 @@ def shard_model(cfg: CfgNode, model: nn.Module) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("MODEL.DISTRIBUTED.ENGINE 'fsdp' needs torch.distributed (launch the run with train_net.py)")
+        raise RuntimeError(
+            "MODEL.DISTRIBUTED.ENGINE 'fsdp' needs torch.distributed (launch the run with train_net.py)"
+        )
     device = next(model.parameters()).device
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     reshard = bool(cfg.MODEL.DISTRIBUTED.RESHARD_AFTER_FORWARD)
