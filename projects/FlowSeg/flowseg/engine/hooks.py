@@ -65,7 +65,6 @@ class _LossCheckMixin:
         check_losses_finite(loss_dict, self.iter if iter is None else iter)
         super()._write_metrics(loss_dict, data_time, prefix=prefix, iter=iter)  # type: ignore[misc]
 
-
     def after_backward(self) -> None:
         # the scalar parameters FSDP2 leaves replicated get DDP's averaged gradient (no-op otherwise)
         sync_replicated_grads(self.model)  # type: ignore[attr-defined]

@@ -142,7 +142,10 @@ class FlowSegTrainer(DefaultTrainer):
         # reports missing keys by component
         # (a sharded model through its full-state view: checkpoints in the format of a DDP run)
         self.checkpointer = FlowSegCheckpointer(
-            FullStateView(model) if self.sharded else model, cfg.OUTPUT_DIR, cfg=cfg, trainer=weakref.proxy(self)
+            FullStateView(model) if self.sharded else model,
+            cfg.OUTPUT_DIR,
+            cfg=cfg,
+            trainer=weakref.proxy(self),
         )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
