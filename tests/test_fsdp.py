@@ -112,6 +112,16 @@ def _load_ddp_checkpoint_sharded(llm, root: str) -> Dict[str, float]:
     return diff
 
 
+def _hook_names(llm, root: str) -> List[List[str]]:
+    """Each rank's hooks of a sharded trainer whose config names a test set."""
+    from detectron2.utils import comm
+
+    trainer = _trainer(llm, root, "hooks", "fsdp", STEPS)
+    trainer.cfg.defrost()
+    trainer.cfg.DATASETS.TEST = ("synthref_val",)
+    return comm.all_gather([type(h).__name__ for h in trainer.build_hooks()])
+
+
 def _worker(llm, data_root: str, root: str) -> None:
     from detectron2.utils import comm
 
@@ -126,9 +136,10 @@ def _worker(llm, data_root: str, root: str) -> None:
     loaded = _load_ddp_checkpoint_sharded(llm, root)
     _run(llm, root, "ddp_lora", "ddp", 2, lora=True)
     _run(llm, root, "fsdp_lora", "fsdp", 2, lora=True)
+    hooks = _hook_names(llm, root)
     if comm.is_main_process():
         with open(os.path.join(root, "done.json"), "w") as f:
-            json.dump({"world": comm.get_world_size(), "ddp_into_fsdp": loaded}, f)
+            json.dump({"world": comm.get_world_size(), "ddp_into_fsdp": loaded, "hooks": hooks}, f)
 
 
 def _free_port() -> int:
@@ -189,6 +200,9 @@ def test_sharded_training_equals_ddp_and_resumes_exactly(runs) -> None:
     # and DDP's checkpoint loaded sharded: gathered back, the file's weights and momentum exactly
     loaded = runs["done"]["ddp_into_fsdp"]
     assert loaded == {"weights": 0.0, "momentum": 0.0, "start_iter": STEPS}
+    # a sharded save is a collective: every rank checkpoints; no in-training evaluation (logged)
+    for names in runs["done"]["hooks"]:
+        assert "SafePeriodicCheckpointer" in names and "EvalHook" not in names
     # LoRA on a frozen LLM: the same trainable-only checkpoints (LoRA and the rest, no LLM base)
     lora_ddp, lora_fsdp = (_weights(root / d / "model_final.pth") for d in ("ddp_lora", "fsdp_lora"))
     assert any(".lora_A." in k for k in lora_fsdp) and not any(".base_layer." in k for k in lora_fsdp)

@@ -181,6 +181,14 @@ class FlowSegTrainer(DefaultTrainer):
         for i, h in enumerate(ret):
             if type(h) is hooks.PeriodicCheckpointer:
                 ret[i] = checkpointer
+        if self.sharded and self.cfg.DATASETS.TEST:
+            # inference calls submodules of the model directly (shared image features) and ranks
+            # see different numbers of test samples, both of which FSDP's collectives cannot follow
+            logger.warning(
+                "MODEL.DISTRIBUTED.ENGINE fsdp: no evaluation during or after training (TEST.EVAL_PERIOD "
+                "ignored); evaluate the checkpoint with --eval-only, which loads it unsharded"
+            )
+            ret = [h for h in ret if not isinstance(h, hooks.EvalHook)]
         if self.sharded and checkpointer not in ret:
             # Detectron2 checkpoints on the main process only; a sharded save is a collective
             # that every rank joins (before the evaluation, as on the main process)
