@@ -52,6 +52,9 @@ def test_xsam_stage3_values_are_xsams():
     # use_activation_checkpointing (XSamModel's default) covers the LLM, SigLIP2 and SAM
     assert cfg.MODEL.LLM.GRADIENT_CHECKPOINTING and cfg.MODEL.VANILLA_ENCODER.GRADIENT_CHECKPOINTING
     assert cfg.MODEL.SAM_VIT.USE_ACT_CHECKPOINT
+    # deepspeed_zero2.json: gradients and optimizer state sharded, weights kept through backward
+    dist = cfg.MODEL.DISTRIBUTED
+    assert (dist.ENGINE, dist.RESHARD_AFTER_FORWARD, lora.MODEL.DISTRIBUTED.ENGINE) == ("fsdp", False, "ddp")
     assert s.AMP.ENABLED and s.AMP.PRECISION == "bfloat16"  # deepspeed_zero2.json bf16 "auto" on bf16 GPUs
     assert (s.OPTIMIZER, s.BASE_LR, s.WEIGHT_DECAY) == ("ADAMW", 4e-5, 0.05)  # betas: torch's (0.9, 0.999)
     assert s.WEIGHT_DECAY_NORM == s.WEIGHT_DECAY_EMBED == 0.05  # paramwise_cfg has no decay exemption

@@ -136,6 +136,12 @@ def add_solver_config(cfg: CN) -> CN:
     # frozen weights and the files they come from (MODEL.LLM.PATH, the MODEL.WEIGHTS the run started
     # from, ...); loading one rebuilds the full model. False: full state dicts (~10 GB at paper size).
     cfg.SOLVER.CHECKPOINT_TRAINABLE_ONLY = True
+    # Multi-process engine (flowseg.engine.fsdp): "ddp" replicates the model; "fsdp" shards weights,
+    # gradients and optimizer state with FSDP2 (for full fine-tuning at paper size). False keeps the
+    # gathered weights from forward to backward (ZeRO-2-like), True frees them (ZeRO-3-like).
+    cfg.MODEL.DISTRIBUTED = CN()
+    cfg.MODEL.DISTRIBUTED.ENGINE = "ddp"
+    cfg.MODEL.DISTRIBUTED.RESHARD_AFTER_FORWARD = False
     return cfg
 
 

@@ -43,6 +43,7 @@ from torch import nn
 
 from .components import group_keys_by_component
 from .conversions import prepare_state_dict
+from .full_state import is_sharded
 from .missing_keys import is_pretrained, missing_reason
 from .report import LoadReport, shape_error_message
 from .sam import model_sam_neck
@@ -124,24 +125,35 @@ class FlowSegCheckpointer(DetectionCheckpointer):
     # ------------------------------------------------------------------ writing
     def save(self, name: str, **kwargs: Any) -> None:
         """``Checkpointer.save``; with ``trainable_only`` the model part is
-        :func:`.trainable.trainable_state_dict` and the manifest of the frozen tensors is added."""
-        if not self.trainable_only:
+        :func:`.trainable.trainable_state_dict` and the manifest of the frozen tensors is added.
+        A sharded model (:class:`.full_state.FullStateView`) is gathered on every rank (call it
+        on all of them) and the main process writes the same format as an unsharded run."""
+        sharded = is_sharded(self.model)
+        if not self.trainable_only and not sharded:
             return super().save(name, **kwargs)
-        if not self.save_dir or not self.save_to_disk:
+        if not self.save_dir or not (self.save_to_disk or sharded):
             return None
-        loaded = outside_run(loaded_checkpoint_info(self.model), self.save_dir)
-        state, manifest = trainable_state_dict(self.model, self.cfg, loaded)
-        data: Dict[str, Any] = {"model": state, MANIFEST_KEY: manifest}
+        if self.trainable_only:
+            loaded = outside_run(loaded_checkpoint_info(self.model), self.save_dir)
+            state, manifest = trainable_state_dict(self.model, self.cfg, loaded)
+            data: Dict[str, Any] = {"model": state, MANIFEST_KEY: manifest}
+        else:
+            data = {"model": self.model.state_dict()}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
+        if not self.save_to_disk:
+            return None
         data.update(kwargs)
         save_file = os.path.join(self.save_dir, f"{name}.pth")
-        self.logger.info(
-            "Saving trainable-only checkpoint to %s (%d tensors; %d frozen ones named with their source)",
-            save_file,
-            manifest["num_saved"],
-            manifest["num_left_out"],
-        )
+        if self.trainable_only:
+            self.logger.info(
+                "Saving trainable-only checkpoint to %s (%d tensors; %d frozen ones named with their source)",
+                save_file,
+                manifest["num_saved"],
+                manifest["num_left_out"],
+            )
+        else:
+            self.logger.info("Saving checkpoint to %s", save_file)
         with self.path_manager.open(save_file, "wb") as f:
             torch.save(data, f)
         self.tag_last_checkpoint(os.path.basename(save_file))

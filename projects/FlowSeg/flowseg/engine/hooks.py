@@ -18,6 +18,8 @@ import torch
 from detectron2.engine import hooks
 from detectron2.engine.train_loop import AMPTrainer, SimpleTrainer
 
+from .fsdp import sync_replicated_grads
+
 __all__ = [
     "NonFiniteLossError",
     "check_losses_finite",
@@ -62,6 +64,11 @@ class _LossCheckMixin:
         # Called after backward and before optimizer.step() on every rank.
         check_losses_finite(loss_dict, self.iter if iter is None else iter)
         super()._write_metrics(loss_dict, data_time, prefix=prefix, iter=iter)  # type: ignore[misc]
+
+    def after_backward(self) -> None:
+        # the scalar parameters FSDP2 leaves replicated get DDP's averaged gradient (no-op otherwise)
+        sync_replicated_grads(self.model)  # type: ignore[attr-defined]
+        super().after_backward()  # type: ignore[misc]
 
 
 class CheckedSimpleTrainer(_LossCheckMixin, SimpleTrainer):

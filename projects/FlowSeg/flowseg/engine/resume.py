@@ -16,8 +16,9 @@ Where it is not exact, it says so in the log:
 
 * a loader that is not the mixed-task stream (``DATALOADER.SAMPLER_TRAIN`` other than
   ``TrainingSampler``) restarts its sampler from the beginning;
-* with several processes, the checkpoint (written by the main process) holds the main process's
-  RNG states only; the other ranks keep the states ``SEED`` gives them;
+* with several processes under DDP, the checkpoint (written by the main process) holds the main
+  process's RNG states only; the other ranks keep the states ``SEED`` gives them (the sharded
+  engine saves collectively, so its checkpoints hold every rank's states, ``rng_per_rank``);
 * a checkpoint written before this hook existed carries no RNG state.
 
 Every step also starts from the RNG state the previous step ended with, even when an evaluation
@@ -44,15 +45,21 @@ logger = logging.getLogger(__name__)
 class ExactResumeHook(HookBase):
     """See the module docstring. Registered first, so its ``after_step`` runs before checkpointing."""
 
-    def __init__(self) -> None:
+    def __init__(self, all_ranks: bool = False) -> None:
+        """``all_ranks``: checkpoints are saved collectively (sharded engine), so each one can
+        carry every rank's RNG states and each rank resumes with its own."""
         self._rng: Optional[Dict[str, Any]] = None  # state after the last finished step
         self._iteration: Optional[int] = None
         self._loaded: Optional[Dict[str, Any]] = None
+        self.all_ranks = all_ranks
 
     def state_dict(self) -> Dict[str, Any]:
         if self._rng is None:
             return {}
-        return {"iteration": self._iteration, "rng": self._rng}
+        ret = {"iteration": self._iteration, "rng": self._rng}
+        if self.all_ranks and comm.get_world_size() > 1:
+            ret["rng_per_rank"] = comm.all_gather(self._rng)
+        return ret
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self._loaded = dict(state_dict)
@@ -88,7 +95,10 @@ class ExactResumeHook(HookBase):
                 start,
             )
             return
-        if comm.get_world_size() > 1 and not comm.is_main_process():
+        per_rank = loaded.get("rng_per_rank") or []
+        if len(per_rank) == comm.get_world_size() > 1:
+            loaded = dict(loaded, rng=per_rank[comm.get_rank()])
+        elif comm.get_world_size() > 1 and not comm.is_main_process():
             logger.info(
                 "RNG states in the checkpoint are the main process's: rank %d keeps its own.", comm.get_rank()
             )

@@ -18,6 +18,8 @@ by ``CommonMetricPrinter``, is Detectron2's):
 * ``OUTPUT_DIR/loss_curve.png`` is redrawn from ``metrics.json`` at every checkpoint and at the end
   (:mod:`flowseg.engine.loss_curve`); TensorBoard event files are written when ``tensorboard`` is
   installed (optional);
+* ``MODEL.DISTRIBUTED.ENGINE`` "fsdp" shards the model with FSDP2 (:mod:`flowseg.engine.fsdp`)
+  instead of wrapping it in DDP; checkpoints keep DDP's format (:mod:`flowseg.checkpoint.full_state`);
 * a non-finite loss raises :class:`NonFiniteLossError` on every rank before the optimizer step
   and the last checkpoint is kept (:mod:`flowseg.engine.hooks`).
 """
@@ -41,11 +43,13 @@ from detectron2.utils.events import EventWriter, TensorboardXWriter, get_event_s
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint.checkpointer import FlowSegCheckpointer
+from ..checkpoint.full_state import FullStateView, full_optimizer_state_dict, load_full_optimizer_state_dict
 from ..data.build import build_test_mapper, build_train_mapper, guard_mapper
 from ..data.mixed import build_mixed_train_loader
 from .ddp import ddp_kwargs
 from .evaluation import build_evaluator, check_num_classes, write_metrics_json
 from .freezing import apply_stage_freezing
+from .fsdp import distributed_engine, shard_model
 from .hooks import CheckedAMPTrainer, CheckedSimpleTrainer, NonFiniteLossError, SafePeriodicCheckpointer
 from .loss_curve import LossCurveHook
 from .optimizer import build_optimizer
@@ -117,9 +121,15 @@ class FlowSegTrainer(DefaultTrainer):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
+        self.sharded = distributed_engine(cfg) == "fsdp" and comm.get_world_size() > 1
+        if self.sharded:
+            model = shard_model(cfg, model)  # before the optimizer: its parameters become DTensors
+        elif distributed_engine(cfg) == "fsdp":
+            logger.info("MODEL.DISTRIBUTED.ENGINE fsdp with one process: nothing to shard, trained as is")
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        model = create_ddp_model(model, **ddp_kwargs(cfg, model))
+        if not self.sharded:
+            model = create_ddp_model(model, **ddp_kwargs(cfg, model))
         if cfg.SOLVER.AMP.ENABLED:
             device_type = next(model.parameters()).device.type
             self._trainer = CheckedAMPTrainer(
@@ -130,7 +140,13 @@ class FlowSegTrainer(DefaultTrainer):
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         # FlowSeg's checkpointer: converts SAM / Mask2Former / earlier-stage checkpoints and
         # reports missing keys by component
-        self.checkpointer = FlowSegCheckpointer(model, cfg.OUTPUT_DIR, cfg=cfg, trainer=weakref.proxy(self))
+        # (a sharded model through its full-state view: checkpoints in the format of a DDP run)
+        self.checkpointer = FlowSegCheckpointer(
+            FullStateView(model) if self.sharded else model,
+            cfg.OUTPUT_DIR,
+            cfg=cfg,
+            trainer=weakref.proxy(self),
+        )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -142,12 +158,42 @@ class FlowSegTrainer(DefaultTrainer):
         apply_stage_freezing(model, cfg)  # MODEL.FLOWSEG.TRAINABLE, before the optimizer is built
         return model
 
+    def state_dict(self) -> Dict[str, Any]:
+        ret = super().state_dict()
+        if self.sharded:  # every rank: gathering is a collective (the checkpointer calls it on all)
+            ret["_trainer"]["optimizer"] = full_optimizer_state_dict(self.model, self.optimizer)
+        return ret
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        if not self.sharded:
+            return super().load_state_dict(state_dict)
+        TrainerBase.load_state_dict(self, state_dict)  # iteration and hooks
+        inner = state_dict["_trainer"]
+        load_full_optimizer_state_dict(self.model, self.optimizer, inner["optimizer"])
+        if "grad_scaler" in inner:
+            self._trainer.grad_scaler.load_state_dict(inner["grad_scaler"])
+        return None
+
     def build_hooks(self) -> List[hooks.HookBase]:
         # first, so that the RNG state it keeps is taken before the checkpointer saves it
-        ret = [ExactResumeHook()] + super().build_hooks()
+        ret = [ExactResumeHook(all_ranks=self.sharded)] + super().build_hooks()
+        checkpointer = SafePeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD)
         for i, h in enumerate(ret):
             if type(h) is hooks.PeriodicCheckpointer:
-                ret[i] = SafePeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD)
+                ret[i] = checkpointer
+        if self.sharded and self.cfg.DATASETS.TEST:
+            # inference calls submodules of the model directly (shared image features) and ranks
+            # see different numbers of test samples, both of which FSDP's collectives cannot follow
+            logger.warning(
+                "MODEL.DISTRIBUTED.ENGINE fsdp: no evaluation during or after training (TEST.EVAL_PERIOD "
+                "ignored); evaluate the checkpoint with --eval-only, which loads it unsharded"
+            )
+            ret = [h for h in ret if not isinstance(h, hooks.EvalHook)]
+        if self.sharded and checkpointer not in ret:
+            # Detectron2 checkpoints on the main process only; a sharded save is a collective
+            # that every rank joins (before the evaluation, as on the main process)
+            at = next((i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)), len(ret))
+            ret.insert(at, checkpointer)
         # last: after the writers have written the step's losses to metrics.json
         ret.append(LossCurveHook(self.cfg.OUTPUT_DIR, self.cfg.SOLVER.CHECKPOINT_PERIOD))
         return ret
