@@ -131,7 +131,9 @@ def plan_config(config_file: str, args: argparse.Namespace, workdir: str) -> Dic
                 rows.append(dict(vars(row), fits={f"{c}GB": row.fits(c) for c in CAPACITIES_GB}))
     return {
         "config": config_file,
-        "finetuning": "full" if not cfg.MODEL.LLM.LORA.ENABLED and not cfg.MODEL.LLM.FREEZE else "lora/frozen",
+        "finetuning": "full"
+        if not cfg.MODEL.LLM.LORA.ENABLED and not cfg.MODEL.LLM.FREEZE
+        else "lora/frozen",
         "config_checkpointing": checkpointed_kinds(cfg),
         "static": true["static"],
         "depths": true["depths"],
@@ -157,11 +159,17 @@ def table(results: Sequence[Dict[str, Any]]) -> str:
     for r in results:
         for row in r["rows"]:
             engine = row["engine"] if row["engine"] == "ddp" else f"{row['engine']} /{row['gpus']}"
-            gb = [f"{row[k] / memplan.GB:.1f}" for k in ("weights", "grads", "optimizer", "activations", "peak")]
+            gb = [
+                f"{row[k] / memplan.GB:.1f}" for k in ("weights", "grads", "optimizer", "activations", "peak")
+            ]
             fits = ["yes" if row["fits"][f"{c}GB"] else "no" for c in CAPACITIES_GB]
             name = os.path.basename(r["config"])
             ckpt = "on" if row["checkpointing"] else "off"
-            lines.append(f"| {name} | {r['finetuning']} | {engine} | {ckpt} | {row['batch']} | " + " | ".join(gb + fits) + " |")
+            lines.append(
+                f"| {name} | {r['finetuning']} | {engine} | {ckpt} | {row['batch']} | "
+                + " | ".join(gb + fits)
+                + " |"
+            )
     return "\n".join(lines)
 
 
@@ -169,7 +177,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=PLAN_CONFIGS)
     p.add_argument("--gpus", type=int, default=8, help="GPUs the sharded engines shard over")
-    p.add_argument("--batch", type=int, nargs="*", default=[], help="samples per GPU (default: IMS_PER_BATCH / --gpus)")
+    p.add_argument(
+        "--batch", type=int, nargs="*", default=[], help="samples per GPU (default: IMS_PER_BATCH / --gpus)"
+    )
     p.add_argument("--llm-layers", type=int, default=1, help="LLM depth of the CPU measurement")
     p.add_argument("--vision-layers", type=int, default=1)
     p.add_argument("--sam-depth", type=int, default=2)

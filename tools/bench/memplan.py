@@ -98,7 +98,9 @@ def saved_tensor_meter(model: nn.Module):
     def pre(kind: str):
         def hook(module, args, kwargs):
             stack.append(kind)
-            inputs.setdefault(kind, []).append(_tensor_bytes(list(args)) + _tensor_bytes(kwargs.get("hidden_states")))
+            inputs.setdefault(kind, []).append(
+                _tensor_bytes(list(args)) + _tensor_bytes(kwargs.get("hidden_states"))
+            )
 
         return hook
 
@@ -191,7 +193,9 @@ class PlanRow:
         return self.peak <= capacity_gb * GB
 
 
-def activation_bytes(acts: SavedActivations, true_depths: Dict[str, int], checkpointing: Sequence[str]) -> float:
+def activation_bytes(
+    acts: SavedActivations, true_depths: Dict[str, int], checkpointing: Sequence[str]
+) -> float:
     """Saved bytes of one sample at the true depths; kinds in ``checkpointing`` keep their inputs,
     and the largest of them is recomputed whole during backward."""
     total = float(acts.other)
