@@ -102,3 +102,23 @@ def test_plan_from_a_cut_depth_step_predicts_the_measured_peak_of_a_deeper_one(t
     predicted = row.peak - row.weights  # the RSS measurement starts with the model built
     assert predicted_acts > 1.5 * acts.total()  # depth matters in this case
     assert predicted == pytest.approx(measured, rel=0.15), (predicted / 1e6, measured / 1e6)
+
+
+def test_workers_needed_for_eight_gpus():
+    from bench import loader
+
+    # 8 GPUs x 8 samples every 1.2 s = 53.3 samples/s; 5 samples/s per worker -> 11 workers
+    assert loader.workers_needed(5.0, 8, 8, 1.2) == 11
+    with pytest.raises(ValueError, match=r"step time \(0\) must be positive"):
+        loader.workers_needed(5.0, 8, 8, 0)
+
+
+def test_loader_throughput_of_every_paper_mapper_on_real_format_data(capsys):
+    tool = load_script("tools/memory_plan.py")
+    args = tool.parse_args(["--configs", "--loader", "--loader-images", "2", "--loader-image-size", "96"])
+    args.loader_seconds = 0.3
+    rows = tool.loader_report(args)
+    assert [r["mapper"] for r in rows] == ["referring", "coco_panoptic_lsj", "reasoning", "conversation"]
+    assert all(r["samples"] >= 1 and r["samples_per_s"] > 0 and r["workers_for_8_gpus"] >= 1 for r in rows)
+    assert rows[1]["image"] == [3, 1024, 1024]  # LSJ pads to 1024²
+    assert "| COCO-panoptic, LSJ 1024² | configs/flowseg_coco_panoptic.yaml |" in capsys.readouterr().out

@@ -16,7 +16,12 @@ whether it fits 80 GB (H100) and 96 GB (H20).
 * The engine's own buffers: DDP's gradient buckets (a second gradient copy); a fully sharded
   engine gathers at least the largest parameter at a time.
 
+* ``--loader``: samples per second of one worker for each paper config's training mapper on data
+  written in the real formats (``tools/bench/loader.py``; ``--loader-images`` JPEGs of
+  ``--loader-image-size``), and the workers 8 GPUs need at ``--step-s`` seconds a step.
+
     python tools/memory_plan.py --configs configs/flowseg_refcoco.yaml --output plan.json
+    python tools/memory_plan.py --loader --configs    # the data loader only
 """
 
 from __future__ import annotations
@@ -175,7 +180,7 @@ def table(results: Sequence[Dict[str, Any]]) -> str:
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="+", default=PLAN_CONFIGS)
+    p.add_argument("--configs", nargs="*", default=PLAN_CONFIGS)
     p.add_argument("--gpus", type=int, default=8, help="GPUs the sharded engines shard over")
     p.add_argument(
         "--batch", type=int, nargs="*", default=[], help="samples per GPU (default: IMS_PER_BATCH / --gpus)"
@@ -184,23 +189,70 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--vision-layers", type=int, default=1)
     p.add_argument("--sam-depth", type=int, default=2)
     p.add_argument("--output", default="", help="also write the JSON here")
+    p.add_argument("--loader", action="store_true", help="also measure the data loader")
+    p.add_argument("--loader-images", type=int, default=16)
+    p.add_argument("--loader-image-size", type=int, default=640, help="short side of the written JPEGs")
+    p.add_argument("--loader-seconds", type=float, default=10.0, help="mapping time per mapper")
+    p.add_argument(
+        "--step-s", type=float, default=1.2, help="training step time assumed for the workers needed"
+    )
+    p.add_argument("--loader-root", default="", help=argparse.SUPPRESS)  # the child process's data
     return p.parse_args(argv)
+
+
+def loader_report(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    """Write the data, then measure in a child process whose ``DETECTRON2_DATASETS`` points at it
+    (the builtin data set names are registered from it at import)."""
+    import subprocess
+
+    from bench import loader
+
+    with tempfile.TemporaryDirectory(prefix="flowseg_loader_") as root:
+        loader.write_data(root, args.loader_images, args.loader_image_size)
+        out = os.path.join(root, "loader.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--configs", "--loader-root", root, "--output", out]
+        cmd += ["--loader-seconds", str(args.loader_seconds)]
+        subprocess.run(cmd, check=True, env=dict(os.environ, DETECTRON2_DATASETS=root))
+        with open(out) as f:
+            rows = json.load(f)
+    print("\n| mapper | config | samples/s per worker | workers for 8 GPUs |\n|---|---|---:|---:|")
+    for r in rows:
+        from detectron2.config import get_cfg
+        from flowseg import add_flowseg_config
+
+        cfg = add_flowseg_config(get_cfg())
+        cfg.merge_from_file(os.path.join(ROOT, r["config"]))
+        per_gpu = max(cfg.SOLVER.IMS_PER_BATCH // 8, 1)
+        r["workers_for_8_gpus"] = loader.workers_needed(r["samples_per_s"], 8, per_gpu, args.step_s)
+        r["assumed_step_s"], r["batch_per_gpu"] = args.step_s, per_gpu
+        print(f"| {r['kind']} | {r['config']} | {r['samples_per_s']:.1f} | {r['workers_for_8_gpus']} |")
+    return rows
 
 
 def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     import flowseg  # noqa: F401  (registers the data sets the prompts list)
 
     args = parse_args(argv)
-    results = []
+    if args.loader_root:
+        from bench import loader
+
+        with open(args.output, "w") as f:
+            json.dump(loader.measure_all(args.loader_seconds, ROOT), f)
+        return []
+    results: List[Dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="flowseg_memory_plan_") as workdir:
         for config in args.configs:
             t0 = time.perf_counter()
             results.append(plan_config(config, args, workdir))
             print(f"[memory_plan] {config}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    print(table(results))
+    if results:
+        print(table(results))
+    report: Dict[str, Any] = {"plan": results}
+    if args.loader:
+        report["loader"] = loader_report(args)
     if args.output:
         with open(args.output, "w") as f:
-            json.dump(results, f, indent=2, default=lambda o: getattr(o, "__dict__", str(o)))
+            json.dump(report, f, indent=2, default=lambda o: getattr(o, "__dict__", str(o)))
     return results
 
 
