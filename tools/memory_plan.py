@@ -96,6 +96,7 @@ def measured_step(config_file: str, workdir: str, cut: Dict[str, int]) -> Dict[s
         "acts": acts,
         "step_extra": extra,
         "working_set": memplan.working_set(acts, static, extra),
+        "trainable": static["trainable"],
     }
 
 
