@@ -100,6 +100,24 @@ def measured_step(config_file: str, workdir: str, cut: Dict[str, int]) -> Dict[s
     }
 
 
+def depth_check(
+    config_file: str, workdir: str, cut: Dict[str, int], deeper: Dict[str, int]
+) -> Dict[str, Any]:
+    """The plan made from the step at depths ``cut`` against a measured step at depths ``deeper``:
+    the RSS each step needed beyond the built model, predicted vs measured."""
+    a = measured_step(config_file, workdir, cut)
+    b = measured_step(config_file, workdir, deeper)
+    acts = memplan.activation_bytes(a["acts"], b["acts"].measured_depths, ())
+    static = {"trainable": b["trainable"], "weights_bytes": 0, "largest_param_bytes": 0}
+    row = memplan.plan_row(
+        static, acts, engine="zero2", gpus=1, batch=1, checkpointing=False,
+        autocast_copies=False, working_set=a["working_set"],
+    )  # fmt: skip
+    return {"config": config_file, "cut": cut, "deeper": deeper, "predicted_saved_bytes": acts,
+            "measured_saved_bytes": b["acts"].total(), "predicted_step_bytes": row.peak,
+            "measured_step_bytes": b["step_extra"], "ratio": row.peak / b["step_extra"]}  # fmt: skip
+
+
 def checkpointed_kinds(cfg: Any) -> List[str]:
     return [k for k, key in memplan.CHECKPOINTED_BY.items() if _get(cfg, key)]
 
@@ -190,6 +208,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--vision-layers", type=int, default=1)
     p.add_argument("--sam-depth", type=int, default=2)
     p.add_argument("--output", default="", help="also write the JSON here")
+    p.add_argument(
+        "--check-depths", type=int, nargs=3, default=None, metavar=("LLM", "VISION", "SAM"),
+        help="instead of the plan: predict a step at these depths from the cut step and measure it",
+    )  # fmt: skip
     p.add_argument("--loader", action="store_true", help="also measure the data loader")
     p.add_argument("--loader-images", type=int, default=16)
     p.add_argument("--loader-image-size", type=int, default=640, help="short side of the written JPEGs")
@@ -242,6 +264,16 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
         return []
     results: List[Dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="flowseg_memory_plan_") as workdir:
+        if args.check_depths:
+            cut = {
+                "llm_layers": args.llm_layers,
+                "vision_layers": args.vision_layers,
+                "sam_depth": args.sam_depth,
+            }
+            deeper = dict(zip(("llm_layers", "vision_layers", "sam_depth"), args.check_depths))
+            checks = [depth_check(c, workdir, cut, deeper) for c in args.configs]
+            print(json.dumps(checks, indent=2))
+            return checks
         for config in args.configs:
             t0 = time.perf_counter()
             results.append(plan_config(config, args, workdir))
