@@ -171,9 +171,11 @@ def config_of(config_file: str, workdir: str, dry: bool, device: torch.device) -
             tiny_llm_cfg_overrides(paths) + ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device.type]
         )
         return cfg
-    from bench.paper import corpus_texts, model_files, paper_cfg
+    from bench.paper import paper_cfg
+    from memory_plan import true_size_files
 
-    return paper_cfg(config_file, model_files(workdir, 0, 0, corpus_texts()), device.type)
+    # Qwen3's vocabulary length: the embedding (and its gradients, AdamW state) at true size
+    return paper_cfg(config_file, true_size_files(workdir), device.type)
 
 
 def plan_peak(plan: Optional[Dict[str, Any]], config_file: str, cfg: Any, engine: str) -> Optional[float]:

@@ -56,15 +56,21 @@ PLAN_CONFIGS = [
 CAPACITIES_GB = (80, 96)
 
 
-def true_size_static(config_file: str, workdir: str) -> Dict[str, Any]:
-    """Exact bytes / counts and block depths of ``config_file``'s model on ``meta``."""
-    from flowseg.engine.freezing import apply_stage_freezing
+def true_size_files(workdir: str) -> Dict[str, str]:
+    """Qwen3-4B / SigLIP-so400m configs at true depth and a tokenizer of Qwen3's length."""
     from flowseg.modeling.language.llm import load_tokenizer
 
     files = model_files(workdir, 0, 0, corpus_texts())
     padded = os.path.join(workdir, "tokenizer_padded")
     pad_vocabulary(load_tokenizer(files["tokenizer"]), QWEN3_TOKENIZER_LEN).save_pretrained(padded)
-    cfg = paper_cfg(config_file, dict(files, tokenizer=padded), "meta")
+    return dict(files, tokenizer=padded)
+
+
+def true_size_static(config_file: str, workdir: str) -> Dict[str, Any]:
+    """Exact bytes / counts and block depths of ``config_file``'s model on ``meta``."""
+    from flowseg.engine.freezing import apply_stage_freezing
+
+    cfg = paper_cfg(config_file, true_size_files(workdir), "meta")
     model = build(cfg, "meta")
     apply_stage_freezing(model, cfg)
     return {"static": memplan.static_bytes(model), "depths": memplan.depths(model)}
