@@ -68,11 +68,7 @@ def _step(paths, sam_depth):
     g = torch.Generator().manual_seed(0)
     x = {"image": torch.randint(0, 256, (3, IMAGE, IMAGE), dtype=torch.uint8, generator=g), "image_id": 0}
     x.update(task="referring", expression="the man in the red shirt on the left")
-    size, dry.IMAGE_SIZE = dry.IMAGE_SIZE, IMAGE
-    try:
-        batch = [dry._with_instances(dict(x, height=IMAGE, width=IMAGE), 1)]
-    finally:
-        dry.IMAGE_SIZE = size
+    batch = [dry._with_instances(dict(x, height=IMAGE, width=IMAGE), 1, IMAGE)]
     acts, extra = memplan.measure_step(model, cfg, batch)
     return model, acts, extra
 
