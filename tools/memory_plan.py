@@ -124,6 +124,17 @@ def depth_check(
             "measured_step_bytes": b["step_extra"], "ratio": row.peak / b["step_extra"]}  # fmt: skip
 
 
+def finetuning(cfg: Any) -> str:
+    """How the config trains its LLM: "no LLM", "LoRA", "frozen LLM" or "full"."""
+    from flowseg.config import llm_configured
+
+    if not llm_configured(cfg):
+        return "no LLM"
+    if cfg.MODEL.LLM.LORA.ENABLED:
+        return "LoRA"
+    return "frozen LLM" if cfg.MODEL.LLM.FREEZE else "full"
+
+
 def checkpointed_kinds(cfg: Any) -> List[str]:
     return [k for k, key in memplan.CHECKPOINTED_BY.items() if _get(cfg, key)]
 
@@ -161,9 +172,7 @@ def plan_config(config_file: str, args: argparse.Namespace, workdir: str) -> Dic
                 rows.append(dict(vars(row), fits={f"{c}GB": row.fits(c) for c in CAPACITIES_GB}))
     return {
         "config": config_file,
-        "finetuning": "full"
-        if not cfg.MODEL.LLM.LORA.ENABLED and not cfg.MODEL.LLM.FREEZE
-        else "lora/frozen",
+        "finetuning": finetuning(cfg),
         "config_checkpointing": checkpointed_kinds(cfg),
         "static": true["static"],
         "depths": true["depths"],
