@@ -65,16 +65,16 @@ def count_on_meta(cfg: Any, base_weights: str = "") -> Dict[str, Any]:
     }
 
 
-def _with_instances(x: Dict[str, Any], num_classes: int) -> Dict[str, Any]:
+def _with_instances(x: Dict[str, Any], num_classes: int, size: int = IMAGE_SIZE) -> Dict[str, Any]:
     """``x`` with ground truth: one target (referring / reasoning) or 8 segments of distinct classes."""
     from detectron2.structures import BitMasks, Instances
 
     n = 1 if x["task"] in ("referring", "reasoning") else min(8, max(num_classes, 1))
-    masks = torch.zeros(n, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.bool)
-    step = IMAGE_SIZE // n
+    masks = torch.zeros(n, size, size, dtype=torch.bool)
+    step = size // n
     for i in range(n):
-        masks[i, i * step : (i + 1) * step, IMAGE_SIZE // 8 : IMAGE_SIZE // 2 + i * 16] = True
-    inst = Instances((IMAGE_SIZE, IMAGE_SIZE))
+        masks[i, i * step : (i + 1) * step, size // 8 : size // 2 + i * 16] = True
+    inst = Instances((size, size))
     inst.gt_masks = BitMasks(masks)
     inst.gt_classes = (
         torch.arange(n) * max(num_classes // n, 1) if n > 1 else torch.zeros(1, dtype=torch.long)
