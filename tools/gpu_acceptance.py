@@ -35,16 +35,8 @@ sys.path.insert(0, os.path.join(ROOT, "projects", "FlowSeg"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from bench.paper import MODEL_CONFIGS  # noqa: E402
 
-PAPER_CONFIGS = [
-    "configs/flowseg_refcoco.yaml",
-    "configs/flowseg_reasonseg.yaml",
-    "configs/flowseg_coco_panoptic.yaml",
-    "configs/stages/stage1_segmentor.yaml",
-    "configs/stages/stage2_projectors.yaml",
-    "configs/stages/stage3_joint.yaml",
-    "configs/stages/stage3_joint_xsam.yaml",
-]
 DRY_CONFIGS = ["configs/tiny/flowseg_refer_tiny.yaml", "configs/tiny/stage3_tiny.yaml"]
 ENGINE_KEY = "MODEL.DISTRIBUTED.ENGINE"
 
@@ -211,7 +203,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     out["cuda_tests"] = cuda_tests(args.dry) if not args.skip_tests else None
     out["train_steps"] = {}
     with tempfile.TemporaryDirectory(prefix="flowseg_acceptance_") as workdir:
-        for config in args.configs or (DRY_CONFIGS if args.dry else PAPER_CONFIGS):
+        for config in args.configs or (DRY_CONFIGS if args.dry else MODEL_CONFIGS):
             cfg = config_of(config, workdir, args.dry, device)
             planned = plan_peak(plan, config, cfg, args.engine)
             try:

@@ -42,17 +42,15 @@ import torch  # noqa: E402
 from bench import memplan  # noqa: E402
 from bench.dry_checks import _pick, _with_instances, check_prompts  # noqa: E402
 from bench.models import QWEN3_TOKENIZER_LEN, build, pad_vocabulary  # noqa: E402
-from bench.paper import IMAGE_SIZE, corpus_texts, model_files, paper_cfg, task_samples  # noqa: E402
+from bench.paper import (  # noqa: E402
+    IMAGE_SIZE,
+    MODEL_CONFIGS,
+    corpus_texts,
+    model_files,
+    paper_cfg,
+    task_samples,
+)
 
-PLAN_CONFIGS = [
-    "configs/flowseg_refcoco.yaml",
-    "configs/flowseg_reasonseg.yaml",
-    "configs/flowseg_coco_panoptic.yaml",
-    "configs/stages/stage1_segmentor.yaml",
-    "configs/stages/stage2_projectors.yaml",
-    "configs/stages/stage3_joint.yaml",
-    "configs/stages/stage3_joint_xsam.yaml",
-]
 CAPACITIES_GB = (80, 96)
 
 
@@ -214,7 +212,7 @@ def table(results: Sequence[Dict[str, Any]]) -> str:
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="*", default=PLAN_CONFIGS)
+    p.add_argument("--configs", nargs="*", default=MODEL_CONFIGS)
     p.add_argument("--gpus", type=int, default=8, help="GPUs the sharded engines shard over")
     p.add_argument(
         "--batch", type=int, nargs="*", default=[], help="samples per GPU (default: IMS_PER_BATCH / --gpus)"

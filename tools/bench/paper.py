@@ -154,3 +154,16 @@ def corpus_texts() -> List[str]:
     names = sorted({n for d in MetadataCatalog.list() if "panoptic" in d for n in class_names(d)})
     # names as they appear in a class-list prompt: right after "<p>", no leading space
     return [LONG_EXPRESSION, LONG_QUERY, " ".join(names), *names, "Sure, it is the segmentation mask."]
+
+
+# One config per distinct model and training set-up (RefCOCO+ / g train RefCOCO's model): the
+# configs that the memory plan and the GPU acceptance run cover.
+MODEL_CONFIGS = [
+    "configs/flowseg_refcoco.yaml",
+    "configs/flowseg_reasonseg.yaml",
+    "configs/flowseg_coco_panoptic.yaml",
+    "configs/stages/stage1_segmentor.yaml",
+    "configs/stages/stage2_projectors.yaml",
+    "configs/stages/stage3_joint.yaml",
+    "configs/stages/stage3_joint_xsam.yaml",
+]
