@@ -158,24 +158,29 @@ def _max_diff(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a if a[k].numel())
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def _launch(worker, *args: Any) -> None:
+    """``worker(*args)`` in 2 processes through Detectron2's ``launch`` on gloo."""
     from detectron2.engine import launch
 
-    root = tmp_path_factory.mktemp("fsdp")
-    data = root / "synthetic"
-    generate_synthetic_datasets(str(data), {"train": 4, "val": 2, "test": 0}, seed=5)
-    llm = make_tiny_llm_dir(root / "llm")
     old = os.environ.get("CUDA_VISIBLE_DEVICES")
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # launch picks NCCL when it sees a GPU: the gloo path here
     try:
-        launch(_worker, 2, dist_url=f"tcp://127.0.0.1:{_free_port()}", args=(llm, str(data), str(root)))
+        launch(worker, 2, dist_url=f"tcp://127.0.0.1:{_free_port()}", args=args)
     finally:
         if old is None:
             os.environ.pop("CUDA_VISIBLE_DEVICES")
         else:
             os.environ["CUDA_VISIBLE_DEVICES"] = old
     register_synthetic_datasets()  # back to the default root for the tests that follow
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    data = root / "synthetic"
+    generate_synthetic_datasets(str(data), {"train": 4, "val": 2, "test": 0}, seed=5)
+    llm = make_tiny_llm_dir(root / "llm")
+    _launch(_worker, llm, str(data), str(root))
     done = json.loads((root / "done.json").read_text())
     assert done["world"] == 2
     return {"root": root, "llm": llm, "done": done}
