@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import socket
+from datetime import timedelta
 from typing import Any, Dict, List
 
 import pytest
@@ -158,6 +159,10 @@ def _max_diff(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a if a[k].numel())
 
 
+#: a collective that waits longer fails the launch instead of hanging the suite (ranks out of step)
+LAUNCH_TIMEOUT = timedelta(seconds=120)
+
+
 def _launch(worker, *args: Any) -> None:
     """``worker(*args)`` in 2 processes through Detectron2's ``launch`` on gloo."""
     from detectron2.engine import launch
@@ -165,7 +170,7 @@ def _launch(worker, *args: Any) -> None:
     old = os.environ.get("CUDA_VISIBLE_DEVICES")
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # launch picks NCCL when it sees a GPU: the gloo path here
     try:
-        launch(worker, 2, dist_url=f"tcp://127.0.0.1:{_free_port()}", args=args)
+        launch(worker, 2, dist_url=f"tcp://127.0.0.1:{_free_port()}", args=args, timeout=LAUNCH_TIMEOUT)
     finally:
         if old is None:
             os.environ.pop("CUDA_VISIBLE_DEVICES")
