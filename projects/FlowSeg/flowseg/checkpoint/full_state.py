@@ -64,8 +64,6 @@ class FullStateView:
     def load_state_dict(
         self, state_dict: Mapping[str, torch.Tensor], strict: bool = True
     ) -> _IncompatibleKeys:
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
         own = set(self.state_dict_keys())
         unexpected = [k for k in state_dict if k not in own]
         missing = [k for k in own if k not in state_dict]
@@ -73,9 +71,26 @@ class FullStateView:
             raise RuntimeError(
                 f"Error loading a full state dict: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
-        known = {k: v for k, v in state_dict.items() if k in own}
-        set_model_state_dict(self.module, known, options=_options(strict=False))
+        self.module.load_state_dict(self._scatter(state_dict), strict=False)
         return _IncompatibleKeys(missing, unexpected)
+
+    def _scatter(self, state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Each full tensor of ``state_dict`` as the model holds it: a DTensor shard where the
+        model's is one. Done per key rather than by ``set_model_state_dict``, whose walk visits a
+        shared submodule once: a second name of it (peft's ``lm_head.trainable_tokens_delta``,
+        tied to the embedding's) stayed a plain tensor and failed to load into its DTensor."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        own = self.module.state_dict(keep_vars=True)
+        out = {}
+        for k, v in state_dict.items():
+            target = own.get(k)
+            if target is None:
+                continue
+            if isinstance(target, DTensor):
+                v = distribute_tensor(v.detach().to(target.device), target.device_mesh, target.placements)
+            out[k] = v
+        return out
 
     def state_dict_keys(self) -> List[str]:
         """Names of the model's state dict (no gathering)."""
